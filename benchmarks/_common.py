@@ -1,0 +1,81 @@
+"""Shared helpers of the benchmark scripts: real-tissue test slides and whole-process memory sampling."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from histoseg.config import data_dir
+from histoseg.io import open_slide, write_pyramidal_tiff
+from histoseg.types import Box
+
+
+def cmu1_pixels() -> tuple[np.ndarray, float]:
+    """Level-0 RGB of the real CMU-1-Small-Region slide (0.499 µm/px) and its mpp."""
+    path = data_dir() / "slides" / "aperio-cmu1-small" / "CMU-1-Small-Region.svs"
+    with open_slide(path) as r:
+        w, h = r.meta.dimensions
+        return r.read_level(0, Box(0, 0, w, h)), float(r.meta.mpp or 0.499)
+
+
+def build_tissue_slide(path: Path, size: int) -> Path:
+    """A ``size`` x ``size`` multi-level slide tiled from real tissue (CMU-1, mirrored copies), 0.5 µm/px.
+
+    Built with the project's own pyramid writer, strip by strip, so memory stays small.
+    """
+    if path.exists():
+        return path
+    tissue, _ = cmu1_pixels()
+    th, tw = tissue.shape[:2]
+    flips = [tissue, tissue[:, ::-1], tissue[::-1], tissue[::-1, ::-1]]
+
+    def source(b: Box) -> np.ndarray:
+        out = np.empty((b.h, b.w, 3), np.uint8)
+        for y in range(b.y, b.y1):
+            ty, ry = divmod(y, th)
+            row_out = out[y - b.y]
+            x = b.x
+            while x < b.x1:
+                tx, rx = divmod(x, tw)
+                src = flips[(ty % 2) * 2 + (tx % 2)]
+                n = min(tw - rx, b.x1 - x)
+                row_out[x - b.x : x - b.x + n] = src[ry, rx : rx + n]
+                x += n
+        return out
+
+    write_pyramidal_tiff(path, source, (size, size), 0.5, quality=90, magnification=20.0)
+    return path
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and all its children every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()

@@ -1,0 +1,148 @@
+"""The ``histoseg`` command line: info, segment, train, evaluate, models.
+
+Errors a user can cause print one line (``histoseg: error: ...``) and exit non-zero; a batch keeps going
+past failed slides, prints a summary table and exits 1 if any slide failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from histoseg import __version__
+from histoseg.errors import HistosegError
+
+log = logging.getLogger("histoseg")
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from exc
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {s!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="histoseg", description="Whole-slide nuclei segmentation.")
+    p.add_argument("--version", action="version", version=f"histoseg {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="show a slide's metadata (vendor, levels, mpp, bounds offset)")
+    info.add_argument("slide")
+    info.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image"])
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+    seg = sub.add_parser("segment", help="segment slides into GeoJSON, OME-Zarr labels and Parquet")
+    seg.add_argument("inputs", nargs="+", metavar="INPUT", help="slide files, folders (recursive) or globs")
+    seg.add_argument("-o", "--output", required=True, help="output folder (one sub-folder per slide)")
+    seg.add_argument("--slide-mpp", type=_positive_float, default=None,
+                     help="µm per pixel of level 0, for slides without (or with wrong) metadata")
+    seg.add_argument("--model", default="default", help="registered model name or path to .safetensors")
+    seg.add_argument("--workers", type=int, default=1, help="worker processes (1: in this process)")
+    seg.add_argument("--region-size", type=int, default=1024, help="region core size in processing px")
+    seg.add_argument("--formats", default="geojson,zarr,parquet", help="comma list of geojson,zarr,parquet")
+    seg.add_argument("--geojson-gzip", action="store_true", help="write .geojson.gz")
+    seg.add_argument("--overwrite", action="store_true", help="redo slides that already have _SUCCESS")
+    seg.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    seg.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image"])
+    seg.add_argument("--strict-halo", action="store_true",
+                     help="fail when a nucleus touches a region's halo edge instead of warning")
+    seg.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network (~2x on CPU)")
+
+    tr = sub.add_parser("train", help="train a model from a YAML config")
+    tr.add_argument("--config", required=True)
+    tr.add_argument("--iterations", type=int, default=None, help="override the config's iterations")
+
+    ev = sub.add_parser("evaluate", help="evaluate a model on a public dataset")
+    ev.add_argument("--dataset", required=True, choices=["monuseg-test", "dsb", "crchisto-val"])
+    ev.add_argument("--model", default="default")
+    ev.add_argument("--limit", type=int, default=None, help="first N images only")
+    ev.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    ev.add_argument("--bf16", action="store_true")
+
+    sub.add_parser("models", help="list registered models")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "info":
+            return _info(args)
+        if args.command == "segment":
+            from histoseg.cli.segment import run_segment
+
+            return run_segment(args)
+        if args.command == "train":
+            from histoseg.cli.learn import run_train
+
+            return run_train(args)
+        if args.command == "evaluate":
+            from histoseg.cli.learn import run_evaluate
+
+            return run_evaluate(args)
+        if args.command == "models":
+            from histoseg.models import registered_models
+
+            for name in registered_models():
+                print(name)
+            return 0
+    except HistosegError as exc:
+        print(f"histoseg: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("histoseg: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+def _info(args: argparse.Namespace) -> int:
+    from histoseg.io import open_slide
+
+    with open_slide(args.slide, backend=args.backend) as r:
+        m = r.meta
+        d = {
+            "path": m.path,
+            "backend": m.backend,
+            "vendor": m.vendor,
+            "dimensions": list(m.dimensions),
+            "levels": [
+                {"dimensions": list(dims), "downsample": ds}
+                for dims, ds in zip(m.level_dimensions, m.level_downsamples, strict=True)
+            ],
+            "mpp": m.mpp,
+            "objective_power": m.objective_power,
+            "bounds_offset": list(m.bounds_offset),
+        }
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        print(f"{'path':<16}{d['path']}")
+        print(f"{'backend':<16}{d['backend']}")
+        print(f"{'vendor':<16}{d['vendor']}")
+        print(f"{'dimensions':<16}{d['dimensions'][0]} x {d['dimensions'][1]}")
+        mpp = f"{m.mpp:.4f} µm/px" if m.mpp else "unknown (pass --slide-mpp to segment)"
+        print(f"{'mpp':<16}{mpp}")
+        print(f"{'objective':<16}{m.objective_power if m.objective_power else 'unknown'}")
+        print(f"{'bounds offset':<16}{m.bounds_offset[0]}, {m.bounds_offset[1]}")
+        for i, lv in enumerate(d["levels"]):
+            print(f"{'level ' + str(i):<16}{lv['dimensions'][0]} x {lv['dimensions'][1]}  (downsample {lv['downsample']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

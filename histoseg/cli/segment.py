@@ -1,0 +1,91 @@
+"""``histoseg segment``: progress on a terminal, plain log lines otherwise, a summary table at the end."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from histoseg.config import SegmentConfig
+from histoseg.errors import ConfigError
+from histoseg.pipeline import SlideReport, segment_batch
+
+log = logging.getLogger("histoseg")
+
+
+def config_from_args(args: argparse.Namespace) -> SegmentConfig:
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    if not formats:
+        raise ConfigError("--formats is empty")
+    return SegmentConfig(
+        model=args.model,
+        slide_mpp=args.slide_mpp,
+        region_size=args.region_size,
+        workers=args.workers,
+        formats=formats,
+        geojson_gzip=args.geojson_gzip,
+        overwrite=args.overwrite,
+        device=args.device,
+        backend=args.backend,
+        strict_halo=args.strict_halo,
+        extra={"bf16": bool(args.bf16)},
+    )
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    out = Path(args.output)
+    tty = sys.stderr.isatty()
+    bars: dict[str, Any] = {}
+
+    def on_slide_start(slide: Path, i: int, n: int) -> None:
+        if tty:
+            from tqdm import tqdm
+
+            bars["region"] = tqdm(total=0, desc=f"[{i + 1}/{n}] {slide.name}", unit="region", leave=False)
+        else:
+            log.info("[%d/%d] %s", i + 1, n, slide)
+
+    def on_region(done: int, total: int) -> None:
+        bar = bars.get("region")
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+        elif done == total or done % max(1, total // 10) == 0:
+            log.info("  regions %d/%d", done, total)
+
+    def on_slide_done(rep: SlideReport) -> None:
+        bar = bars.pop("region", None)
+        if bar is not None:
+            bar.close()
+        if rep.status == "failed":
+            print(f"histoseg: error: {rep.message}", file=sys.stderr)
+        else:
+            log.info("  %s: %s, %d nuclei, %.1f s", Path(rep.slide).name, rep.status, rep.nuclei, rep.seconds)
+
+    reports = segment_batch(
+        args.inputs, out, config, on_slide_start=on_slide_start, on_region=on_region, on_slide_done=on_slide_done
+    )
+    print_summary(reports)
+    failed = [r for r in reports if r.status == "failed"]
+    if not reports:
+        print("histoseg: error: no slides found in the given inputs", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
+def print_summary(reports: list[SlideReport]) -> None:
+    rows = [("slide", "nuclei", "seconds", "status")]
+    for r in reports:
+        status = r.status if r.status != "failed" else f"failed: {r.message}"
+        rows.append((Path(r.slide).name, str(r.nuclei), f"{r.seconds:.1f}", status))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    w2 = max(len(r[2]) for r in rows)
+    for r in rows:
+        print(f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:>{w2}}  {r[3]}")
+    n_failed = sum(r.status == "failed" for r in reports)
+    print(f"{len(reports)} slide(s): {len(reports) - n_failed - sum(r.status == 'skipped' for r in reports)} done, "
+          f"{sum(r.status == 'skipped' for r in reports)} skipped, {n_failed} failed")

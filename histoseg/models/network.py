@@ -1,0 +1,160 @@
+"""The multi-task nuclei network (HoVer-Net style) in plain PyTorch.
+
+A residual encoder (stride-2 stem, four stages at strides 2-16) feeds a shared decoder trunk back to
+stride 2; three light head branches (NP: nucleus vs background, HV: horizontal/vertical distance maps,
+TP: nucleus type) each refine at stride 2 and at full resolution with a full-resolution skip from the
+stem. Every convolution is followed by BatchNorm: its running statistics are the source statistics
+used by test-time adaptation. The network knows tensors, not slides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STRIDE = 16  # total downsampling: input sides must be multiples of this
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Architecture hyper-parameters (stored in the model card)."""
+
+    width: int = 32
+    blocks: tuple[int, int, int, int] = (1, 1, 1, 1)
+    n_types: int = 0  # 0: no TP head (single "nucleus" class)
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["blocks"] = list(self.blocks)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, object]) -> NetConfig:
+        blocks = d.get("blocks", (1, 1, 1, 1))
+        return NetConfig(
+            width=int(d.get("width", 32)),  # type: ignore[call-overload]
+            blocks=tuple(int(b) for b in blocks),  # type: ignore[union-attr, arg-type]
+            n_types=int(d.get("n_types", 0)),  # type: ignore[call-overload]
+        )
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class ResBlock(nn.Module):
+    """Basic residual block: two 3x3 conv-BN, identity skip."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a = conv_bn(c, c)
+        self.b = conv_bn(c, c, relu=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.b(self.a(x)))
+
+
+class Head(nn.Module):
+    """One output branch: refine at stride 2, upsample, fuse the full-resolution skip, predict."""
+
+    def __init__(self, c_half: int, c_full: int, out: int) -> None:
+        super().__init__()
+        self.refine = conv_bn(c_half, c_full)
+        self.full = conv_bn(2 * c_full, c_full)
+        self.out = nn.Conv2d(c_full, out, 1)
+
+    def forward(self, d2: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.refine(d2)
+        x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
+        x = self.full(torch.cat([x, skip], dim=1))
+        return self.out(x)
+
+
+class NucleiNet(nn.Module):
+    """HoVer-Net-style multi-task network.
+
+    ``forward`` returns a dict: ``np`` (B, 2, H, W) logits, ``hv`` (B, 2, H, W) in [-1, 1] (tanh),
+    and ``tp`` (B, n_types, H, W) logits when the model has a type head.
+    """
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        c_full = max(8, w // 2)
+        self.stem = conv_bn(3, c_full)
+        chans = [w, 2 * w, 4 * w, 8 * w]
+        stages: list[nn.Module] = []
+        cin = c_full
+        for c, n in zip(chans, cfg.blocks, strict=True):
+            stages.append(nn.Sequential(conv_bn(cin, c, stride=2), *[ResBlock(c) for _ in range(n)]))
+            cin = c
+        self.stages = nn.ModuleList(stages)
+        dec = [3 * w, 2 * w, w]  # decoder widths at strides 8, 4, 2
+        self.dec8 = conv_bn(chans[3] + chans[2], dec[0])
+        self.dec4 = conv_bn(dec[0] + chans[1], dec[1])
+        self.dec2 = conv_bn(dec[1] + chans[0], dec[2])
+        self.np_head = Head(dec[2], c_full, 2)
+        self.hv_head = Head(dec[2], c_full, 2)
+        self.tp_head = Head(dec[2], c_full, cfg.n_types) if cfg.n_types > 0 else None
+
+    @staticmethod
+    def _up_cat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], dim=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        s0 = self.stem(x)
+        feats = []
+        h = s0
+        for stage in self.stages:
+            h = stage(h)
+            feats.append(h)
+        d = self.dec8(self._up_cat(feats[3], feats[2]))
+        d = self.dec4(self._up_cat(d, feats[1]))
+        d = self.dec2(self._up_cat(d, feats[0]))
+        out = {"np": self.np_head(d, s0), "hv": torch.tanh(self.hv_head(d, s0))}
+        if self.tp_head is not None:
+            out["tp"] = self.tp_head(d, s0)
+        return out
+
+
+def receptive_radius(cfg: NetConfig) -> int:
+    """Radius in input pixels of the region that can influence one output pixel (theoretical).
+
+    Derived, not guessed: a copy of the network with all-positive weights and identity BatchNorm is
+    linear-positive, so the gradient of one central output with respect to the input is non-zero
+    exactly over the theoretical receptive field.
+    """
+    net = NucleiNet(cfg).double().eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.fill_(1.0 / m.weight[0].numel())
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+    size = 512
+    while True:
+        x = torch.ones(1, 3, size, size, dtype=torch.float64, requires_grad=True)
+        c = size // 2
+        out = net(x)["np"]
+        out[0, :, c, c].sum().backward()
+        grad = x.grad if x.grad is not None else torch.zeros_like(x)
+        nz = torch.nonzero(grad[0].abs().sum(0) > 0)
+        radius = int(max((nz[:, 0] - c).abs().max(), (nz[:, 1] - c).abs().max()))
+        if radius < c - 1:
+            return radius
+        size *= 2

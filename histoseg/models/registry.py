@@ -1,0 +1,101 @@
+"""Resolve ``--model NAME|PATH`` to weights + card and load them without unpickling anything.
+
+A model artifact is ``<stem>.safetensors`` with ``<stem>.json`` (the card) beside it. Registered names
+are the artifacts shipped in ``histoseg/models/weights/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from histoseg.errors import ModelError
+from histoseg.models.card import ModelCard
+from histoseg.models.network import NucleiNet
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    """Paths of one model on disk; cheap to pass to workers (they load it themselves)."""
+
+    weights: Path
+    card_path: Path
+
+    @property
+    def name(self) -> str:
+        return self.weights.stem
+
+    def card(self) -> ModelCard:
+        return ModelCard.load(self.card_path)
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        with open(self.weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+
+def registered_models() -> list[str]:
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors") if p.with_suffix(".json").exists())
+
+
+def resolve_model(name_or_path: str) -> ModelArtifact:
+    """A registered name (``default``, ...) or a path to a ``.safetensors`` file (card beside it)."""
+    p = Path(name_or_path)
+    if p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    if p.suffix != ".safetensors":
+        cand = WEIGHTS_DIR / f"{name_or_path}.safetensors"
+        if not cand.exists():
+            known = ", ".join(registered_models()) or "none"
+            raise ModelError(
+                f"unknown model {name_or_path!r}: not a .safetensors path and not a registered name "
+                f"(registered: {known})"
+            )
+        p = cand
+    if not p.exists():
+        raise ModelError(f"model weights not found: {p}")
+    card = p.with_suffix(".json")
+    if not card.exists():
+        raise ModelError(f"model card not found beside the weights: {card}")
+    return ModelArtifact(weights=p.resolve(), card_path=card.resolve())
+
+
+def load_model(artifact: ModelArtifact, device: str = "cpu") -> tuple[NucleiNet, ModelCard]:
+    """Build the network from its card and load safetensors weights (never pickle); eval mode."""
+    card = artifact.card()
+    net = NucleiNet(card.net)
+    try:
+        state = load_file(str(artifact.weights), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"cannot read weights {artifact.weights}: {exc}") from exc
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(
+            f"weights {artifact.weights} do not match the card's architecture "
+            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
+        )
+    net.eval()
+    return net.to(device), card
+
+
+def save_model(net: NucleiNet, card: ModelCard, weights_path: str | Path) -> ModelArtifact:
+    """Write ``<stem>.safetensors`` and ``<stem>.json``."""
+    wp = Path(weights_path)
+    wp.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(wp), metadata={"name": card.name, "format": "histoseg-nucleinet"})
+    card.save(wp.with_suffix(".json"))
+    return ModelArtifact(weights=wp.resolve(), card_path=wp.with_suffix(".json").resolve())
+
+
+def state_dict_of(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}

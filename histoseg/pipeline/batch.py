@@ -1,0 +1,103 @@
+"""A batch over many slides: discover inputs, reuse one runner, carry on past failures.
+
+Every slide ends as a ``SlideReport`` (ok, skipped or failed); a failure of one slide never stops the
+others, and the caller turns failures into a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from histoseg.config import SegmentConfig
+from histoseg.distributed import TaskRunner, make_runner
+from histoseg.errors import HistosegError, SlideNotFoundError
+from histoseg.inference import DensePredictor
+from histoseg.pipeline.slide import SlideReport, segment_slide, slide_stem
+
+log = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
+    ".png", ".jpg", ".jpeg", ".bmp",
+)
+
+
+def discover(inputs: Iterable[str]) -> list[Path]:
+    """Expand files, folders (recursive, slide suffixes only, hidden files skipped) and glob patterns.
+
+    A path that neither exists nor matches a glob is kept, so it fails later as a missing slide.
+    """
+    out: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        key = p.resolve() if p.exists() else p
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES and not any(
+                    part.startswith(".") for part in f.relative_to(p).parts
+                ):
+                    add(f)
+        elif p.exists():
+            add(p)
+        elif any(ch in item for ch in "*?["):
+            for m in sorted(glob.glob(item, recursive=True)):
+                if Path(m).is_file():
+                    add(Path(m))
+        else:
+            add(p)
+    return out
+
+
+def segment_batch(
+    inputs: Iterable[str],
+    out_root: str | Path,
+    config: SegmentConfig,
+    *,
+    runner: TaskRunner | None = None,
+    predictor: DensePredictor | None = None,
+    on_slide_start: Callable[[Path, int, int], None] | None = None,
+    on_region: Callable[[int, int], None] | None = None,
+    on_slide_done: Callable[[SlideReport], None] | None = None,
+) -> list[SlideReport]:
+    """Segment every discovered slide; one report per slide, in input order."""
+    slides = discover(inputs)
+    stems: dict[str, Path] = {}
+    own_runner = runner is None
+    run = runner or make_runner(config.workers)
+    reports: list[SlideReport] = []
+    try:
+        for i, slide in enumerate(slides):
+            if on_slide_start:
+                on_slide_start(slide, i, len(slides))
+            stem = slide_stem(slide)
+            try:
+                if stem in stems:
+                    raise HistosegError(
+                        f"{slide}: output name {stem!r} is already used by {stems[stem]} in this batch"
+                    )
+                stems[stem] = slide
+                if not slide.exists():
+                    raise SlideNotFoundError(f"slide not found: {slide}")
+                rep = segment_slide(slide, out_root, config, run, predictor, on_region)
+            except HistosegError as exc:
+                rep = SlideReport(str(slide), "failed", message=str(exc))
+            except Exception as exc:  # noqa: BLE001 - a batch reports unexpected errors and goes on
+                log.exception("unexpected error on %s", slide)
+                rep = SlideReport(str(slide), "failed", message=f"{type(exc).__name__}: {exc}")
+            reports.append(rep)
+            if on_slide_done:
+                on_slide_done(rep)
+    finally:
+        if own_runner:
+            run.close()
+    return reports

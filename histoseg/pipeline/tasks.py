@@ -1,0 +1,103 @@
+"""The region task: slide path + Region + predictor reference + settings in, owned nuclei out.
+
+Tasks are independent and idempotent (design.md section 1): each worker opens the slide and loads the
+model itself (cached per process), so the same function runs in-process, on a Dask worker or in a job.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from histoseg.inference import DensePredictor
+from histoseg.io import SlideReader, open_slide
+from histoseg.postprocess import WatershedParams, instance_centroids, measure_instances, separate_instances
+from histoseg.stitching import owned_mask, touches_halo_edge
+from histoseg.types import InstanceTable, Region
+
+_READERS: dict[tuple[str, str, float | None], SlideReader] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class SlideTaskSpec:
+    """What every region task of one slide shares (small and picklable)."""
+
+    slide_path: str
+    backend: str
+    slide_mpp: float | None
+    mpp: float  # processing mpp (the model's)
+    plane_shape: tuple[int, int]
+    params: WatershedParams
+    strict_halo: bool = False
+
+
+@dataclass
+class RegionResult:
+    region: Region
+    table: InstanceTable
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _reader(spec: SlideTaskSpec) -> SlideReader:
+    key = (spec.slide_path, spec.backend, spec.slide_mpp)
+    with _LOCK:
+        if key not in _READERS:
+            if len(_READERS) > 8:
+                for r in _READERS.values():
+                    r.close()
+                _READERS.clear()
+            _READERS[key] = open_slide(spec.slide_path, backend=spec.backend, mpp=spec.slide_mpp)
+        return _READERS[key]
+
+
+def run_region(region: Region, spec: SlideTaskSpec, predictor: DensePredictor) -> RegionResult:
+    """Read core+halo, predict, separate instances, keep the owned ones and measure them."""
+    from histoseg.errors import HaloTooSmallError
+
+    t = {}
+    t0 = time.perf_counter()
+    reader = _reader(spec)
+    rb = region.read
+    image = reader.read_plane(rb, spec.mpp)
+    t["read"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    np_prob, hv, tp = predictor.predict(image, region)
+    t["network"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    labels = separate_instances(np_prob, hv, spec.mpp, spec.params)
+    ids, cyx, slices = instance_centroids(labels)
+    own = owned_mask(cyx + np.array([rb.y, rb.x]), region) if len(ids) else np.zeros(0, bool)
+    keep, keep_c = ids[own], cyx[own]
+    edge = touches_halo_edge(slices, keep, labels.shape, region, spec.plane_shape)
+    card = predictor.card()
+    scale = reader.plane_scale(spec.mpp)
+    mpp0 = float(reader.meta.mpp) if reader.meta.mpp else spec.mpp / scale
+    table = measure_instances(
+        labels,
+        keep,
+        keep_c,
+        slices,
+        origin_yx=(rb.y, rb.x),
+        image=image,
+        np_prob=np_prob,
+        tp_prob=tp,
+        class_names=card.class_names,
+        class_colors=card.class_colors,
+        mpp0=mpp0,
+        scale=scale,
+        plane_shape=spec.plane_shape,
+    )
+    table.edge_touching = int(edge.sum())
+    if spec.strict_halo and table.edge_touching:
+        raise HaloTooSmallError(
+            f"{table.edge_touching} nucleus/nuclei in region {region.key} touch the halo edge: the halo "
+            f"({region.halo} px) is smaller than the largest nucleus plus the network context"
+        )
+    t["postprocess"] = time.perf_counter() - t0
+    return RegionResult(region=region, table=table, timings=t)

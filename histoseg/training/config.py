@@ -1,0 +1,60 @@
+"""Training configuration: a documented YAML file mapped onto a dataclass (unknown keys are errors)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from histoseg.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of ``histoseg train``; see ``configs/default.yaml`` for a commented example."""
+
+    name: str = "default"
+    output: str = "runs/default"  # checkpoints, logs and the final artifact go here
+    seed: int = 0
+    mpp: float = 0.5  # processing resolution of the model (µm/px)
+    width: int = 32  # network width (channels of the first encoder stage)
+    blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    crop: int = 256  # training crop side at `mpp`
+    batch_size: int = 8
+    iterations: int = 3000
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup: int = 100
+    val_every: int = 250
+    val_images: list[str] = field(default_factory=list)  # MoNuSeg training images held out for validation
+    semantic_fraction: float = 0.3  # share of batch items drawn from semantic-only images
+    threads: int = 2
+    device: str = "cpu"
+    bf16: bool = True  # bfloat16 autocast + channels-last: ~5-10x faster steps on CPU, weights stay fp32
+    init: str | None = None  # optional safetensors to start from
+
+    @staticmethod
+    def load(path: str | Path) -> TrainConfig:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"training config not found: {path}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"training config {path} is not valid YAML: {exc}") from exc
+        return TrainConfig.from_dict(data)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training config keys: {unknown}")
+        cfg = TrainConfig(**data)
+        if cfg.crop % 32 or cfg.crop < 64:
+            raise ConfigError("crop must be a multiple of 32 and >= 64")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

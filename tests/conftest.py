@@ -1,0 +1,25 @@
+"""Shared test fixtures.
+
+Tests that need ``../shared/data`` use the ``shared_data`` fixture: in CI (``CI=true``) a missing folder is
+a failure, elsewhere the test is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from histoseg.config import data_dir
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = data_dir()
+    if not d.is_dir():
+        msg = f"shared data folder not found at {d} (set HISTOSEG_DATA)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return d
