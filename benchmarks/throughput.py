@@ -61,7 +61,8 @@ def main() -> None:
     for size in [int(s) for s in args.sizes.split(",")]:
         t0 = time.perf_counter()
         slide = build_tissue_slide(work / f"tissue_{size}.tif", size)
-        print(f"slide {slide.name}: {size}x{size} px at 0.5 µm/px from real CMU-1 tissue ({time.perf_counter() - t0:.0f} s)")
+        took = time.perf_counter() - t0
+        print(f"slide {slide.name}: {size}x{size} px at 0.5 µm/px from real CMU-1 tissue ({took:.0f} s)")
         base = None
         for w in [int(x) for x in args.workers.split(",")]:
             r = run_once(slide, work / f"out_{size}_{w}", w, extra)
@@ -73,8 +74,11 @@ def main() -> None:
                 f"{r['regions']} regions, {r['nuclei']} nuclei, wall {r['wall_s']:.1f} s, "
                 f"peak RSS {r['peak_rss_gb']:.2f} GB, speed-up {r['speedup_vs_1']:.2f}x; load {os.getloadavg()[0]:.2f}"
             )
-            busy = {k[2:]: v for k, v in r.items() if k.startswith("t_") and k[2:] in
-                    ("read", "network", "postprocess", "stitch", "export")}
+            busy = {
+                k[2:]: v
+                for k, v in r.items()
+                if k.startswith("t_") and k[2:] in ("read", "network", "postprocess", "stitch", "export")
+            }
             total = sum(busy.values()) or 1.0
             print("   time split: " + ", ".join(f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in busy.items()))
     print(json.dumps([{"size": s, "workers": w, **r} for s, w, r in rows], indent=1))

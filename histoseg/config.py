@@ -39,11 +39,11 @@ class SegmentConfig:
     geojson_gzip: bool = False
     overwrite: bool = False
     device: str = "cpu"
-    backend: str = "auto"  # auto | tiffslide | openslide | image
+    backend: str = "auto"  # auto | tiffslide | openslide | image | omezarr
     strict_halo: bool = False
     tissue_threshold: float | None = None  # None: Otsu on saturation
     min_tissue_fraction: float = 0.01  # of a region's core area
-    np_threshold: float = 0.5
+    np_threshold: float | None = None  # None: the model card's tuned value
     min_nucleus_area_um2: float = 3.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -59,7 +59,7 @@ class SegmentConfig:
             raise ConfigError(f"--slide-mpp must be between 0.01 and 100 µm/px, got {self.slide_mpp}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.backend not in ("auto", "tiffslide", "openslide", "image"):
+        if self.backend not in ("auto", "tiffslide", "openslide", "image", "omezarr"):
             raise ConfigError(f"unknown backend {self.backend!r}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,8 +28,9 @@ class OraclePredictor:
         self._hv = hv_maps(self.labels)
 
     def card(self) -> ModelCard:
-        return ModelCard(name="oracle", net=NetConfig(), mpp=self.mpp, context_radius_px=0,
-                         max_nucleus_um=self.max_nucleus_um)
+        return ModelCard(
+            name="oracle", net=NetConfig(), mpp=self.mpp, context_radius_px=0, max_nucleus_um=self.max_nucleus_um
+        )
 
     def predict(self, image: np.ndarray, region: Region | None = None):  # type: ignore[no-untyped-def]
         if region is None:

@@ -95,15 +95,22 @@ def test_batch_carries_on_and_reports_failures(
     shutil.copy(good, folder / "a_good.tif")
     (folder / "b_broken.svs").write_bytes(b"\x00" * 1000)
     shutil.copy(good, folder / "c_good.tif")
-    reports = segment_batch([str(folder), str(tmp_path / "nope.svs")], tmp_path / "out", SegmentConfig(),
-                            runner=InProcessRunner(), predictor=oracle)
+    reports = segment_batch(
+        [str(folder), str(tmp_path / "nope.svs")],
+        tmp_path / "out",
+        SegmentConfig(),
+        runner=InProcessRunner(),
+        predictor=oracle,
+    )
     status = {Path(r.slide).name: r.status for r in reports}
     assert status == {"a_good.tif": "ok", "b_broken.svs": "failed", "c_good.tif": "ok", "nope.svs": "failed"}
     assert (tmp_path / "out" / "c_good" / "_SUCCESS").exists()
     assert not (tmp_path / "out" / "b_broken").exists()
 
 
-def test_cli_one_line_errors_and_exit_codes(tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_one_line_errors_and_exit_codes(
+    tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     nompp = shared_data / "slides" / "aperio-tcga-jp2k" / "tcga-cr-7395-01a-01-ts1.svs"
     assert main(["segment", str(nompp), "-o", str(tmp_path / "o")]) == 1
     errs = _err_lines(capsys)

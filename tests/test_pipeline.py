@@ -96,6 +96,7 @@ def test_killed_run_is_not_trusted_and_rerun_completes(sample: Path, tmp_path: P
     assert main(["segment", str(sample), "-o", str(out), "--region-size", "256"]) == 0
     ref = tmp_path / "ref"
     assert main(["segment", str(sample), "-o", str(ref), "--region-size", "256"]) == 0
-    assert pq.read_table(out / "demo" / "demo.nuclei.parquet").equals(pq.read_table(ref / "demo" / "demo.nuclei.parquet"))
+    resumed = pq.read_table(out / "demo" / "demo.nuclei.parquet")
+    assert resumed.equals(pq.read_table(ref / "demo" / "demo.nuclei.parquet"))
     leftovers = [p.name for p in (out / "demo").iterdir() if p.name.startswith(".")]
     assert leftovers == []

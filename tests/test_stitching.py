@@ -90,3 +90,17 @@ def test_nucleus_larger_than_halo_is_reported_not_cut(tmp_path: Path) -> None:
     cfg = SegmentConfig(region_size=256, strict_halo=True, min_nucleus_area_um2=0.5)
     with pytest.raises(HaloTooSmallError, match="halo"):
         segment_slide(path, tmp_path / "out", cfg, InProcessRunner(), oracle)
+
+
+def test_dask_workers_give_the_same_table(slide: tuple[Path, np.ndarray]) -> None:
+    from histoseg.distributed import local_dask_runner
+
+    path, labels = slide
+    oracle = OraclePredictor(labels, MPP)
+    cfg = SegmentConfig(region_size=256, min_nucleus_area_um2=0.5)
+    ref = run_regions_table(path, cfg, InProcessRunner(), oracle)
+    with local_dask_runner(2) as runner:
+        got = run_regions_table(path, cfg, runner, oracle)
+    np.testing.assert_array_equal(ref.ids, got.ids)
+    np.testing.assert_array_equal(ref.centroids, got.centroids)
+    assert _instance_set(ref) == _instance_set(got)

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from histoseg import __version__
 from histoseg.errors import HistosegError
@@ -36,14 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="show a slide's metadata (vendor, levels, mpp, bounds offset)")
     info.add_argument("slide")
-    info.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image"])
+    info.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image", "omezarr"])
     info.add_argument("--json", action="store_true", help="print JSON")
 
     seg = sub.add_parser("segment", help="segment slides into GeoJSON, OME-Zarr labels and Parquet")
     seg.add_argument("inputs", nargs="+", metavar="INPUT", help="slide files, folders (recursive) or globs")
     seg.add_argument("-o", "--output", required=True, help="output folder (one sub-folder per slide)")
-    seg.add_argument("--slide-mpp", type=_positive_float, default=None,
-                     help="µm per pixel of level 0, for slides without (or with wrong) metadata")
+    seg.add_argument(
+        "--slide-mpp",
+        type=_positive_float,
+        default=None,
+        help="µm per pixel of level 0, for slides without (or with wrong) metadata",
+    )
     seg.add_argument("--model", default="default", help="registered model name or path to .safetensors")
     seg.add_argument("--workers", type=int, default=1, help="worker processes (1: in this process)")
     seg.add_argument("--region-size", type=int, default=1024, help="region core size in processing px")
@@ -51,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--geojson-gzip", action="store_true", help="write .geojson.gz")
     seg.add_argument("--overwrite", action="store_true", help="redo slides that already have _SUCCESS")
     seg.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    seg.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image"])
-    seg.add_argument("--strict-halo", action="store_true",
-                     help="fail when a nucleus touches a region's halo edge instead of warning")
+    seg.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image", "omezarr"])
+    seg.add_argument(
+        "--strict-halo", action="store_true", help="fail when a nucleus touches a region's halo edge instead of warning"
+    )
     seg.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network (~2x on CPU)")
 
     tr = sub.add_parser("train", help="train a model from a YAML config")
@@ -115,7 +121,7 @@ def _info(args: argparse.Namespace) -> int:
 
     with open_slide(args.slide, backend=args.backend) as r:
         m = r.meta
-        d = {
+        d: dict[str, Any] = {
             "path": m.path,
             "backend": m.backend,
             "vendor": m.vendor,
@@ -140,7 +146,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"{'objective':<16}{m.objective_power if m.objective_power else 'unknown'}")
         print(f"{'bounds offset':<16}{m.bounds_offset[0]}, {m.bounds_offset[1]}")
         for i, lv in enumerate(d["levels"]):
-            print(f"{'level ' + str(i):<16}{lv['dimensions'][0]} x {lv['dimensions'][1]}  (downsample {lv['downsample']:.3f})")
+            dims = f"{lv['dimensions'][0]} x {lv['dimensions'][1]}"
+            print(f"{'level ' + str(i):<16}{dims}  (downsample {lv['downsample']:.3f})")
     return 0
 
 

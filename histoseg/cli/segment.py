@@ -77,15 +77,17 @@ def run_segment(args: argparse.Namespace) -> int:
 
 
 def print_summary(reports: list[SlideReport]) -> None:
-    rows = [("slide", "nuclei", "seconds", "status")]
-    for r in reports:
-        status = r.status if r.status != "failed" else f"failed: {r.message}"
-        rows.append((Path(r.slide).name, str(r.nuclei), f"{r.seconds:.1f}", status))
+    rows: list[tuple[str, str, str, str]] = [("slide", "nuclei", "seconds", "status")]
+    for rep in reports:
+        status = rep.status if rep.status != "failed" else f"failed: {rep.message}"
+        rows.append((Path(rep.slide).name, str(rep.nuclei), f"{rep.seconds:.1f}", status))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     w2 = max(len(r[2]) for r in rows)
     for r in rows:
         print(f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:>{w2}}  {r[3]}")
     n_failed = sum(r.status == "failed" for r in reports)
-    print(f"{len(reports)} slide(s): {len(reports) - n_failed - sum(r.status == 'skipped' for r in reports)} done, "
-          f"{sum(r.status == 'skipped' for r in reports)} skipped, {n_failed} failed")
+    print(
+        f"{len(reports)} slide(s): {len(reports) - n_failed - sum(r.status == 'skipped' for r in reports)} done, "
+        f"{sum(r.status == 'skipped' for r in reports)} skipped, {n_failed} failed"
+    )

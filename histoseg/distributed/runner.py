@@ -101,9 +101,7 @@ class DaskRunner:
         if not items:
             return
         scattered = [self.client.scatter(a, broadcast=True) for a in args]
-        futures = [
-            self.client.submit(fn, item, *scattered, pure=False, retries=self.retries) for item in items
-        ]
+        futures = [self.client.submit(fn, item, *scattered, pure=False, retries=self.retries) for item in items]
         index = {f.key: i for i, f in enumerate(futures)}
         try:
             for fut in as_completed(futures):

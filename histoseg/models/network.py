@@ -36,7 +36,7 @@ class NetConfig:
         blocks = d.get("blocks", (1, 1, 1, 1))
         return NetConfig(
             width=int(d.get("width", 32)),  # type: ignore[call-overload]
-            blocks=tuple(int(b) for b in blocks),  # type: ignore[union-attr, arg-type]
+            blocks=tuple(int(b) for b in blocks),  # type: ignore[union-attr, arg-type, attr-defined]
             n_types=int(d.get("n_types", 0)),  # type: ignore[call-overload]
         )
 
@@ -142,8 +142,9 @@ def receptive_radius(cfg: NetConfig) -> int:
                 if m.bias is not None:
                     m.bias.zero_()
             elif isinstance(m, nn.BatchNorm2d):
-                m.running_mean.zero_()
-                m.running_var.fill_(1.0)
+                if m.running_mean is not None and m.running_var is not None:
+                    m.running_mean.zero_()
+                    m.running_var.fill_(1.0)
                 m.weight.fill_(1.0)
                 m.bias.zero_()
     size = 512

@@ -15,14 +15,13 @@ from histoseg.config import SegmentConfig
 from histoseg.distributed import TaskRunner, make_runner
 from histoseg.errors import HistosegError, SlideNotFoundError
 from histoseg.inference import DensePredictor
+from histoseg.io.open import IMAGE_SUFFIXES
+from histoseg.io.open import SLIDE_SUFFIXES as IO_SLIDE_SUFFIXES
 from histoseg.pipeline.slide import SlideReport, segment_slide, slide_stem
 
 log = logging.getLogger(__name__)
 
-SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
-    ".png", ".jpg", ".jpeg", ".bmp",
-)
+SLIDE_SUFFIXES = tuple(sorted(set(IO_SLIDE_SUFFIXES) | set(IMAGE_SUFFIXES)))
 
 
 def discover(inputs: Iterable[str]) -> list[Path]:
@@ -41,20 +40,33 @@ def discover(inputs: Iterable[str]) -> list[Path]:
 
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES and not any(
-                    part.startswith(".") for part in f.relative_to(p).parts
-                ):
-                    add(f)
+        if p.is_dir() and p.suffix.lower() == ".zarr":
+            add(p)
+        elif p.is_dir():
+            for f in _walk(p):
+                add(f)
         elif p.exists():
             add(p)
         elif any(ch in item for ch in "*?["):
             for m in sorted(glob.glob(item, recursive=True)):
-                if Path(m).is_file():
+                if Path(m).is_file() or Path(m).suffix.lower() == ".zarr":
                     add(Path(m))
         else:
             add(p)
+    return out
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Slide files and ``.zarr`` folders below ``folder`` (sorted, hidden entries skipped, no descent
+    into a ``.zarr`` folder)."""
+    out: list[Path] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            out.extend([entry] if entry.suffix.lower() == ".zarr" else _walk(entry))
+        elif entry.suffix.lower() in SLIDE_SUFFIXES:
+            out.append(entry)
     return out
 
 
@@ -82,9 +94,7 @@ def segment_batch(
             stem = slide_stem(slide)
             try:
                 if stem in stems:
-                    raise HistosegError(
-                        f"{slide}: output name {stem!r} is already used by {stems[stem]} in this batch"
-                    )
+                    raise HistosegError(f"{slide}: output name {stem!r} is already used by {stems[stem]} in this batch")
                 stems[stem] = slide
                 if not slide.exists():
                     raise SlideNotFoundError(f"slide not found: {slide}")

@@ -143,9 +143,10 @@ def plan_slide(path: str | Path, config: SegmentConfig, predictor: DensePredicto
     regions = plan_regions(plane_shape, config.region_size, halo, mask, config.min_tissue_fraction)
     if not regions:
         raise NoTissueError(f"{path.name}: no tissue found (tissue mask is empty); nothing to segment")
-    params = WatershedParams(
-        **{**card.postprocess, "np_threshold": config.np_threshold, "min_nucleus_um2": config.min_nucleus_area_um2}
-    )
+    overrides: dict[str, float] = {"min_nucleus_um2": config.min_nucleus_area_um2}
+    if config.np_threshold is not None:
+        overrides["np_threshold"] = config.np_threshold
+    params = WatershedParams(**{**card.postprocess, **overrides})
     spec = SlideTaskSpec(
         slide_path=str(path.resolve()),
         backend=config.backend,
@@ -183,7 +184,9 @@ def run_plan(
     if table.edge_touching:
         log.warning(
             "%s: %d owned nuclei touch a halo edge (halo %d px may be too small for them)",
-            plan.path.name, table.edge_touching, plan.halo,
+            plan.path.name,
+            table.edge_touching,
+            plan.halo,
         )
     return table, timings
 
@@ -234,7 +237,12 @@ def segment_slide(
     write_provenance(out_dir / "provenance.json", _provenance(plan, fp, predictor, config, table, timings))
     write_success(out_dir)
     return SlideReport(
-        str(path), "ok", nuclei=len(table), seconds=seconds, output=str(out_dir), regions=len(plan.regions),
+        str(path),
+        "ok",
+        nuclei=len(table),
+        seconds=seconds,
+        output=str(out_dir),
+        regions=len(plan.regions),
         timings=timings,
     )
 
@@ -258,8 +266,12 @@ def _sum_timings(results: list[RegionResult]) -> dict[str, float]:
 
 
 def _provenance(
-    plan: SlidePlan, fp: dict[str, Any], predictor: DensePredictor, config: SegmentConfig,
-    table: InstanceTable, timings: dict[str, float],
+    plan: SlidePlan,
+    fp: dict[str, Any],
+    predictor: DensePredictor,
+    config: SegmentConfig,
+    table: InstanceTable,
+    timings: dict[str, float],
 ) -> dict[str, Any]:
     art = getattr(predictor, "artifact", None)
     meta, card, path = plan.meta, plan.card, plan.path

@@ -74,8 +74,21 @@ def evaluate(dataset: str, model: str = "default", limit: int | None = None, bf1
     if samples and samples[0].inst is not None:
         summary = mean_over_images(rows)
     else:
-        summary = {"det_tp": float(tally.tp), "det_fp": float(tally.fp), "det_fn": float(tally.fn),
-                   "det_precision": tally.precision, "det_recall": tally.recall, "det_f1": tally.f1,
-                   "n_images": float(len(rows))}
-    return {"dataset": dataset, "model": card.name, "model_mpp": card.mpp, "radius_um": radius,
-            "images": rows, "mean": summary, "seconds": seconds}
+        summary = {
+            "det_tp": float(tally.tp),
+            "det_fp": float(tally.fp),
+            "det_fn": float(tally.fn),
+            "det_precision": tally.precision,
+            "det_recall": tally.recall,
+            "det_f1": tally.f1,
+            "n_images": float(len(rows)),
+        }
+    return {
+        "dataset": dataset,
+        "model": card.name,
+        "model_mpp": card.mpp,
+        "radius_um": radius,
+        "images": rows,
+        "mean": summary,
+        "seconds": seconds,
+    }

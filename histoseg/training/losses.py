@@ -56,9 +56,7 @@ def tp_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> 
     return F.cross_entropy(logits[valid], target[valid])
 
 
-def total_loss(
-    out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, dict[str, float]]:
+def total_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the terms present; also returns each term for logging."""
     terms = {
         "np": np_loss(out["np"], batch["np"], batch["has_np"]),

@@ -23,7 +23,7 @@ from histoseg.training.augment import Batch
 from histoseg.training.config import TrainConfig
 from histoseg.training.data import TrainingData
 from histoseg.training.losses import total_loss
-from histoseg.training.validate import validate
+from histoseg.training.validate import tune_postprocess, validate
 
 MONUSEG_LICENSE = (
     "Weights trained on MoNuSeg 2018 training images (Kumar et al., IEEE TMI 2017), licensed CC BY-NC-SA 4.0: "
@@ -62,8 +62,11 @@ def build_card(cfg: TrainConfig, mean: tuple[float, ...], std: tuple[float, ...]
         context_radius_px=receptive_radius(net_cfg),
         max_nucleus_um=max_nucleus_um,
         license=MONUSEG_LICENSE,
-        training={"config": cfg.to_dict(), "data": "MoNuSeg 2018 training set (30 images; 13 with instance "
-                  "polygons, 17 with binary masks only)", "held_out": cfg.val_images},
+        training={
+            "config": cfg.to_dict(),
+            "data": "MoNuSeg 2018 training set (30 images; 13 with instance polygons, 17 with binary masks only)",
+            "held_out": cfg.val_images,
+        },
     )
 
 
@@ -82,7 +85,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     data = TrainingData.monuseg(cfg)
     card = build_card(cfg, data.mean, data.std, data.max_nucleus_um)
-    net = NucleiNet(card.net).to(cfg.device).to(memory_format=torch.channels_last)
+    net = NucleiNet(card.net).to(cfg.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     dev_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
     if cfg.init:
         from safetensors.torch import load_file
@@ -131,8 +134,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
                 save_model(net, card, out / f"{cfg.name}.safetensors")
             tmp = out / "checkpoint.pt.tmp"
             torch.save(
-                {"model": net.state_dict(), "optim": opt.state_dict(), "iteration": it + 1, "best": best,
-                 "rng": json.dumps(data.rng.bit_generator.state)},
+                {
+                    "model": net.state_dict(),
+                    "optim": opt.state_dict(),
+                    "iteration": it + 1,
+                    "best": best,
+                    "rng": json.dumps(data.rng.bit_generator.state),
+                },
                 tmp,
             )
             tmp.replace(ckpt)
@@ -148,6 +156,9 @@ def finalize(cfg: TrainConfig, data: Any) -> Path:
 
     art = resolve_model(str(Path(cfg.output) / f"{cfg.name}.safetensors"))
     net, card = load_model(art, cfg.device)
+    params, metrics = tune_postprocess(net, card, data.val, cfg.device)
+    card.postprocess = params
+    card.metrics = {**card.metrics, "validation_tuned": metrics}
     card.source_stats = feature_statistics(net, card, data.train_images(), cfg.device)
     card.save(art.card_path)
     return art.weights
