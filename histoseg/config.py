@@ -45,6 +45,9 @@ class SegmentConfig:
     min_tissue_fraction: float = 0.01  # of a region's core area
     np_threshold: float | None = None  # None: the model card's tuned value
     min_nucleus_area_um2: float = 3.0
+    tta: str = "none"  # per-slide adaptation: none | bn | tent | g2p
+    tta_regions: int = 8  # K tissue crops sampled for adaptation
+    tta_steps: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -59,6 +62,10 @@ class SegmentConfig:
             raise ConfigError(f"--slide-mpp must be between 0.01 and 100 µm/px, got {self.slide_mpp}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.tta not in ("none", "bn", "tent", "g2p"):
+            raise ConfigError(f"--tta must be one of none, bn, tent, g2p; got {self.tta!r}")
+        if self.tta_regions < 1 or self.tta_steps < 0:
+            raise ConfigError("--tta-regions must be >= 1 and --tta-steps >= 0")
         if self.backend not in ("auto", "tiffslide", "openslide", "image", "omezarr"):
             raise ConfigError(f"unknown backend {self.backend!r}")
 

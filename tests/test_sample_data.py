@@ -1,4 +1,5 @@
-"""The embedded demo-slide generator ``sample_data/make_sample.py`` (small sizes, < 30 s in all)."""
+"""The embedded demo-slide generator ``sample_data/make_sample.py`` and its ``synth_*`` modules (small sizes,
+< 30 s in all)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ from scipy import ndimage as ndi
 from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 
+from histoseg.types import Box
+
 SIZE = 1024
 SEED = 0
 SCRIPT = Path(__file__).resolve().parent.parent / "sample_data" / "make_sample.py"
 
 
 def _load() -> ModuleType:
+    # the script imports its sibling modules (synth_*.py) by plain name, as when run from its own folder
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("histoseg_make_sample", SCRIPT)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -30,6 +36,7 @@ def _load() -> ModuleType:
 
 
 ms = _load()
+common = importlib.import_module("synth_common")  # the compartment codes (loaded by make_sample above)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,7 @@ def test_pixels_do_not_depend_on_strip_height(sample: tuple[Any, np.ndarray]) ->
     """Strip rendering is seam-free: any strip height gives the very same pixels."""
     scene, rgb = sample
     assert np.array_equal(ms.render(scene, strip=200), rgb)
-    box = ms.Box(100, 300, 500, 250)
+    box = Box(100, 300, 500, 250)
     assert np.array_equal(ms.RowSource(scene, strip=128)(box), rgb[300:550, 100:600])
 
 
@@ -128,7 +135,7 @@ def test_nuclei_darker_than_stroma_in_hematoxylin(sample: tuple[Any, np.ndarray]
     hem = rgb2hed(rgb)[..., 0]
     nuclei = scene.labels > 0
     near = ndi.binary_dilation(nuclei, iterations=4)
-    stroma = (scene.comp == ms.C_STROMA) & ~near & (rgb.min(axis=2) < 215)
+    stroma = (scene.comp == common.C_STROMA) & ~near & (rgb.min(axis=2) < 215)
     assert stroma.sum() > 10_000
     h_nuc, h_str = np.median(hem[nuclei]), np.median(hem[stroma])
     assert h_nuc > h_str + 0.03

@@ -50,17 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="µm per pixel of level 0, for slides without (or with wrong) metadata",
     )
     seg.add_argument("--model", default="default", help="registered model name or path to .safetensors")
-    seg.add_argument("--workers", type=int, default=1, help="worker processes (1: in this process)")
     seg.add_argument("--region-size", type=int, default=1024, help="region core size in processing px")
     seg.add_argument("--formats", default="geojson,zarr,parquet", help="comma list of geojson,zarr,parquet")
     seg.add_argument("--geojson-gzip", action="store_true", help="write .geojson.gz")
     seg.add_argument("--overwrite", action="store_true", help="redo slides that already have _SUCCESS")
-    seg.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    seg.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu; cuda with --gpus)")
     seg.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image", "omezarr"])
     seg.add_argument(
         "--strict-halo", action="store_true", help="fail when a nucleus touches a region's halo edge instead of warning"
     )
     seg.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network (~2x on CPU)")
+    _add_cluster_arguments(seg)
 
     tr = sub.add_parser("train", help="train a model from a YAML config")
     tr.add_argument("--config", required=True)
@@ -75,6 +75,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list registered models")
     return p
+
+
+def _add_cluster_arguments(seg: argparse.ArgumentParser) -> None:
+    """Where region tasks run (histoseg.distributed.ClusterSpec); job-queue flags override --cluster-config."""
+    g = seg.add_argument_group("where to run (Dask)")
+    g.add_argument(
+        "--cluster", default="local", choices=["local", "slurm", "pbs", "lsf"], help="local processes or a job queue"
+    )
+    g.add_argument("--workers", type=int, default=None, help="local worker processes (default 1: in this process)")
+    g.add_argument("--gpus", default=None, metavar="all|IDS", help="local: one worker per GPU, e.g. all or 0,1")
+    g.add_argument(
+        "--scheduler", default=None, metavar="ADDRESS", help="use a running Dask scheduler (tcp://host:8786)"
+    )
+    g.add_argument("--jobs", type=int, default=None, help="job queue: number of worker jobs to submit (default 1)")
+    g.add_argument("--cluster-config", default=None, metavar="YAML", help="job queue: dask-jobqueue YAML settings")
+    g.add_argument("--cores", type=int, default=None, help="job queue: cores per job (one worker per core; default 1)")
+    g.add_argument("--memory", default=None, help="job queue: memory per job, e.g. 16GB")
+    g.add_argument("--walltime", default=None, help="job queue: time limit per job, e.g. 02:00:00")
+    g.add_argument("--account", default=None, help="job queue: account (project) to charge")
+    g.add_argument("--queue", default=None, help="job queue: queue or partition")
+    g.add_argument(
+        "--job-extra",
+        action="append",
+        default=[],
+        metavar="DIRECTIVE",
+        help="job queue: extra scheduler directive, repeatable, e.g. --job-extra=--gres=gpu:1",
+    )
+    g.add_argument("--interface", default=None, help="job queue: network interface of scheduler and workers, e.g. ib0")
+    g.add_argument(
+        "--worker-timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="job queue or --scheduler: give up when no worker joined within this time (default 600)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

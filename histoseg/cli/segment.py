@@ -9,25 +9,47 @@ from pathlib import Path
 from typing import Any
 
 from histoseg.config import SegmentConfig
+from histoseg.distributed import ClusterSpec
 from histoseg.errors import ConfigError
 from histoseg.pipeline import SlideReport, segment_batch
 
 log = logging.getLogger("histoseg")
 
 
-def config_from_args(args: argparse.Namespace) -> SegmentConfig:
+def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
+    """The ``--cluster``/``--workers``/``--gpus``/job-queue flags as a checked ``ClusterSpec``."""
+    return ClusterSpec(
+        kind=args.cluster,
+        workers=1 if args.workers is None else args.workers,
+        gpus=args.gpus,
+        scheduler=args.scheduler,
+        jobs=1 if args.jobs is None else args.jobs,
+        config_file=args.cluster_config,
+        cores=args.cores,
+        memory=args.memory,
+        walltime=args.walltime,
+        account=args.account,
+        queue=args.queue,
+        job_extra=tuple(args.job_extra),
+        interface=args.interface,
+        worker_timeout=args.worker_timeout,
+    )
+
+
+def config_from_args(args: argparse.Namespace, cluster: ClusterSpec | None = None) -> SegmentConfig:
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     if not formats:
         raise ConfigError("--formats is empty")
+    uses_gpus = cluster is not None and cluster.uses_gpus
     return SegmentConfig(
         model=args.model,
         slide_mpp=args.slide_mpp,
         region_size=args.region_size,
-        workers=args.workers,
+        workers=cluster.workers if cluster is not None else (args.workers or 1),
         formats=formats,
         geojson_gzip=args.geojson_gzip,
         overwrite=args.overwrite,
-        device=args.device,
+        device=args.device or ("cuda" if uses_gpus else "cpu"),
         backend=args.backend,
         strict_halo=args.strict_halo,
         extra={"bf16": bool(args.bf16)},
@@ -35,7 +57,8 @@ def config_from_args(args: argparse.Namespace) -> SegmentConfig:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    cluster = cluster_from_args(args)
+    config = config_from_args(args, cluster)
     out = Path(args.output)
     tty = sys.stderr.isatty()
     bars: dict[str, Any] = {}
@@ -66,7 +89,13 @@ def run_segment(args: argparse.Namespace) -> int:
             log.info("  %s: %s, %d nuclei, %.1f s", Path(rep.slide).name, rep.status, rep.nuclei, rep.seconds)
 
     reports = segment_batch(
-        args.inputs, out, config, on_slide_start=on_slide_start, on_region=on_region, on_slide_done=on_slide_done
+        args.inputs,
+        out,
+        config,
+        cluster=cluster,
+        on_slide_start=on_slide_start,
+        on_region=on_region,
+        on_slide_done=on_slide_done,
     )
     print_summary(reports)
     failed = [r for r in reports if r.status == "failed"]

@@ -73,8 +73,10 @@ def _limit_threads(n: int) -> None:
         pass
 
 
-def _limit_worker_threads() -> None:
-    """Run once on each Dask worker."""
+def limit_worker_threads() -> None:
+    """Single-threaded math in a Dask worker process (run by ``plugins.SingleThreadPlugin``)."""
+    for key, value in SINGLE_THREAD_ENV.items():
+        os.environ.setdefault(key, value)
     _limit_threads(1)
 
 
@@ -82,10 +84,13 @@ class DaskRunner:
     """Runs tasks on a Dask distributed client (local processes, a job-queue cluster, or an address)."""
 
     def __init__(self, client: Any, cluster: Any | None = None, retries: int = 2) -> None:
+        from histoseg.distributed.plugins import SingleThreadPlugin
+
         self.client = client
         self.cluster = cluster
         self.retries = retries
-        client.run(_limit_worker_threads)
+        # a plugin, not client.run: workers of a job queue join later and must be limited too
+        client.register_plugin(SingleThreadPlugin(), name=SingleThreadPlugin.name)
 
     @property
     def n_workers(self) -> int:
@@ -100,7 +105,7 @@ class DaskRunner:
 
         if not items:
             return
-        scattered = [self.client.scatter(a, broadcast=True) for a in args]
+        scattered = [self.client.scatter([a], broadcast=True, hash=False)[0] for a in args]
         futures = [self.client.submit(fn, item, *scattered, pure=False, retries=self.retries) for item in items]
         index = {f.key: i for i, f in enumerate(futures)}
         try:
@@ -122,6 +127,51 @@ class DaskRunner:
         self.close()
 
 
+class LazyRunner:
+    """Starts the wrapped runner at the first task, so work that turns out to be done starts no cluster.
+
+    A start that fails is remembered and raised again for every later use, without a second attempt.
+    """
+
+    def __init__(self, start: Callable[[], TaskRunner]) -> None:
+        self._start = start
+        self._runner: TaskRunner | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._runner is not None
+
+    def runner(self) -> TaskRunner:
+        if self._error is not None:
+            raise self._error
+        if self._runner is None:
+            try:
+                self._runner = self._start()
+            except Exception as exc:
+                self._error = exc
+                raise
+        return self._runner
+
+    @property
+    def n_workers(self) -> int:
+        return self.runner().n_workers
+
+    def imap_unordered(self, fn: Callable[..., Any], items: Sequence[Any], *args: Any) -> Iterator[tuple[int, Any]]:
+        return self.runner().imap_unordered(fn, items, *args)
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+    def __enter__(self) -> LazyRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def local_dask_runner(n_workers: int, memory_limit: str = "auto") -> DaskRunner:
     """A local cluster of ``n_workers`` single-threaded worker processes."""
     from distributed import Client, LocalCluster
@@ -137,8 +187,17 @@ def local_dask_runner(n_workers: int, memory_limit: str = "auto") -> DaskRunner:
         env=SINGLE_THREAD_ENV,
     )
     client = Client(cluster)
-    log.info("dask dashboard: %s", client.dashboard_link)
+    log_dashboard(client)
     return DaskRunner(client, cluster)
+
+
+def log_dashboard(client: Any) -> None:
+    """One log line with the Dask dashboard address (where to watch the tasks)."""
+    import importlib.util
+
+    link = getattr(client, "dashboard_link", None) or "none"
+    hint = "" if importlib.util.find_spec("bokeh") else " (the page needs: pip install 'bokeh>=3.1')"
+    log.info("dask dashboard: %s%s", link, hint)
 
 
 def make_runner(workers: int) -> TaskRunner:

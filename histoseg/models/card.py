@@ -66,6 +66,15 @@ class ModelCard:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ModelCard:
+        card = ModelCard._parse(d)
+        if not (math.isfinite(card.mpp) and card.mpp > 0):
+            raise ModelError(f"malformed model card: mpp must be a positive number, got {card.mpp}")
+        if card.max_nucleus_um < 0 or card.context_radius_px < 0:
+            raise ModelError("malformed model card: negative max_nucleus_um or context_radius_px")
+        return card
+
+    @staticmethod
+    def _parse(d: dict[str, Any]) -> ModelCard:
         try:
             arch = dict(d["architecture"])
             arch.pop("type", None)

@@ -34,11 +34,14 @@ class NetConfig:
     @staticmethod
     def from_dict(d: dict[str, object]) -> NetConfig:
         blocks = d.get("blocks", (1, 1, 1, 1))
-        return NetConfig(
+        cfg = NetConfig(
             width=int(d.get("width", 32)),  # type: ignore[call-overload]
             blocks=tuple(int(b) for b in blocks),  # type: ignore[union-attr, arg-type, attr-defined]
             n_types=int(d.get("n_types", 0)),  # type: ignore[call-overload]
         )
+        if len(cfg.blocks) != 4 or min(cfg.blocks) < 0 or cfg.width < 1 or cfg.n_types < 0:
+            raise ValueError(f"invalid architecture {d}: need 4 block counts >= 0, width >= 1, n_types >= 0")
+        return cfg
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1, relu: bool = True) -> nn.Sequential:

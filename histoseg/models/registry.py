@@ -77,7 +77,10 @@ def load_model(artifact: ModelArtifact, device: str = "cpu") -> tuple[NucleiNet,
         state = load_file(str(artifact.weights), device="cpu")
     except (SafetensorError, OSError) as exc:
         raise ModelError(f"cannot read weights {artifact.weights}: {exc}") from exc
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ModelError(f"weights {artifact.weights} do not match the card's architecture: {exc}") from exc
     if missing or unexpected:
         raise ModelError(
             f"weights {artifact.weights} do not match the card's architecture "
@@ -87,11 +90,17 @@ def load_model(artifact: ModelArtifact, device: str = "cpu") -> tuple[NucleiNet,
     return net.to(device), card
 
 
-def save_model(net: NucleiNet, card: ModelCard, weights_path: str | Path) -> ModelArtifact:
-    """Write ``<stem>.safetensors`` and ``<stem>.json``."""
+def save_model(net: NucleiNet, card: ModelCard, weights_path: str | Path, half: bool = False) -> ModelArtifact:
+    """Write ``<stem>.safetensors`` and ``<stem>.json``.
+
+    ``half`` stores floating tensors as float16 (shipped weights: half the size); loading casts them back
+    to the network's float32 parameters.
+    """
     wp = Path(weights_path)
     wp.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, str(wp), metadata={"name": card.name, "format": "histoseg-nucleinet"})
     card.save(wp.with_suffix(".json"))
     return ModelArtifact(weights=wp.resolve(), card_path=wp.with_suffix(".json").resolve())

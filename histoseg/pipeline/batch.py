@@ -1,7 +1,8 @@
 """A batch over many slides: discover inputs, reuse one runner, carry on past failures.
 
 Every slide ends as a ``SlideReport`` (ok, skipped or failed); a failure of one slide never stops the
-others, and the caller turns failures into a non-zero exit code.
+others, and the caller turns failures into a non-zero exit code. One runner (local processes, GPUs, a
+job queue or a scheduler address: ``ClusterSpec``) serves every slide, so jobs are submitted once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from histoseg.config import SegmentConfig
-from histoseg.distributed import TaskRunner, make_runner
+from histoseg.distributed import ClusterSpec, TaskRunner, open_runner
 from histoseg.errors import HistosegError, SlideNotFoundError
 from histoseg.inference import DensePredictor
 from histoseg.io.open import IMAGE_SUFFIXES
@@ -22,6 +23,7 @@ from histoseg.pipeline.slide import SlideReport, segment_slide, slide_stem
 log = logging.getLogger(__name__)
 
 SLIDE_SUFFIXES = tuple(sorted(set(IO_SLIDE_SUFFIXES) | set(IMAGE_SUFFIXES)))
+CLUSTER_LOGS = "_cluster_logs"  # job-queue worker logs, beside the slide folders
 
 
 def discover(inputs: Iterable[str]) -> list[Path]:
@@ -76,16 +78,24 @@ def segment_batch(
     config: SegmentConfig,
     *,
     runner: TaskRunner | None = None,
+    cluster: ClusterSpec | None = None,
     predictor: DensePredictor | None = None,
     on_slide_start: Callable[[Path, int, int], None] | None = None,
     on_region: Callable[[int, int], None] | None = None,
     on_slide_done: Callable[[SlideReport], None] | None = None,
 ) -> list[SlideReport]:
-    """Segment every discovered slide; one report per slide, in input order."""
+    """Segment every discovered slide; one report per slide, in input order.
+
+    ``runner`` reuses a caller's runner; otherwise one is made from ``cluster`` (default: local, with
+    ``config.workers`` processes), started at the first region task (a batch of finished slides submits
+    no job) and closed at the end. Job-queue logs default to ``OUT/_cluster_logs``.
+    """
     slides = discover(inputs)
     stems: dict[str, Path] = {}
     own_runner = runner is None
-    run = runner or make_runner(config.workers)
+    spec = cluster if cluster is not None else ClusterSpec(workers=config.workers)
+    spec.check_device(config.device)
+    run = runner or open_runner(spec, default_log_directory=Path(out_root) / CLUSTER_LOGS, lazy=True)
     reports: list[SlideReport] = []
     try:
         for i, slide in enumerate(slides):

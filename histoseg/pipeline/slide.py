@@ -2,12 +2,14 @@
 
 Outputs go to ``OUT/<stem>/``. Every file is written atomically and ``_SUCCESS`` is written after all
 of them, so a killed run never leaves a folder that a rerun would trust: without ``_SUCCESS`` the slide
-is simply processed again.
+is processed again. Regions are resumable too: each finished region is stored (``OUT/<stem>/_regions/``,
+see :mod:`histoseg.pipeline.resume`) as its result arrives, a rerun under the same settings computes
+only the missing ones, and the store is deleted once ``_SUCCESS`` is written. ``--overwrite`` trusts
+nothing: it also discards stored regions.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import platform
@@ -15,17 +17,18 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 import histoseg
 from histoseg.config import SegmentConfig
 from histoseg.distributed import TaskRunner
-from histoseg.errors import NoTissueError, OutputError, SlideTooSmallError
+from histoseg.errors import ConfigError, NoTissueError, OutputError, SlideTooSmallError
 from histoseg.export import (
     atomic_file,
     write_geojson,
@@ -38,16 +41,18 @@ from histoseg.inference import DensePredictor, NetworkPredictor
 from histoseg.io import check_brightfield, open_slide
 from histoseg.models import ModelCard, resolve_model
 from histoseg.models.network import STRIDE
+from histoseg.pipeline.adapt import adapt_to_slide, sample_crops
+from histoseg.pipeline.resume import RegionStore, resume_settings, slide_fingerprint
 from histoseg.pipeline.tasks import RegionResult, SlideTaskSpec, run_region
 from histoseg.postprocess import MEASUREMENTS, WatershedParams
 from histoseg.stitching import stitch
 from histoseg.tiling import plan_regions, tissue_mask
+from histoseg.tta import TTASettings
 from histoseg.types import InstanceTable, Region, SlideMeta
 
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
-FULL_HASH_LIMIT = 512 << 20  # slides above this size get a partial fingerprint (documented in provenance)
 
 
 @dataclass
@@ -62,6 +67,7 @@ class SlideReport:
     output: str | None = None
     regions: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    regions_reused: int = 0  # finished regions loaded from an interrupted run's store
 
 
 def slide_stem(path: str | Path) -> str:
@@ -70,25 +76,6 @@ def slide_stem(path: str | Path) -> str:
         if name.lower().endswith(suf):
             return name[: -len(suf)]
     return Path(name).stem
-
-
-def slide_fingerprint(path: str | Path) -> dict[str, Any]:
-    """SHA-256 of the slide file (whole file up to 512 MB; beyond, size + first/last 64 MB)."""
-    p = Path(path)
-    size = p.stat().st_size
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        if size <= FULL_HASH_LIMIT:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-            kind = "sha256"
-        else:
-            h.update(str(size).encode())
-            h.update(f.read(64 << 20))
-            f.seek(size - (64 << 20))
-            h.update(f.read(64 << 20))
-            kind = "sha256-partial(size,first64MB,last64MB)"
-    return {"kind": kind, "hex": h.hexdigest(), "size": size}
 
 
 def _check_writable(folder: Path) -> None:
@@ -159,19 +146,46 @@ def plan_slide(path: str | Path, config: SegmentConfig, predictor: DensePredicto
     return SlidePlan(path, meta, card, scale, plane_shape, mask, halo, regions, spec)
 
 
+@dataclass
+class PlanOutcome:
+    """The stitched table of a slide, summed stage timings and how many regions were reused/computed."""
+
+    table: InstanceTable
+    timings: dict[str, float]
+    regions_reused: int = 0
+    regions_computed: int = 0
+
+
 def run_plan(
     plan: SlidePlan,
     runner: TaskRunner,
     predictor: DensePredictor,
     on_region: Callable[[int, int], None] | None = None,
-) -> tuple[InstanceTable, dict[str, float]]:
-    """Run every region task, then stitch; returns the slide's table and summed stage timings."""
-    results: list[RegionResult] = []
+    store: RegionStore | None = None,
+) -> PlanOutcome:
+    """Run the region tasks (only the ones ``store`` lacks), then stitch.
+
+    Each result is saved to ``store`` here, on the client, as it arrives, so resuming works with any
+    runner. Stitching orders regions by raster and instances by anchor, so reused and recomputed
+    regions give the same table as one uninterrupted run. Timings cover the computed regions only.
+    """
+    total = len(plan.regions)
     t0 = time.perf_counter()
-    for done, (_, res) in enumerate(runner.imap_unordered(run_region, plan.regions, plan.spec, predictor), 1):
+    reused = store.load_many(plan.regions) if store is not None else {}
+    parts: list[tuple[Region, InstanceTable]] = [(r, reused[r.key]) for r in plan.regions if r.key in reused]
+    todo = [r for r in plan.regions if r.key not in reused]
+    if reused:
+        log.info("%s: reusing %d of %d finished regions", plan.path.name, len(reused), total)
+        if on_region is not None:
+            on_region(len(reused), total)
+    results: list[RegionResult] = []
+    stream = runner.imap_unordered(run_region, todo, plan.spec, predictor) if todo else iter(())
+    for done, (_, res) in enumerate(stream, len(reused) + 1):
+        if store is not None:
+            store.save(res.region, res.table)
         results.append(res)
         if on_region is not None:
-            on_region(done, len(plan.regions))
+            on_region(done, total)
     timings = _sum_timings(results)
     timings["regions_wall"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -179,7 +193,7 @@ def run_plan(
     template = InstanceTable.empty(
         plan.card.class_names, plan.card.class_colors, mpp0, plan.scale, plan.plane_shape, MEASUREMENTS
     )
-    table = stitch([(r.region, r.table) for r in results], template)
+    table = stitch(parts + [(r.region, r.table) for r in results], template)
     timings["stitch"] = time.perf_counter() - t0
     if table.edge_touching:
         log.warning(
@@ -188,7 +202,7 @@ def run_plan(
             table.edge_touching,
             plan.halo,
         )
-    return table, timings
+    return PlanOutcome(table, timings, len(reused), len(results))
 
 
 def run_regions_table(
@@ -196,7 +210,7 @@ def run_regions_table(
 ) -> InstanceTable:
     """The stitched nuclei of a slide, without writing anything (tests, notebooks)."""
     predictor = predictor or default_predictor(config)
-    return run_plan(plan_slide(path, config, predictor), runner, predictor)[0]
+    return run_plan(plan_slide(path, config, predictor), runner, predictor).table
 
 
 def segment_slide(
@@ -213,17 +227,21 @@ def segment_slide(
     stem = slide_stem(path)
     out_dir = Path(out_root) / stem
     if (out_dir / SUCCESS).exists() and not config.overwrite:
+        RegionStore.discard(out_dir)  # left behind when a run was killed right after _SUCCESS
         return SlideReport(str(path), "skipped", message="already done (_SUCCESS present)", output=str(out_dir))
     predictor = predictor or default_predictor(config)
     plan = plan_slide(path, config, predictor)
     _check_writable(out_dir)
     (out_dir / SUCCESS).unlink(missing_ok=True)
     _remove_stale_temporaries(out_dir)
+    predictor, adaptation = _adapt(plan, predictor, config, out_dir / f"{stem}.adapted.safetensors")
     ok, png = cv2.imencode(".png", (plan.tissue * 255).astype(np.uint8))
     with atomic_file(out_dir / "tissue_mask.png") as tmp:
         tmp.write_bytes(png.tobytes())
-    table, timings = run_plan(plan, runner, predictor, on_region)
     fp = slide_fingerprint(path)
+    store = _open_store(out_dir, plan, fp, predictor, config)
+    outcome = run_plan(plan, runner, predictor, on_region, store)
+    table, timings = outcome.table, outcome.timings
     t0 = time.perf_counter()
     if "geojson" in config.formats:
         write_geojson(table, out_dir / f"{stem}.geojson", slide_key=fp["hex"], gzip=config.geojson_gzip)
@@ -234,8 +252,11 @@ def segment_slide(
     timings["export"] = time.perf_counter() - t0
     seconds = time.perf_counter() - t_start
     timings["total"] = seconds
-    write_provenance(out_dir / "provenance.json", _provenance(plan, fp, predictor, config, table, timings))
+    record = _provenance(plan, fp, predictor, config, outcome)
+    record["adaptation"] = adaptation
+    write_provenance(out_dir / "provenance.json", record)
     write_success(out_dir)
+    RegionStore.discard(out_dir)  # the final outputs are the record now
     return SlideReport(
         str(path),
         "ok",
@@ -244,11 +265,70 @@ def segment_slide(
         output=str(out_dir),
         regions=len(plan.regions),
         timings=timings,
+        regions_reused=outcome.regions_reused,
     )
 
 
+def _adapt(
+    plan: SlidePlan, predictor: DensePredictor, config: SegmentConfig, target: Path
+) -> tuple[DensePredictor, dict[str, Any]]:
+    """Adapt the network to this slide once, before its regions run (``--tta``); workers then load the
+    adapted artifact like any model. Runs single-threaded so the weights do not depend on the machine's
+    thread count (outputs must not depend on the number of workers)."""
+    if config.tta == "none":
+        return predictor, {"method": "none"}
+    artifact = getattr(predictor, "artifact", None)
+    if not isinstance(predictor, NetworkPredictor) or artifact is None:
+        raise ConfigError("--tta needs a network model (a registered name or a .safetensors path)")
+    settings = TTASettings(method=config.tta, regions=config.tta_regions, steps=config.tta_steps)
+    t0 = time.perf_counter()
+    crops = sample_crops(
+        plan.path, plan.regions, plan.card.mpp, settings, config.backend, config.slide_mpp, plan.plane_shape
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        adapted, report = adapt_to_slide(artifact, crops, settings, target)
+    finally:
+        torch.set_num_threads(threads)
+    report["seconds_total"] = time.perf_counter() - t0
+    report["settings"] = asdict(settings)
+    report["source_weights_sha256"] = artifact.sha256()
+    log.info(
+        "%s: adapted with %s in %.1f s (loss %s -> %s%s)",
+        plan.path.name, config.tta, report["seconds_total"], report.get("loss_before"), report.get("loss_after"),
+        ", source kept: " + report.get("guard", "") if report.get("kept_source") else "",
+    )
+    return replace(predictor, artifact=adapted), report
+
+
+def _open_store(
+    out_dir: Path, plan: SlidePlan, fp: dict[str, Any], predictor: DensePredictor, config: SegmentConfig
+) -> RegionStore | None:
+    """The slide's region store, or None when the predictor cannot be identified (nothing is reused)."""
+    if config.overwrite:
+        RegionStore.discard(out_dir)
+    settings = resume_settings(
+        slide_fp=fp,
+        predictor=predictor,
+        card=plan.card,
+        spec=plan.spec,
+        halo=plan.halo,
+        region_size=config.region_size,
+        config=config.output_affecting(),
+    )
+    if settings is None:
+        log.info("%s: predictor has no identity (no artifact or fingerprint()); regions are not stored", plan.path)
+        RegionStore.discard(out_dir)
+        return None
+    return RegionStore.open(out_dir, settings)
+
+
 def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Hidden temporaries left by a killed run (atomic writers name them ``.<target>.<tag>-<hex>``)."""
+    """Hidden temporaries left by a killed run (atomic writers name them ``.<target>.<tag>-<hex>``).
+
+    The region store (``_regions/``) is not hidden on purpose: it survives, and cleans its own temporaries.
+    """
     for p in out_dir.iterdir():
         if p.name.startswith("."):
             if p.is_dir() and not p.is_symlink():
@@ -270,9 +350,9 @@ def _provenance(
     fp: dict[str, Any],
     predictor: DensePredictor,
     config: SegmentConfig,
-    table: InstanceTable,
-    timings: dict[str, float],
+    outcome: PlanOutcome,
 ) -> dict[str, Any]:
+    table, timings = outcome.table, outcome.timings
     art = getattr(predictor, "artifact", None)
     meta, card, path = plan.meta, plan.card, plan.path
     return {
@@ -305,6 +385,8 @@ def _provenance(
             "region_size": config.region_size,
             "halo": plan.halo,
             "regions": len(plan.regions),
+            "regions_reused": outcome.regions_reused,
+            "regions_computed": outcome.regions_computed,
             "halo_edge_nuclei": table.edge_touching,
         },
         "config": config.to_dict(),

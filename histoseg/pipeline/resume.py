@@ -1,0 +1,321 @@
+"""Resumable regions: a per-slide store of finished regions' owned nuclei, reused after a kill.
+
+Layout (inside the slide's output folder, removed once ``_SUCCESS`` is written)::
+
+    OUT/<stem>/_regions/settings.json      what the stored results depend on, and its SHA-256
+    OUT/<stem>/_regions/r00003_c00007.npz  one finished region: its owned-instance table (ids 0)
+
+The folder name has no leading dot on purpose: dot-entries of the output folder are stale temporaries
+of atomic writes and are deleted when a slide starts.
+
+A region file is plain ``.npz`` (read with ``allow_pickle=False``): ragged polygons and masks are
+concatenated with per-item lengths/shapes, measurements are columns. Each file carries the settings
+fingerprint and its region's geometry; a file whose fingerprint, geometry or content does not match is
+ignored and deleted, so results of other settings (another slide file, model, device, mpp, halo, region
+size, post-processing or histoseg version) are never reused. Files are written atomically (temporary
+sibling, fsync, rename), so a kill leaves either a complete region file or none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import histoseg
+from histoseg.export import atomic_file
+from histoseg.export.provenance import jsonable
+from histoseg.inference import DensePredictor
+from histoseg.models import ModelArtifact, ModelCard
+from histoseg.pipeline.tasks import SlideTaskSpec
+from histoseg.types import InstanceTable, Region
+
+log = logging.getLogger(__name__)
+
+FULL_HASH_LIMIT = 512 << 20  # slides above this size get a partial fingerprint (documented in provenance)
+STORE_DIR = "_regions"
+STORE_FORMAT = 1
+SETTINGS_NAME = "settings.json"
+
+__all__ = [
+    "STORE_DIR",
+    "RegionStore",
+    "predictor_identity",
+    "resume_settings",
+    "slide_fingerprint",
+    "table_from_arrays",
+    "table_to_arrays",
+]
+
+
+# --------------------------------------------------------------------------------------------- settings
+
+
+def slide_fingerprint(path: str | Path) -> dict[str, Any]:
+    """SHA-256 of the slide file (whole file up to 512 MB; beyond, size + first/last 64 MB).
+
+    A folder slide (``.ome.zarr``) hashes the relative path and content of every file, in sorted order
+    (beyond 512 MB in all: relative paths and sizes only).
+    """
+    p = Path(path)
+    if p.is_dir():
+        return _folder_fingerprint(p)
+    size = p.stat().st_size
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        if size <= FULL_HASH_LIMIT:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+            kind = "sha256"
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(64 << 20))
+            f.seek(size - (64 << 20))
+            h.update(f.read(64 << 20))
+            kind = "sha256-partial(size,first64MB,last64MB)"
+    return {"kind": kind, "hex": h.hexdigest(), "size": size}
+
+
+def _folder_fingerprint(folder: Path) -> dict[str, Any]:
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    sizes = [f.stat().st_size for f in files]
+    whole = sum(sizes) <= FULL_HASH_LIMIT
+    h = hashlib.sha256()
+    for f, size in zip(files, sizes, strict=True):
+        h.update(f"{f.relative_to(folder).as_posix()}\0{size}\0".encode())
+        if whole:
+            h.update(f.read_bytes())
+    kind = "sha256-folder" if whole else "sha256-folder-partial(names,sizes)"
+    return {"kind": kind, "hex": h.hexdigest(), "size": sum(sizes)}
+
+
+def predictor_identity(predictor: DensePredictor) -> dict[str, Any] | None:
+    """What identifies a predictor's outputs, or None when nothing does (then nothing is reused).
+
+    A predictor may define ``fingerprint() -> str``; a ``NetworkPredictor`` is identified by the SHA-256
+    of its weights and card, its device and ``bf16`` (both change the numbers).
+    """
+    custom = getattr(predictor, "fingerprint", None)
+    if callable(custom):
+        return {"kind": type(predictor).__qualname__, "fingerprint": str(custom())}
+    art = getattr(predictor, "artifact", None)
+    if isinstance(art, ModelArtifact):
+        return {
+            "kind": "network",
+            "weights_sha256": art.sha256(),
+            "card_sha256": hashlib.sha256(art.card_path.read_bytes()).hexdigest(),
+            "device": str(getattr(predictor, "device", "cpu")),
+            "bf16": bool(getattr(predictor, "bf16", False)),
+        }
+    return None
+
+
+def resume_settings(
+    *,
+    slide_fp: dict[str, Any],
+    predictor: DensePredictor,
+    card: ModelCard,
+    spec: SlideTaskSpec,
+    halo: int,
+    region_size: int,
+    config: dict[str, Any],
+) -> dict[str, Any] | None:
+    """Everything a region's result depends on (None: the predictor has no identity, do not resume).
+
+    ``spec`` is the slide's ``SlideTaskSpec`` (processing mpp, plane, backend, post-processing);
+    ``config`` the output-affecting settings (``SegmentConfig.output_affecting()``).
+    """
+    ident = predictor_identity(predictor)
+    if ident is None:
+        return None
+    cfg = {k: v for k, v in config.items() if k != "model"}  # the model is identified by its content
+    return jsonable(
+        {
+            "store_format": STORE_FORMAT,
+            "histoseg_version": histoseg.__version__,
+            "slide": slide_fp,
+            "predictor": ident,
+            "card_sha256": settings_hash(jsonable(card.to_dict())),
+            "processing": {
+                "mpp": spec.mpp,
+                "plane_shape": list(spec.plane_shape),
+                "halo": halo,
+                "region_size": region_size,
+                "backend": spec.backend,
+                "slide_mpp": spec.slide_mpp,
+                "postprocess": dataclasses.asdict(spec.params),
+                "strict_halo": spec.strict_halo,
+            },
+            "config": cfg,
+        }
+    )
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``settings``."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ npz codec
+
+
+def table_to_arrays(table: InstanceTable) -> dict[str, np.ndarray]:
+    """Plain arrays (no objects) that :func:`table_from_arrays` turns back into an equal table."""
+    polys = table.polygons
+    masks = table.masks
+    flat = np.concatenate([m.ravel() for m in masks]) if masks else np.zeros(0, bool)
+    out: dict[str, np.ndarray] = {
+        "ids": table.ids,
+        "anchors": table.anchors,
+        "centroids": table.centroids,
+        "bboxes": table.bboxes,
+        "class_ids": table.class_ids,
+        "probabilities": table.probabilities,
+        "mask_offsets": table.mask_offsets,
+        "poly_lengths": np.array([len(p) for p in polys], np.int64),
+        "poly_xy": np.concatenate(polys) if polys else np.zeros((0, 2), np.float64),
+        "mask_shapes": np.array([m.shape for m in masks], np.int64).reshape(len(masks), 2),
+        "mask_bits": np.packbits(flat.astype(bool)),
+        "mask_bit_count": np.asarray(flat.size, np.int64),
+        "measurement_names": np.array(list(table.measurements), dtype=str),
+        "class_names": np.array(table.class_names, dtype=str),
+        "class_colors": np.array(table.class_colors, np.int64).reshape(len(table.class_colors), 3),
+        "mpp0": np.asarray(table.mpp0, np.float64),
+        "scale": np.asarray(table.scale, np.float64),
+        "plane_shape": np.array(table.plane_shape, np.int64),
+        "edge_touching": np.asarray(table.edge_touching, np.int64),
+    }
+    for i, v in enumerate(table.measurements.values()):
+        out[f"measurement_{i}"] = v
+    return out
+
+
+def table_from_arrays(a: Any) -> InstanceTable:
+    """The table encoded by :func:`table_to_arrays` (``a``: a mapping of arrays, e.g. an ``NpzFile``)."""
+    lengths = a["poly_lengths"]
+    xy = a["poly_xy"]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    polygons = [xy[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
+    shapes = a["mask_shapes"]
+    flat = np.unpackbits(a["mask_bits"], count=int(a["mask_bit_count"])).astype(bool)
+    sizes = shapes[:, 0] * shapes[:, 1]
+    mb = np.concatenate([[0], np.cumsum(sizes)])
+    masks = [flat[mb[i] : mb[i + 1]].reshape(int(shapes[i, 0]), int(shapes[i, 1])) for i in range(len(shapes))]
+    names = [str(n) for n in a["measurement_names"]]
+    return InstanceTable(
+        ids=a["ids"],
+        anchors=a["anchors"],
+        centroids=a["centroids"],
+        bboxes=a["bboxes"],
+        class_ids=a["class_ids"],
+        probabilities=a["probabilities"],
+        polygons=polygons,
+        masks=masks,
+        mask_offsets=a["mask_offsets"],
+        measurements={n: a[f"measurement_{i}"] for i, n in enumerate(names)},
+        class_names=tuple(str(n) for n in a["class_names"]),
+        class_colors=tuple((int(r), int(g), int(b)) for r, g, b in a["class_colors"]),
+        mpp0=float(a["mpp0"]),
+        scale=float(a["scale"]),
+        plane_shape=(int(a["plane_shape"][0]), int(a["plane_shape"][1])),
+        edge_touching=int(a["edge_touching"]),
+    )
+
+
+def _region_arrays(region: Region) -> np.ndarray:
+    c = region.core
+    return np.array([region.row, region.col, c.x, c.y, c.w, c.h, region.halo], np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- store
+
+
+class RegionStore:
+    """Finished regions of one slide under one settings fingerprint (see the module docstring)."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any]) -> None:
+        self.folder = folder
+        self.settings = settings
+        self.key = settings_hash(settings)
+
+    @classmethod
+    def open(cls, out_dir: str | os.PathLike[str], settings: dict[str, Any]) -> RegionStore:
+        """Open (or start) the store of ``out_dir``; a store of other settings is wiped first."""
+        store = cls(Path(out_dir) / STORE_DIR, settings)
+        old = store._stored_key()
+        if old is not None and old != store.key:
+            log.info("%s: stored regions were computed with other settings; recomputing", store.folder)
+            shutil.rmtree(store.folder, ignore_errors=True)
+        store.folder.mkdir(parents=True, exist_ok=True)
+        for p in store.folder.iterdir():  # temporaries of a killed write
+            if p.name.startswith("."):
+                p.unlink(missing_ok=True)
+        if old != store.key:
+            record = {"sha256": store.key, "settings": settings}
+            with atomic_file(store.folder / SETTINGS_NAME) as tmp:
+                tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        return store
+
+    @staticmethod
+    def discard(out_dir: str | os.PathLike[str]) -> None:
+        """Delete the store of ``out_dir`` if there is one."""
+        shutil.rmtree(Path(out_dir) / STORE_DIR, ignore_errors=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _stored_key(self) -> str | None:
+        p = self.folder / SETTINGS_NAME
+        if not self.folder.exists():
+            return None
+        try:
+            return str(json.loads(p.read_text(encoding="utf-8"))["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""  # a store without readable settings: treat as foreign
+
+    def path(self, region: Region) -> Path:
+        return self.folder / f"{region.key}.npz"
+
+    def save(self, region: Region, table: InstanceTable) -> None:
+        """Write ``region``'s owned-instance table atomically (raises OutputError)."""
+        arrays: dict[str, Any] = dict(table_to_arrays(table))
+        arrays["_fingerprint"] = np.array(self.key)
+        arrays["_region"] = _region_arrays(region)
+        with atomic_file(self.path(region)) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load(self, region: Region) -> InstanceTable | None:
+        """The stored table of ``region``, or None (missing, foreign or unreadable: then it is deleted)."""
+        p = self.path(region)
+        if not p.exists():
+            return None
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                ok = str(z["_fingerprint"]) == self.key and np.array_equal(z["_region"], _region_arrays(region))
+                table = table_from_arrays(z) if ok else None
+        except Exception as exc:  # noqa: BLE001 - any damage means: compute the region again
+            log.warning("ignoring unreadable region file %s: %s", p, exc)
+            table = None
+        if table is None:
+            p.unlink(missing_ok=True)
+        return table
+
+    def load_many(self, regions: Sequence[Region]) -> dict[str, InstanceTable]:
+        """Stored tables of those ``regions`` that are finished, by region key."""
+        out: dict[str, InstanceTable] = {}
+        for r in regions:
+            t = self.load(r)
+            if t is not None:
+                out[r.key] = t
+        return out

@@ -1,0 +1,450 @@
+"""Tests of ``histoseg.models``: the network, the model card, the safetensors registry.
+
+Every expected number here is derived independently of the code under test: the receptive radius by
+hand from the layer list (see ``test_receptive_radius_matches_hand_derivation``) and numerically by
+perturbing input rows of a random float64 network; the halo by the formula of design section 4.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from histoseg.errors import ModelError
+from histoseg.models import (
+    ModelCard,
+    NetConfig,
+    NucleiNet,
+    load_model,
+    receptive_radius,
+    registered_models,
+    resolve_model,
+    save_model,
+)
+from histoseg.models.network import STRIDE
+
+SMALL = NetConfig(width=8)  # blocks (1, 1, 1, 1), no type head
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _random_net(cfg: NetConfig, seed: int = 0, dtype: torch.dtype = torch.float64) -> NucleiNet:
+    """A network in eval mode whose every weight, bias and BatchNorm buffer is random.
+
+    Convolutions get He-normal weights so that a signal keeps its magnitude through the ~25 layers
+    (the default init shrinks it by orders of magnitude, which would make far-away influence hard to
+    tell from rounding). BatchNorm statistics are random so that a lost buffer changes the outputs.
+    """
+    torch.manual_seed(seed)
+    net = NucleiNet(cfg).to(dtype)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    m.bias.uniform_(-0.1, 0.1)
+            elif isinstance(m, nn.BatchNorm2d):
+                assert m.running_mean is not None and m.running_var is not None
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return net.eval()
+
+
+def _card(net: NetConfig = SMALL, **kw: Any) -> ModelCard:
+    base: dict[str, Any] = {
+        "name": "unit-test",
+        "net": net,
+        "mpp": 0.5,
+        "context_radius_px": 108,
+        "max_nucleus_um": 20.0,
+    }
+    base.update(kw)
+    return ModelCard(**base)
+
+
+def _rich_card() -> ModelCard:
+    """A card where every field differs from its default."""
+    return ModelCard(
+        name="rich",
+        net=NetConfig(width=8, blocks=(1, 2, 1, 1), n_types=2),
+        mpp=0.25,
+        mean=(0.7, 0.5, 0.6),
+        std=(0.2, 0.21, 0.22),
+        class_names=("Tumour", "Lymphocyte"),
+        class_colors=((255, 0, 0), (0, 128, 255)),
+        context_radius_px=124,
+        max_nucleus_um=18.5,
+        training={"dataset": "synthetic", "epochs": 3},
+        license="CC0-1.0",
+        metrics={"dice": 0.81, "aji": 0.6},
+        postprocess={"np_threshold": 0.45},
+        source_stats={"stem.1": {"mean": [0.1, -0.2], "var": [1.5, 0.25]}},
+        description="every field set",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# network
+
+
+@pytest.mark.parametrize("n_types", [0, 3])
+def test_output_shapes_and_ranges(n_types: int) -> None:
+    cfg = NetConfig(width=8, n_types=n_types)
+    net = _random_net(cfg, dtype=torch.float32)
+    # make the HV pre-activations huge so that the bound is reached: without the tanh they would be >> 1
+    with torch.no_grad():
+        net.hv_head.out.weight.mul_(1000.0)
+    h, w = 3 * STRIDE, 5 * STRIDE
+    x = torch.rand(2, 3, h, w)
+    with torch.no_grad():
+        out = net(x)
+    expected_keys = {"np", "hv", "tp"} if n_types else {"np", "hv"}
+    assert set(out) == expected_keys
+    assert out["np"].shape == (2, 2, h, w)
+    assert out["hv"].shape == (2, 2, h, w)
+    if n_types:
+        assert out["tp"].shape == (2, n_types, h, w)
+    hv = out["hv"]
+    assert torch.isfinite(hv).all()
+    assert float(hv.abs().max()) <= 1.0
+    assert float(hv.abs().max()) > 0.99  # the bound was actually exercised
+    assert bool((hv > 0.5).any()) and bool((hv < -0.5).any())  # both signs are produced
+    # np is logits, not probabilities: a random net produces values outside [0, 1]
+    assert float(out["np"].max() - out["np"].min()) > 1.0
+
+
+@pytest.fixture(scope="module")
+def small_radius() -> int:
+    """``receptive_radius(SMALL)``, computed once (a few seconds of float64 autograd)."""
+    return receptive_radius(SMALL)
+
+
+def test_receptive_radius_matches_hand_derivation(small_radius: int) -> None:
+    """Hand derivation for NetConfig(width=8), blocks (b1, b2, b3, b4) = (1, 1, 1, 1).
+
+    Work in 1-D (every layer is a square 3x3 convolution, a 1x1 convolution or a nearest 2x upsample,
+    so the receptive field is a product of two intervals). Rules, from output interval [lo, hi] back to
+    input: 3x3 conv, stride s, padding 1 -> [s*lo - 1, s*hi + 1]; nearest 2x upsample -> [lo//2, hi//2];
+    ResBlock (two 3x3 convs) -> [lo - 2, hi + 2]. Output pixel p = 0 (a multiple of STRIDE):
+
+        out 1x1                          [0, 0]
+        head.full 3x3 (full res)         [-1, 1]   -> stem skip s0: [-1, 1]
+        upsample to full                 [-1, 0]   (refine output, stride 2)
+        head.refine 3x3                  [-2, 1]   (d2, stride 2)
+        dec2 3x3                         [-3, 2]   -> f1 skip [-3, 2]; upsample -> dec4 [-2, 1]
+        dec4 3x3                         [-3, 2]   -> f2 skip [-3, 2]; upsample -> dec8 [-2, 1]
+        dec8 3x3                         [-3, 2]   -> f3 skip [-3, 2]; upsample -> f4 [-2, 1]
+        stage 4: ResBlock, conv s2       [-4, 3] -> f3 [-9, 7]     (hull with skip [-3, 2])
+        stage 3: ResBlock, conv s2       [-11, 9] -> f2 [-23, 19]
+        stage 2: ResBlock, conv s2       [-25, 21] -> f1 [-51, 43]
+        stage 1: ResBlock, conv s2       [-53, 45] -> s0 [-107, 91]
+        stem 3x3                         x [-108, 92]
+
+    In general the extent above/left is 48 + 4*(b1 + 2*b2 + 4*b3 + 8*b4) and below/right
+    32 + 4*(b1 + 2*b2 + 4*b3 + 8*b4) at this phase; so (1, 1, 1, 1) -> 108 and (0, 0, 0, 0) -> 48.
+    Other phases p mod 16 reach at most 107 on one side and 93 on the other
+    (checked numerically in ``test_receptive_field_numerically_all_phases``), so the radius is 108.
+    """
+    assert small_radius == 108
+    assert receptive_radius(NetConfig(width=8, blocks=(0, 0, 0, 0))) == 48
+
+
+def test_receptive_field_numerically_all_phases(small_radius: int) -> None:
+    """Perturb one whole input row at a time in a random float64 network and see which output rows
+    change. Sixteen consecutive perturbed rows cover every phase modulo STRIDE, and one forward pass
+    shows the effect on every output row, so this measures the receptive field of every output phase
+    with no knowledge of the architecture."""
+    net = _random_net(SMALL, seed=1)
+    h, w = 20 * STRIDE, STRIDE
+    x0 = torch.rand(1, 3, h, w, dtype=torch.float64)
+    rows = list(range(10 * STRIDE, 11 * STRIDE))  # 160..175: every residue mod 16, fields inside the image
+    xs = x0.repeat(len(rows) + 1, 1, 1, 1)
+    for k, r in enumerate(rows):
+        xs[k + 1, :, r, :] += 1.0
+    with torch.no_grad():
+        out = net(xs)
+    # largest change per (perturbation, output row) over heads, channels and columns
+    diff = torch.stack([(o[1:] - o[:1]).abs().amax(dim=(1, 3)) for o in out.values()]).amax(0)
+    # inside the field the effect is >= ~1e-6 with this init; outside it is exactly 0 (same inputs,
+    # same arithmetic); 1e-9 separates the two with a wide margin either way
+    above = below = 0  # how far above / below an output row an input row still influences it
+    per_phase: dict[int, tuple[int, int]] = {}
+    for k, r in enumerate(rows):
+        affected = torch.nonzero(diff[k] > 1e-9).flatten().tolist()
+        assert affected == list(range(affected[0], affected[-1] + 1))  # the field is one interval
+        above = max(above, affected[-1] - r)
+        below = max(below, r - affected[0])
+        for p in affected:
+            a, b = per_phase.get(p % STRIDE, (0, 0))
+            per_phase[p % STRIDE] = (max(a, p - r), max(b, r - p))
+    assert (above, below) == (108, 93)
+    assert per_phase[0] == (108, 92)  # the hand-derived extents at phase 0
+    assert small_radius == max(above, below)
+
+
+def test_translation_equivariance_by_stride() -> None:
+    """Shifting the input by multiples of STRIDE shifts every head's output by the same amount, away
+    from the borders (where zero padding differs); a shift of STRIDE / 2 does not."""
+    net = _random_net(NetConfig(width=8, n_types=2), seed=2)
+    radius = 108  # hand-derived above
+    dy, dx = STRIDE, 2 * STRIDE
+    size = 16 * STRIDE  # 256: leaves 256 - 2 * 109 = 38 output pixels whose field is inside the input
+    x = torch.rand(1, 3, size + dy, size + dx, dtype=torch.float64)
+    with torch.no_grad():
+        ref = net(x)
+        shifted = net(x[:, :, dy : dy + size, dx : dx + size])
+        half = net(x[:, :, STRIDE // 2 : STRIDE // 2 + size, dx : dx + size])
+    lo, hi = radius + 1, size - radius - 1  # outputs whose whole field lies inside both inputs
+    assert hi - lo >= 2 * STRIDE
+    for key in ("np", "hv", "tp"):
+        a = shifted[key][..., lo:hi, lo:hi]
+        b = ref[key][..., dy + lo : dy + hi, dx + lo : dx + hi]
+        assert a.std() > 1e-3  # not a constant map
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    c = half["np"][..., lo:hi, lo:hi]
+    d = ref["np"][..., STRIDE // 2 + lo : STRIDE // 2 + hi, dx + lo : dx + hi]
+    assert float((c - d).abs().max()) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------
+# model card
+
+
+def test_card_round_trip_dict_json_and_file(tmp_path: Path) -> None:
+    card = _rich_card()
+    d = card.to_dict()
+    assert d["format"] == 1
+    assert d["architecture"] == {"type": "NucleiNet", "width": 8, "blocks": [1, 2, 1, 1], "n_types": 2}
+    assert d["classes"] == [
+        {"id": 1, "name": "Tumour", "color": [255, 0, 0]},
+        {"id": 2, "name": "Lymphocyte", "color": [0, 128, 255]},
+    ]
+    assert ModelCard.from_dict(d) == card
+    assert ModelCard.from_dict(json.loads(json.dumps(d))) == card
+    card.save(tmp_path / "c.json")
+    assert ModelCard.load(tmp_path / "c.json") == card
+    # classes are identified by id, not by list position
+    shuffled = copy.deepcopy(d)
+    shuffled["classes"].reverse()
+    assert ModelCard.from_dict(shuffled) == card
+
+
+@pytest.mark.parametrize(
+    ("context", "max_um", "mpp", "expected"),
+    [
+        # need = 108 + ceil(20 / 0.5) = 148 -> ceil(148 / 16) * 16 = 10 * 16 = 160
+        (108, 20.0, 0.5, 160),
+        # need = 108 + ceil(20 / 0.25) = 188 -> 12 * 16 = 192
+        (108, 20.0, 0.25, 192),
+        # need = 24 + ceil(4 / 0.5) = 32, already a multiple of 16: no extra rounding
+        (24, 4.0, 0.5, 32),
+        # need = 0 + ceil(10 / 0.3) = ceil(33.33) = 34 -> 3 * 16 = 48
+        (0, 10.0, 0.3, 48),
+    ],
+)
+def test_halo_px_worked_examples(context: int, max_um: float, mpp: float, expected: int) -> None:
+    card = _card(context_radius_px=context, max_nucleus_um=max_um, mpp=mpp)
+    assert card.halo_px() == expected
+    need = context + math.ceil(max_um / mpp)
+    assert card.halo_px() % STRIDE == 0 and need <= card.halo_px() < need + STRIDE
+
+
+def _mutations() -> list[Any]:
+    def drop(key: str) -> Any:
+        return lambda d: d.pop(key)
+
+    def setv(key: str, value: Any) -> Any:
+        return lambda d: d.__setitem__(key, value)
+
+    return [
+        pytest.param(drop("mpp"), id="no-mpp"),
+        pytest.param(drop("name"), id="no-name"),
+        pytest.param(drop("architecture"), id="no-architecture"),
+        pytest.param(drop("classes"), id="no-classes"),
+        pytest.param(drop("input"), id="no-input"),
+        pytest.param(drop("context_radius_px"), id="no-context"),
+        pytest.param(setv("mpp", "fast"), id="mpp-not-a-number"),
+        pytest.param(setv("classes", 3), id="classes-not-a-list"),
+        pytest.param(lambda d: d["classes"][0].pop("color"), id="class-without-color"),
+        pytest.param(lambda d: d["architecture"].__setitem__("width", "wide"), id="width-not-int"),
+        pytest.param(lambda d: d["input"].__setitem__("mean", None), id="mean-null"),
+    ]
+
+
+@pytest.mark.parametrize("mutate", _mutations())
+def test_malformed_card_raises_model_error(mutate: Any, tmp_path: Path) -> None:
+    d = _card().to_dict()
+    mutate(d)
+    with pytest.raises(ModelError, match="malformed model card"):
+        ModelCard.from_dict(d)
+    # the same through a file
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    with pytest.raises(ModelError):
+        ModelCard.load(tmp_path / "c.json")
+
+
+def test_card_that_is_not_an_object_or_not_json(tmp_path: Path) -> None:
+    with pytest.raises(ModelError):
+        ModelCard.from_dict([1, 2, 3])  # type: ignore[arg-type]
+    (tmp_path / "bad.json").write_text("{ not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        ModelCard.load(tmp_path / "bad.json")
+    with pytest.raises(ModelError, match="not found"):
+        ModelCard.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("mpp", [0.0, -0.5])
+def test_card_with_non_positive_mpp_is_malformed(mpp: float) -> None:
+    d = _card().to_dict()
+    d["mpp"] = mpp
+    with pytest.raises(ModelError):
+        ModelCard.from_dict(d)
+
+
+def test_card_with_wrong_number_of_stages_is_malformed(tmp_path: Path) -> None:
+    art = save_model(_random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
+    d = json.loads(art.card_path.read_text())
+    d["architecture"]["blocks"] = [1, 1, 1]
+    art.card_path.write_text(json.dumps(d))
+    with pytest.raises(ModelError):
+        load_model(resolve_model(str(art.weights)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# registry: save / resolve / load
+
+
+def test_save_resolve_load_round_trip(tmp_path: Path) -> None:
+    cfg = NetConfig(width=8, n_types=2)
+    net = _random_net(cfg, seed=3, dtype=torch.float32)
+    card = _rich_card()
+    card.net = cfg
+    x = torch.rand(2, 3, 4 * STRIDE, 3 * STRIDE)
+    with torch.no_grad():
+        before = net(x)
+
+    art = save_model(net, card, tmp_path / "sub" / "mine.safetensors")
+    assert art.weights == (tmp_path / "sub" / "mine.safetensors").resolve()
+    assert art.card_path == (tmp_path / "sub" / "mine.json").resolve()
+    assert art.name == "mine"
+    assert art.sha256() == hashlib.sha256(art.weights.read_bytes()).hexdigest()
+
+    for spec in (str(art.weights), str(art.card_path)):  # the weights path or the card path
+        assert resolve_model(spec) == art
+
+    net2, card2 = load_model(resolve_model(str(art.weights)))
+    assert card2 == card
+    assert not net2.training
+    with torch.no_grad():
+        after = net2(x)
+    assert set(after) == set(before) == {"np", "hv", "tp"}
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+    # negative control: a fresh network of the same architecture gives different outputs, so the
+    # equality above really depends on the saved parameters and BatchNorm buffers
+    with torch.no_grad():
+        fresh = NucleiNet(cfg).eval()(x)
+    assert not torch.equal(fresh["np"], before["np"])
+
+
+def test_resolve_unknown_name(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="no-such-model-xyz") as exc:
+        resolve_model("no-such-model-xyz")
+    assert "registered" in str(exc.value)
+    for name in registered_models():  # every registered name resolves
+        assert resolve_model(name).weights.exists()
+
+
+def test_resolve_missing_weights_or_card(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not found"):
+        resolve_model(str(tmp_path / "absent.safetensors"))
+    art = save_model(_random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
+    art.card_path.unlink()
+    with pytest.raises(ModelError, match="model card not found"):
+        resolve_model(str(art.weights))
+
+
+@pytest.mark.parametrize("corruption", ["empty", "truncated", "garbage", "header-only"])
+def test_corrupted_weights_raise_model_error(corruption: str, tmp_path: Path) -> None:
+    art = save_model(_random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
+    raw = art.weights.read_bytes()
+    data = {
+        "empty": b"",
+        "truncated": raw[: len(raw) // 2],
+        "garbage": bytes(range(256)) * 8,
+        "header-only": raw[:100],
+    }[corruption]
+    art.weights.write_bytes(data)
+    resolved = resolve_model(str(art.weights))  # resolving only checks that the files exist
+    with pytest.raises(ModelError, match="cannot read weights"):
+        load_model(resolved)
+
+
+def test_weights_of_another_width_raise_model_error(tmp_path: Path) -> None:
+    art = save_model(_random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
+    _card(net=NetConfig(width=16)).save(art.card_path)
+    with pytest.raises(ModelError):
+        load_model(resolve_model(str(art.weights)))
+
+
+def test_weights_without_the_type_head_raise_model_error(tmp_path: Path) -> None:
+    art = save_model(_random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
+    _card(net=NetConfig(width=8, n_types=3)).save(art.card_path)
+    with pytest.raises(ModelError, match="do not match"):
+        load_model(resolve_model(str(art.weights)))
+
+
+class _MarkerPayload:
+    """Unpickling this object opens (creates) ``path``: a stand-in for arbitrary code execution."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return open, (self.path, "w")
+
+
+def _write_payload(kind: str, marker: Path, dest: Path) -> None:
+    if kind == "pickle":
+        dest.write_bytes(pickle.dumps({"stem.0.weight": _MarkerPayload(marker)}))
+    else:
+        torch.save({"stem.0.weight": _MarkerPayload(marker)}, dest)
+
+
+def _unpickle_unsafely(kind: str, path: Path) -> None:
+    if kind == "pickle":
+        obj = pickle.loads(path.read_bytes())
+    else:
+        obj = torch.load(path, weights_only=False)
+    obj["stem.0.weight"].close()
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch.save"])
+def test_pickle_renamed_safetensors_is_rejected_not_executed(kind: str, tmp_path: Path) -> None:
+    # control: the payload is live, an unpickling loader would create the marker
+    control_marker = tmp_path / "control-marker"
+    _write_payload(kind, control_marker, tmp_path / "control.bin")
+    _unpickle_unsafely(kind, tmp_path / "control.bin")
+    assert control_marker.exists()
+
+    marker = tmp_path / "marker"
+    weights = tmp_path / "evil.safetensors"
+    _write_payload(kind, marker, weights)
+    _card().save(weights.with_suffix(".json"))
+    art = resolve_model(str(weights))
+    with pytest.raises(ModelError):
+        load_model(art)
+    assert not marker.exists()

@@ -1,0 +1,37 @@
+"""The shipped default model reproduces its card's MoNuSeg-test figures (catches silent breakage of
+weight loading, input normalisation or post-processing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from histoseg.metrics import evaluate_instances
+from histoseg.models import load_model, registered_models, resolve_model
+from histoseg.training.datasets import load_monuseg
+from histoseg.training.evaluate import RADIUS_UM, predict_native
+
+
+def test_default_is_registered_with_a_complete_card() -> None:
+    assert "default" in registered_models()
+    card = resolve_model("default").card()
+    assert card.mpp > 0 and card.context_radius_px > 0 and card.max_nucleus_um > 0
+    assert "CC BY-NC-SA 4.0" in card.license
+    assert card.source_stats, "source feature statistics for adaptation are missing"
+    bn_layers = [k for k in card.source_stats]
+    assert all(len(card.source_stats[k]["mean"]) == len(card.source_stats[k]["var"]) for k in bn_layers)
+    assert "monuseg_test" in card.metrics
+
+
+def test_default_reaches_card_figures_on_two_monuseg_test_images(shared_data: Path) -> None:
+    net, card = load_model(resolve_model("default"))
+    per_image = card.metrics["monuseg_test"]["per_image"]
+    samples = load_monuseg("test", None, root=shared_data / "nuclei" / "monuseg2018")[:2]
+    for s in samples:
+        assert s.inst is not None
+        got = evaluate_instances(s.inst, predict_native(net, card, s), s.mpp, RADIUS_UM["monuseg-test"])
+        want = per_image[s.name]
+        assert got["pq"] == pytest.approx(want["pq"], abs=0.02), s.name
+        assert got["aji"] == pytest.approx(want["aji"], abs=0.02), s.name
+        assert got["dice"] == pytest.approx(want["dice"], abs=0.02), s.name

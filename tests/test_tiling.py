@@ -1,0 +1,150 @@
+"""Tests of ``histoseg.tiling``: region planning (stitching rule 1) and the thumbnail tissue mask."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from histoseg.errors import ConfigError
+from histoseg.io import open_slide
+from histoseg.tiling import plan_regions, tissue_mask
+from histoseg.types import Box, Region
+
+CMU1 = Path("slides") / "aperio-cmu1-small" / "CMU-1-Small-Region.svs"
+
+# ---------------------------------------------------------------------------------------------------
+# plan_regions without a mask
+
+
+@pytest.mark.parametrize(
+    ("plane", "size", "grid"),
+    [
+        ((1000, 1300), 256, (4, 6)),  # neither side a multiple of the region size
+        ((512, 768), 256, (2, 3)),  # both sides multiples: no empty extra row or column
+        ((100, 50), 256, (1, 1)),  # plane smaller than one region
+        ((17, 1), 4, (5, 1)),
+    ],
+)
+def test_cores_partition_the_plane(plane: tuple[int, int], size: int, grid: tuple[int, int]) -> None:
+    regions = plan_regions(plane, size, halo=0)
+    assert len(regions) == grid[0] * grid[1]
+    counter = np.zeros(plane, dtype=np.int32)
+    for r in regions:
+        c = r.core
+        assert c.w == c.h == size
+        assert c.x < plane[1] and c.y < plane[0]  # every core holds at least one plane pixel
+        counter[c.y : c.y1, c.x : c.x1] += 1  # numpy clips the slice at the plane edge
+    assert counter.min() == 1 and counter.max() == 1  # every pixel in exactly one core
+
+
+def test_regions_raster_order_core_boxes_halo_and_read_box() -> None:
+    size, halo = 256, 48
+    regions = plan_regions((1000, 1300), size, halo)
+    assert [(r.row, r.col) for r in regions] == [(i, j) for i in range(4) for j in range(6)]
+    keys = [r.key for r in regions]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    for r in regions:
+        assert r.core == Box(r.col * size, r.row * size, size, size)
+        assert r.halo == halo
+        assert r.read == Box(r.core.x - halo, r.core.y - halo, size + 2 * halo, size + 2 * halo)
+    # the read box of the first region reaches past the plane (it is padded when read)
+    assert regions[0].read.x == -halo and regions[0].read.y == -halo
+
+
+def test_zero_halo_read_box_is_the_core() -> None:
+    for r in plan_regions((300, 300), 128, 0):
+        assert r.read == r.core
+
+
+@pytest.mark.parametrize(("size", "halo"), [(0, 16), (-256, 16), (256, -1)])
+def test_invalid_region_size_or_halo(size: int, halo: int) -> None:
+    with pytest.raises(ConfigError):
+        plan_regions((1000, 1000), size, halo)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tissue filtering with hand-made masks
+
+
+def _rc(regions: list[Region]) -> list[tuple[int, int]]:
+    return [(r.row, r.col) for r in regions]
+
+
+def test_tissue_filter_keeps_exactly_the_cores_with_tissue() -> None:
+    # plane 1000 x 1300, regions of 256: a 4 x 6 grid; mask at 1/4 resolution (250 x 325), so a core
+    # is 64 x 64 mask pixels and the last row (plane 768..1000 -> mask 192..250) and the last column
+    # (plane 1280..1300 -> mask 320..325) are partial
+    mask = np.zeros((250, 325), dtype=bool)
+    mask[20:30, 20:30] = True  # cell (0, 0)
+    mask[90:100, 3 * 64 + 25 : 3 * 64 + 40] = True  # cell (1, 3)
+    mask[220:225, 321:324] = True  # cell (3, 5), the partial corner cell
+    mask[150, 100] = True  # a single pixel in cell (2, 1)
+    regions = plan_regions((1000, 1300), 256, 32, tissue=mask)
+    assert _rc(regions) == [(0, 0), (1, 3), (2, 1), (3, 5)]  # raster order kept
+    for r in regions:
+        assert r.core == Box(r.col * 256, r.row * 256, 256, 256) and r.halo == 32
+
+
+def test_tissue_filter_all_or_nothing_at_odd_mask_scale() -> None:
+    plane = (1000, 1300)
+    n = 4 * 6
+    for shape in [(97, 131), (250, 325), (1000, 1300), (13, 7)]:
+        assert len(plan_regions(plane, 256, 0, tissue=np.ones(shape, bool))) == n
+        assert plan_regions(plane, 256, 0, tissue=np.zeros(shape, bool)) == []
+
+
+def test_min_tissue_fraction() -> None:
+    # plane 512 x 768 (2 x 3 cores of 256) at half resolution: a core is 128 x 128 mask pixels
+    mask = np.zeros((256, 384), dtype=bool)
+    mask[2:126, 2:126] = True  # cell (0, 0): ~94 % tissue, kept clear of the cell borders
+    mask[180:190, 300:310] = True  # cell (1, 2): a 10 x 10 blob, < 1 % even after a small dilation
+    assert _rc(plan_regions((512, 768), 256, 0, tissue=mask)) == [(0, 0), (1, 2)]
+    assert _rc(plan_regions((512, 768), 256, 0, tissue=mask, min_tissue_fraction=0.5)) == [(0, 0)]
+    assert plan_regions((512, 768), 256, 0, tissue=mask, min_tissue_fraction=0.999) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# tissue_mask
+
+
+def test_tissue_mask_on_cmu1_thumbnail(shared_data: Path) -> None:
+    with open_slide(shared_data / CMU1) as slide:
+        thumb, factor = slide.thumbnail(1024)
+    assert thumb.shape == (1024, 766, 3) and thumb.dtype == np.uint8
+    assert factor == pytest.approx(2967 / 1024)
+    mask = tissue_mask(thumb)
+    assert mask.shape == thumb.shape[:2] and mask.dtype == bool
+    # CMU-1-Small-Region: one strip of H&E skin running top to bottom through the middle, glass on
+    # both sides; by eye about 35-40 % of the thumbnail. Accept 25-55 %.
+    frac = float(mask.mean())
+    assert 0.25 < frac < 0.55, frac
+    assert mask[700:800, 350:450].all()  # inside the tissue strip
+    assert not mask[480:700, :150].any()  # glass, left of the strip
+    assert not mask[500:, 700:].any()  # glass, right edge
+    # tissue is largely one connected piece: the largest component holds most of it
+    lab, n = ndi.label(mask)
+    assert n >= 1
+    assert np.bincount(lab.ravel())[1:].max() > 0.9 * mask.sum()
+
+
+def test_tissue_mask_white_and_grey_glass_are_empty() -> None:
+    assert not tissue_mask(np.full((256, 256, 3), 255, np.uint8)).any()
+    # slightly noisy grey glass: Otsu alone would split the noise, the saturation floor keeps it empty
+    rng = np.random.default_rng(0)
+    glass = np.clip(235 + rng.normal(0, 3, (256, 256, 3)), 0, 255).astype(np.uint8)
+    assert not tissue_mask(glass).any()
+    # control: the same glass with a threshold as low as Otsu's (5 of 255 here) is mostly "tissue"
+    assert tissue_mask(glass, threshold=5).mean() > 0.5
+
+
+def test_tissue_mask_finds_a_stained_disk() -> None:
+    img = np.full((256, 256, 3), 245, np.uint8)
+    yy, xx = np.mgrid[:256, :256]
+    disk = (yy - 120) ** 2 + (xx - 140) ** 2 < 50**2
+    img[disk] = (200, 90, 170)  # eosin/haematoxylin-like pink-purple
+    mask = tissue_mask(img)
+    iou = (mask & disk).sum() / (mask | disk).sum()
+    assert iou > 0.95
