@@ -24,6 +24,7 @@ from histoseg.io import open_slide, write_pyramidal_tiff
 from histoseg.models import ModelCard, NetConfig, NucleiNet, registered_models, save_model
 from histoseg.types import Box
 
+WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 CMU1 = Path("slides/aperio-cmu1-small/CMU-1-Small-Region.svs")
 CROPS = ((400, 600), (1300, 1900))  # top-left corners of tissue-rich crops of CMU-1 (level 0)
 
@@ -163,6 +164,15 @@ def test_bad_cluster_config_files(tmp_path: Path) -> None:
         cluster_kwargs(ClusterSpec(kind="slurm", cores=2))
     with pytest.raises(ConfigError, match="cannot read"):
         cluster_kwargs(ClusterSpec(kind="slurm", config_file=str(tmp_path / "missing.yaml")))
+
+
+@pytest.mark.parametrize("kind", ["slurm", "pbs", "lsf"])
+def test_shipped_example_cluster_configs_are_valid(kind: str) -> None:
+    kw = cluster_kwargs(ClusterSpec(kind=kind, config_file=str(WORKFLOWS / "jobqueue.yaml")))
+    assert kw["cores"] == kw["processes"] == 8 and kw["memory"] == "32GB"
+    if kind == "slurm":
+        gpu = cluster_kwargs(ClusterSpec(kind=kind, config_file=str(WORKFLOWS / "jobqueue-gpu.yaml")))
+        assert gpu["processes"] == 1 and gpu["job_extra_directives"] == ["--gres=gpu:1"]
 
 
 def test_missing_submit_command_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,8 +11,10 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from histoseg.cli.main import main
 from .test_cluster import model_arguments, write_cmu1_crops
 
 FIXTURE_SCRIPT = Path(__file__).resolve().parent / "slurm_fixture.sh"
+ARRAY_SCRIPT = Path(__file__).resolve().parent.parent / "workflows" / "sbatch" / "segment-array.sbatch"
 NEEDED = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo", "scontrol")
 SYSTEM_BIN = "/usr/sbin:/sbin"  # the daemons live here; a non-login PATH may lack it
 
@@ -89,6 +92,27 @@ def slurm() -> Iterator[Path]:
             os.environ["SLURM_CONF"] = old_conf
 
 
+@dataclass(frozen=True)
+class Reference:
+    """Two small real slides, model flags, and their outputs from a plain local run."""
+
+    slides_dir: Path
+    slides: list[Path]
+    model: list[str]
+    out: Path
+
+
+@pytest.fixture(scope="module")
+def reference(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    root = tmp_path_factory.mktemp("slurm-reference")
+    slides = write_cmu1_crops(shared_data, root / "slides")
+    model = model_arguments(root, slides[0])
+    assert main(["segment", str(root / "slides"), "-o", str(root / "local"), *model]) == 0
+    for slide in slides:
+        assert len(pq.read_table(root / "local" / slide.stem / f"{slide.stem}.nuclei.parquet")) > 10, slide
+    return Reference(root / "slides", slides, model, root / "local")
+
+
 def _assert_same_outputs(a: Path, b: Path, stem: str) -> None:
     assert pq.read_table(a / stem / f"{stem}.nuclei.parquet").equals(pq.read_table(b / stem / f"{stem}.nuclei.parquet"))
     for name in ("labels/nuclei/0", "labels/classes/0"):
@@ -99,28 +123,40 @@ def _assert_same_outputs(a: Path, b: Path, stem: str) -> None:
 
 
 def test_segment_on_slurm_matches_local_run(
-    slurm: Path, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    slurm: Path,
+    reference: Reference,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
-    slides = write_cmu1_crops(shared_data, tmp_path / "slides")
-    model = model_arguments(tmp_path, slides[0])
-    local, on_slurm = tmp_path / "local", tmp_path / "slurm"
-    assert main(["segment", str(tmp_path / "slides"), "-o", str(local), *model]) == 0
-
+    out = tmp_path / "slurm"
     cluster = ["--cluster", "slurm", "--jobs", "1", "--queue", "debug", "--cores", "1", "--memory", "2GB"]
     cluster += ["--interface", "lo", "--walltime", "00:10:00", "--worker-timeout", "120"]
     with caplog.at_level("INFO", logger="histoseg"):
-        assert main(["segment", str(tmp_path / "slides"), "-o", str(on_slurm), *model, *cluster]) == 0
+        assert main(["segment", str(reference.slides_dir), "-o", str(out), *reference.model, *cluster]) == 0
     assert "dask dashboard: http" in caplog.text
-    for slide in slides:
-        stem = slide.stem
-        assert len(pq.read_table(local / stem / f"{stem}.nuclei.parquet")) > 10, stem
-        _assert_same_outputs(local, on_slurm, stem)
+    for slide in reference.slides:
+        _assert_same_outputs(reference.out, out, slide.stem)
     # the regions really ran in a SLURM job: its worker wrote its log where the batch puts them
-    logs = list((on_slurm / "_cluster_logs").glob("*.err"))
+    logs = list((out / "_cluster_logs").glob("*.err"))
     assert logs and any("Starting Worker" in p.read_text() for p in logs)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["slides", "local", "slurm", *_model_files(tmp_path)])
+    assert [p.name for p in tmp_path.iterdir()] == ["slurm"]
 
 
-def _model_files(folder: Path) -> list[str]:
-    return [p.name for p in folder.glob("tiny.*")]
+def test_sbatch_array_script_segments_one_slide_per_task(slurm: Path, reference: Reference, tmp_path: Path) -> None:
+    listing = tmp_path / "slides.txt"
+    listing.write_text("".join(f"{p}\n" for p in reference.slides))
+    out = tmp_path / "array"
+    env = {
+        **os.environ,
+        "HISTOSEG": f"{sys.executable} -m histoseg.cli.main",
+        "HISTOSEG_ARGS": " ".join(reference.model),
+    }
+    cmd = ["sbatch", "--wait", f"--array=1-{len(reference.slides)}", "--cpus-per-task=1", "--mem=2G"]
+    cmd += [f"--output={tmp_path}/task-%a.log", str(ARRAY_SCRIPT), str(listing), str(out)]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("task-*.log")))
+    assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{logs}"
+    for slide in reference.slides:
+        _assert_same_outputs(reference.out, out, slide.stem)

@@ -41,9 +41,20 @@ def _cached_model(artifact: ModelArtifact, device: str) -> tuple[NucleiNet, Mode
         return _CACHE[key]
 
 
+_CARDS: dict[str, ModelCard] = {}
+
+
+def _cached_card(key: str, artifact: ModelArtifact) -> ModelCard:
+    with _LOCK:
+        if key not in _CARDS:
+            _CARDS[key] = artifact.card()
+        return _CARDS[key]
+
+
 def clear_model_cache() -> None:
     with _LOCK:
         _CACHE.clear()
+        _CARDS.clear()
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,9 @@ class NetworkPredictor:
     bf16: bool = False
 
     def card(self) -> ModelCard:
-        return _cached_model(self.artifact, self.device)[1]
+        """The card alone (no weights are loaded, nothing is moved to the device: planning a slide on a
+        submit host without a GPU must work)."""
+        return _cached_card(str(self.artifact.card_path), self.artifact)
 
     def predict(
         self, image: np.ndarray, region: Region | None = None
