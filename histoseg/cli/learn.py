@@ -42,3 +42,36 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     return 0
+
+
+def run_adapt(args: argparse.Namespace) -> int:
+    """Plan the slide as ``segment`` would, adapt, and write the adapted artifact to ``--output``."""
+    from histoseg.config import SegmentConfig
+    from histoseg.errors import ConfigError
+    from histoseg.pipeline.adapt import adapt_to_slide, sample_crops
+    from histoseg.pipeline.slide import default_predictor, plan_slide
+    from histoseg.tta import TTASettings
+
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        raise ConfigError("--output must end in .safetensors (the card is written beside it as .json)")
+    if args.tta == "none":
+        raise ConfigError("histoseg adapt needs a method: --tta bn|tent|g2p")
+    config = SegmentConfig(model=args.model, slide_mpp=args.slide_mpp, backend=args.backend)
+    predictor = default_predictor(config)
+    plan = plan_slide(args.slide, config, predictor)
+    settings = TTASettings(method=args.tta, regions=args.tta_regions, steps=args.tta_steps)
+    crops = sample_crops(plan.path, plan.regions, plan.card.mpp, settings, args.backend, args.slide_mpp,
+                         plan.plane_shape)
+    from histoseg.inference import NetworkPredictor
+
+    if not isinstance(predictor, NetworkPredictor):
+        raise ConfigError("histoseg adapt needs a network model")
+    artifact = predictor.artifact
+    adapted, report = adapt_to_slide(artifact, crops, settings, out)
+    if adapted.weights == artifact.weights:
+        print(f"adaptation kept the source weights ({report.get('guard', '')}); nothing written")
+        return 0
+    print(f"adapted weights: {adapted.weights} (sha256 {report['weights_sha256'][:16]}...); "
+          f"loss {report.get('loss_before')} -> {report.get('loss_after')}; reuse with --model {adapted.weights}")
+    return 0

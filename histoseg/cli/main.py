@@ -60,7 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict-halo", action="store_true", help="fail when a nucleus touches a region's halo edge instead of warning"
     )
     seg.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network (~2x on CPU)")
+    _add_tta_arguments(seg)
     _add_cluster_arguments(seg)
+
+    ad = sub.add_parser("adapt", help="adapt the model to one slide and save the adapted weights")
+    ad.add_argument("slide")
+    ad.add_argument("--output", required=True, help="adapted weights (.safetensors; the card is written beside)")
+    ad.add_argument("--model", default="default", help="registered model name or path to .safetensors")
+    ad.add_argument("--slide-mpp", type=_positive_float, default=None)
+    ad.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image", "omezarr"])
+    _add_tta_arguments(ad, default="g2p")
 
     tr = sub.add_parser("train", help="train a model from a YAML config")
     tr.add_argument("--config", required=True)
@@ -75,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list registered models")
     return p
+
+
+def _add_tta_arguments(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    from histoseg.config import SegmentConfig
+
+    g = p.add_argument_group("per-slide test-time adaptation")
+    g.add_argument("--tta", default=default or SegmentConfig.tta, choices=["none", "bn", "tent", "g2p"],
+                   help="adaptation method run once per slide before its regions (default: %(default)s)")
+    g.add_argument("--tta-regions", type=int, default=SegmentConfig.tta_regions, help="tissue crops sampled (K)")
+    g.add_argument("--tta-steps", type=int, default=SegmentConfig.tta_steps, help="adaptation steps")
 
 
 def _add_cluster_arguments(seg: argparse.ArgumentParser) -> None:
@@ -128,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from histoseg.cli.segment import run_segment
 
             return run_segment(args)
+        if args.command == "adapt":
+            from histoseg.cli.learn import run_adapt
+
+            return run_adapt(args)
         if args.command == "train":
             from histoseg.cli.learn import run_train
 

@@ -52,6 +52,9 @@ def config_from_args(args: argparse.Namespace, cluster: ClusterSpec | None = Non
         device=args.device or ("cuda" if uses_gpus else "cpu"),
         backend=args.backend,
         strict_halo=args.strict_halo,
+        tta=args.tta,
+        tta_regions=args.tta_regions,
+        tta_steps=args.tta_steps,
         extra={"bf16": bool(args.bf16)},
     )
 
