@@ -18,7 +18,7 @@ from histoseg.errors import HistosegError, SlideNotFoundError
 from histoseg.inference import DensePredictor
 from histoseg.io.open import IMAGE_SUFFIXES
 from histoseg.io.open import SLIDE_SUFFIXES as IO_SLIDE_SUFFIXES
-from histoseg.pipeline.slide import SlideReport, segment_slide, slide_stem
+from histoseg.pipeline.slide import SlideReport, default_predictor, segment_slide, slide_stem
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ def segment_batch(
     no job) and closed at the end. Job-queue logs default to ``OUT/_cluster_logs``.
     """
     slides = discover(inputs)
+    # a wrong --model is one error for the whole batch, not one per slide
+    predictor = predictor or default_predictor(config)
     stems: dict[str, Path] = {}
     own_runner = runner is None
     spec = cluster if cluster is not None else ClusterSpec(workers=config.workers)
