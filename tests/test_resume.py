@@ -125,7 +125,7 @@ def test_killed_run_resumes_only_missing_regions(case: Case, tmp_path: Path) -> 
 
     CALLS.clear()
     cfg = case.config()
-    predictor = CountingPredictor(resolve_model(case.model), device=cfg.device, bf16=bool(cfg.extra["bf16"]))
+    predictor = CountingPredictor(resolve_model(case.model), device=cfg.device, bf16=cfg.precision == "bf16")
     rep = segment_slide(case.slide, out, cfg, InProcessRunner(), predictor)
     assert rep.status == "ok"
     p = _provenance(out)["processing"]
@@ -155,7 +155,7 @@ def test_store_of_other_settings_is_not_reused(case: Case, tmp_path: Path, chang
     assert _stored(out) >= 3
     CALLS.clear()
     cfg = case.config()
-    predictor = CountingPredictor(resolve_model(case.model), device=cfg.device, bf16=bool(cfg.extra["bf16"]))
+    predictor = CountingPredictor(resolve_model(case.model), device=cfg.device, bf16=cfg.precision == "bf16")
     assert segment_slide(case.slide, out, cfg, InProcessRunner(), predictor).status == "ok"
     p = _provenance(out)["processing"]
     assert p["regions_reused"] == 0 and p["regions_computed"] == p["regions"] == len(CALLS)
@@ -173,7 +173,7 @@ def test_run_killed_after_its_last_region_computes_nothing(case: Case, tmp_path:
         segment_slide(case.slide, out, case.config(), InProcessRunner(), on_region=crash_at_the_end)
     CALLS.clear()
     cfg = case.config()
-    predictor = CountingPredictor(resolve_model(case.model), device=cfg.device, bf16=bool(cfg.extra["bf16"]))
+    predictor = CountingPredictor(resolve_model(case.model), device=cfg.device, bf16=cfg.precision == "bf16")
     assert segment_slide(case.slide, out, cfg, InProcessRunner(), predictor).status == "ok"
     p = _provenance(out)["processing"]
     assert p["regions_reused"] == p["regions"] and p["regions_computed"] == 0 and CALLS == []

@@ -55,7 +55,7 @@ def config_from_args(args: argparse.Namespace, cluster: ClusterSpec | None = Non
         tta=args.tta,
         tta_regions=args.tta_regions,
         tta_steps=args.tta_steps,
-        extra={"bf16": bool(args.bf16)},
+        precision=args.precision,
     )
 
 

@@ -89,7 +89,7 @@ def _check_writable(folder: Path) -> None:
 
 def default_predictor(config: SegmentConfig) -> DensePredictor:
     art = resolve_model(config.model)
-    return NetworkPredictor(art, device=config.device, bf16=bool(config.extra.get("bf16", False)))
+    return NetworkPredictor(art, device=config.device, bf16=config.precision == "bf16")
 
 
 @dataclass
