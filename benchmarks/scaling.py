@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="comma list; the first is the speed-up baseline")
     ap.add_argument("--workdir", default="/tmp/histoseg-scaling")
     ap.add_argument("--model", default="default", help="registered model name or .safetensors path")
-    ap.add_argument("--extra", default="", help="extra segment options, e.g. '--bf16 --region-size 512'")
+    ap.add_argument("--extra", default="", help="extra segment options, e.g. '--precision fp32 --region-size 512'")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

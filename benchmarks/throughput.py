@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,20000")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--workdir", default="/tmp/histoseg-bench")
-    ap.add_argument("--extra", default="", help="extra segment options, e.g. '--bf16'")
+    ap.add_argument("--extra", default="", help="extra segment options, e.g. '--precision fp32'")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
