@@ -125,7 +125,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             net.eval()
             metrics = validate(net, card, data.val, cfg.device)
             net.train()
-            rec = {"iteration": it + 1, "loss": float(loss), **terms, **metrics, "seconds": time.time() - t0}
+            rec = {"iteration": it + 1, "loss": float(loss.detach()), **terms, **metrics, "seconds": time.time() - t0}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             if metrics.get("pq", 0.0) > best:
