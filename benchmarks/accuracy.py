@@ -30,65 +30,22 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from classical import DEFAULT, classical_instances
 
-from histoseg.metrics import DetectionTally, centroids, evaluate_instances, match_points, mean_over_images
 from histoseg.models import registered_models
-from histoseg.training.evaluate import RADIUS_UM, evaluate, load_dataset
+from histoseg.training.evaluate import evaluate, score_dataset
 
 DATASETS = ("monuseg-test", "crchisto-val")
 COLUMNS = (("Dice", "dice"), ("AJI", "aji"), ("AJI+", "aji_plus"), ("DQ", "dq"), ("SQ", "sq"), ("PQ", "pq"))
 
 
 def evaluate_classical(dataset: str, limit: int | None = None) -> dict[str, Any]:
-    """The baseline on one dataset, scored exactly like :func:`histoseg.training.evaluate.evaluate`."""
-    samples = load_dataset(dataset)[: limit or None]
-    radius = RADIUS_UM[dataset]
-    rows: list[dict[str, Any]] = []
-    tally = DetectionTally()
-    seg_seconds = 0.0
-    t0 = time.perf_counter()
-    for s in samples:
-        t1 = time.perf_counter()
-        pred = classical_instances(s.image, s.mpp)
-        seg_seconds += time.perf_counter() - t1
-        if s.inst is not None:
-            r = evaluate_instances(s.inst, pred, s.mpp, radius)
-        else:
-            if s.points is None:
-                continue
-            # centroids() gives pixel-centre (x, y), the datasets' point convention (as in evaluate())
-            m = match_points(s.points, centroids(pred), radius / s.mpp)
-            tally.add_counts(m.tp, m.fp, m.fn)
-            r = {"det_tp": float(m.tp), "det_fp": float(m.fp), "det_fn": float(m.fn)}
-        rows.append({"image": s.name, **r})
-    seconds = time.perf_counter() - t0
-    if samples and samples[0].inst is not None:
-        summary = mean_over_images(rows)
-    else:
-        summary = {
-            "det_tp": float(tally.tp),
-            "det_fp": float(tally.fp),
-            "det_fn": float(tally.fn),
-            "det_precision": tally.precision,
-            "det_recall": tally.recall,
-            "det_f1": tally.f1,
-            "n_images": float(len(rows)),
-        }
-    return {
-        "dataset": dataset,
-        "model": "classical",
-        "model_mpp": None,
-        "radius_um": radius,
-        "images": rows,
-        "mean": summary,
-        "seconds": seconds,
-        "segment_seconds": seg_seconds,
-    }
+    """The baseline on one dataset, scored by the same code as the model (``score_dataset``)."""
+    res = score_dataset(dataset, lambda s: classical_instances(s.image, s.mpp), limit)
+    return {**res, "model": "classical", "model_mpp": None}
 
 
 def model_available(model: str) -> bool:

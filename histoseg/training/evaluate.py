@@ -9,6 +9,7 @@ are comparable across processing resolutions. Detection radius: 3 µm for instan
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -50,16 +51,24 @@ def predict_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> np.nda
     return pred
 
 
-def evaluate(dataset: str, model: str = "default", limit: int | None = None, bf16: bool = False) -> dict[str, Any]:
-    """Per-image rows and the mean (segmentation) / pooled (detection) summary."""
-    net, card = load_model(resolve_model(model))
+def score_dataset(
+    dataset: str, predict: Callable[[Sample], np.ndarray], limit: int | None = None
+) -> dict[str, Any]:
+    """Score any predictor (sample -> instance map on the sample's native grid) on a named dataset.
+
+    Instance sets: per-image Dice/AJI/AJI+/DQ/SQ/PQ and detection counts, averaged (detection pooled);
+    point sets (CRCHisto): pooled detection counts. Shared by ``evaluate`` and the benchmarks' baselines.
+    """
     samples = load_dataset(dataset)[: limit or None]
     radius = RADIUS_UM[dataset]
     rows: list[dict[str, Any]] = []
     tally = DetectionTally()
+    predict_seconds = 0.0
     t0 = time.perf_counter()
     for s in samples:
-        pred = predict_native(net, card, s, bf16)
+        t1 = time.perf_counter()
+        pred = predict(s)
+        predict_seconds += time.perf_counter() - t1
         if s.inst is not None:
             r = evaluate_instances(s.inst, pred, s.mpp, radius)
         else:
@@ -85,10 +94,16 @@ def evaluate(dataset: str, model: str = "default", limit: int | None = None, bf1
         }
     return {
         "dataset": dataset,
-        "model": card.name,
-        "model_mpp": card.mpp,
         "radius_um": radius,
         "images": rows,
         "mean": summary,
         "seconds": seconds,
+        "segment_seconds": predict_seconds,
     }
+
+
+def evaluate(dataset: str, model: str = "default", limit: int | None = None, bf16: bool = False) -> dict[str, Any]:
+    """Per-image rows and the mean (segmentation) / pooled (detection) summary of a model."""
+    net, card = load_model(resolve_model(model))
+    res = score_dataset(dataset, lambda s: predict_native(net, card, s, bf16), limit)
+    return {**res, "model": card.name, "model_mpp": card.mpp}
