@@ -236,6 +236,8 @@ def segment_slide(
     _remove_stale_temporaries(out_dir)
     predictor, adaptation = _adapt(plan, predictor, config, out_dir / f"{stem}.adapted.safetensors")
     ok, png = cv2.imencode(".png", (plan.tissue * 255).astype(np.uint8))
+    if not ok:
+        raise OutputError(f"{path.name}: could not encode the tissue mask as PNG")
     with atomic_file(out_dir / "tissue_mask.png") as tmp:
         tmp.write_bytes(png.tobytes())
     fp = slide_fingerprint(path)

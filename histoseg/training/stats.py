@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from histoseg.inference.predict import to_tensor
 from histoseg.models import ModelCard, NucleiNet
 from histoseg.models.network import STRIDE
 
@@ -21,8 +22,6 @@ def feature_statistics(
     net: NucleiNet, card: ModelCard, images: Iterable[np.ndarray], device: str = "cpu"
 ) -> dict[str, dict[str, list[float]]]:
     """Per-BN-layer input mean/var over ``images`` (RGB uint8 at the card's mpp)."""
-    from histoseg.inference.predict import to_tensor
-
     sums: dict[str, list[torch.Tensor]] = {}
     hooks = []
 

@@ -129,13 +129,13 @@ def _adabn(net: nn.Module, x: torch.Tensor) -> None:
 
 
 def _entropy(out: dict[str, torch.Tensor]) -> torch.Tensor:
-    ent = x_ent(out["np"])
+    ent = _mean_entropy(out["np"])
     if "tp" in out:
-        ent = ent + x_ent(out["tp"])
+        ent = ent + _mean_entropy(out["tp"])
     return ent
 
 
-def x_ent(logits: torch.Tensor) -> torch.Tensor:
+def _mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     p = torch.softmax(logits.float(), dim=1)
     return -(p * torch.log(p.clamp_min(1e-8))).sum(1).mean()
 
