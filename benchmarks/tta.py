@@ -1,6 +1,7 @@
 """Shift benchmark of per-slide test-time adaptation: every method side by side, one table per run.
 
-    python benchmarks/tta.py [--model default] [--regions 4] [--steps 10] [--dsb-limit 30] [--json out.json]
+    python benchmarks/tta.py [--model default] [--regions 4] [--steps 10] [--dsb-limit 30]
+                             [--sections table,ablation,cost] [--cost-size 6000] [--json out.json]
 
 Each evaluation image is treated as one slide: K crops of it (seeded) adapt the model, then the whole image
 is segmented with the adapted weights. Sets:
@@ -9,7 +10,9 @@ is segmented with the adapted weights. Sets:
       offset of the stain concentrations, a colour gamma per channel and a Gaussian blur (see ``shift``);
   (c) the DSB 2018 H&E subset (other labs and scanners; first ``--dsb-limit`` images);
   (d) CRCHisto validation (colorectal, 20x; detection F1 only, points).
-Then the ablation: G2P guidance on vs off (uniform step sizes) and the number of crops K.
+Then the ablation on shift 3 and DSB: G2P guidance on vs off (uniform step sizes) x the number of crops K,
+alignment at the encoder only, BN-affine parameters only, no gate, and the session-1 form (pooled Gaussian
+KL at all layers, BN affine only, no gate). Last, the cost on a real-tissue slide (``cost``).
 Figures: PQ and AJI (instance sets), detection F1 (points, and instance sets), adaptation seconds.
 """
 
@@ -17,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -96,16 +102,49 @@ def run_set(name: str, samples: list[Sample], net: Any, card: Any, settings: TTA
     return out
 
 
+def cost(size: int, settings: TTASettings, workdir: Path) -> dict[str, float]:
+    """Adaptation cost on a real-tissue slide (CMU-1 tiled to ``size``²): one worker, as ``segment`` runs it.
+
+    Segmentation with ``--tta none`` against the adaptation itself (crop sampling + ``adapt``), both with
+    the gate as configured and forced (gate and tolerance 0: the full ``steps`` always run, the worst case).
+    """
+    from _common import build_tissue_slide
+
+    from histoseg.config import SegmentConfig
+    from histoseg.distributed import InProcessRunner
+    from histoseg.pipeline.adapt import sample_crops
+    from histoseg.pipeline.slide import default_predictor, plan_slide, segment_slide
+
+    slide = build_tissue_slide(workdir / f"tissue_{size}.tif", size)
+    config = SegmentConfig(workers=1, overwrite=True, formats=("parquet",), tta="none")
+    t0 = time.perf_counter()
+    segment_slide(slide, workdir / "out", config, InProcessRunner())
+    seg = time.perf_counter() - t0
+    predictor = default_predictor(config)
+    plan = plan_slide(slide, config, predictor)
+    net, card = load_model(resolve_model(config.model))
+    out: dict[str, float] = {"segment_s": seg}
+    for label, st in (("gated", settings), ("forced", replace(settings, gate=0.0, tolerance=0.0))):
+        t0 = time.perf_counter()
+        crops = sample_crops(slide, plan.regions, card.mpp, st, plane_shape=plan.plane_shape)
+        rep = adapt(net, card, crops, st).report
+        out[f"adapt_{label}_s"] = time.perf_counter() - t0
+        out[f"adapt_{label}_kept"] = float(rep["kept_source"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--regions", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=TTASettings.lr)
     ap.add_argument("--dsb-limit", type=int, default=30)
     ap.add_argument("--methods", default="none,bn,tent,g2p")
     ap.add_argument("--strengths", default="1,2,3")
-    ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--sections", default="table,ablation,cost", help="comma list of table, ablation, cost")
+    ap.add_argument("--ablation-dsb-limit", type=int, default=10, help="DSB images in the ablation")
+    ap.add_argument("--cost-size", type=int, default=6000, help="real-tissue slide side for the cost; 0: skip")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -121,31 +160,56 @@ def main() -> None:
     sets["crchisto-val"] = load_dataset("crchisto-val")
     results: dict[str, dict[str, Any]] = {}
     methods = args.methods.split(",")
+    sections = set(args.sections.split(","))
     for set_name, samples in sets.items():
+        if "table" not in sections:
+            break
         for m in methods:
             st = TTASettings(method=m, regions=args.regions, steps=args.steps, lr=args.lr)
             r = run_set(set_name, samples, net, card, st)
             results[f"{set_name}|{m}"] = r
             print(f"{set_name:<16} {m:<5} PQ {r.get('pq', float('nan')):.4f} AJI {r.get('aji', float('nan')):.4f} "
                   f"detF1 {r['det_f1']:.4f} adapt {r['adapt_s']:.1f}s seg {r['segment_s']:.1f}s", flush=True)
-    if not args.no_ablation:
-        for set_name in [s for s in sets if "shift2" in s or s == "dsb"]:
-            for guided in (True, False):
-                for k in (2, args.regions * 2):
-                    st = TTASettings(method="g2p", regions=k, steps=args.steps, lr=args.lr, guided=guided)
-                    r = run_set(set_name, sets[set_name], net, card, st)
-                    key = f"{set_name}|g2p-{'guided' if guided else 'uniform'}-K{k}"
-                    results[key] = r
-                    print(f"{key:<34} PQ {r.get('pq', float('nan')):.4f} AJI {r.get('aji', float('nan')):.4f} "
-                          f"detF1 {r['det_f1']:.4f} adapt {r['adapt_s']:.1f}s", flush=True)
-    print("\nset               " + "".join(f"{m:>16}" for m in methods) + "   (PQ, or det F1 for crchisto)")
-    for set_name in sets:
-        key = "det_f1" if set_name == "crchisto-val" else "pq"
-        print(f"{set_name:<18}" + "".join(f"{results[f'{set_name}|{m}'][key]:>16.4f}" for m in methods))
-    shifted = [s for s in sets if s != "monuseg-test"]
-    for m in methods:
-        vals = [results[f"{s}|{m}"]["det_f1" if s == "crchisto-val" else "pq"] for s in shifted]
-        print(f"mean over shifted sets, {m}: {np.mean(vals):.4f}")
+    if "ablation" in sections:
+        variants: list[tuple[str, dict[str, Any]]] = [
+            (f"{'guided' if g else 'uniform'}-K{k}", {"guided": g, "regions": k})
+            for g in (True, False) for k in sorted({2, args.regions, args.regions * 2})
+        ]
+        variants += [
+            ("encoder-layers", {"layers": "encoder"}),
+            ("bn-params", {"params": "bn"}),
+            ("no-gate", {"gate": 0.0}),
+            ("session1-form", {"loss": "kl", "layers": "all", "params": "bn", "gate": 0.0, "lr": 0.01}),
+        ]
+        for set_name in [s for s in sets if "shift3" in s or s == "dsb"]:
+            for label, kw in variants:
+                st = replace(TTASettings(method="g2p", regions=args.regions, steps=args.steps, lr=args.lr), **kw)
+                samples = sets[set_name][: args.ablation_dsb_limit] if set_name == "dsb" else sets[set_name]
+                r = run_set(set_name, samples, net, card, st)
+                key = f"{set_name}|g2p-{label}"
+                results[key] = r
+                print(f"{key:<34} PQ {r.get('pq', float('nan')):.4f} AJI {r.get('aji', float('nan')):.4f} "
+                      f"detF1 {r['det_f1']:.4f} adapt {r['adapt_s']:.1f}s", flush=True)
+    if "table" in sections:
+        print("\nset               " + "".join(f"{m:>12}" for m in methods) + "   (PQ; detection F1 for crchisto-val)")
+        for set_name in sets:
+            key = "det_f1" if set_name == "crchisto-val" else "pq"
+            print(f"{set_name:<18}" + "".join(f"{results[f'{set_name}|{m}'][key]:>12.4f}" for m in methods))
+        print(f"{'adaptation s':<18}" + "".join(f"{sum(results[f'{s}|{m}']['adapt_s'] for s in sets):>12.1f}"
+                                                for m in methods))
+        shifted = [s for s in sets if s != "monuseg-test"]
+        for m in methods:
+            vals = [results[f"{s}|{m}"]["det_f1" if s == "crchisto-val" else "pq"] for s in shifted]
+            print(f"mean over shifted sets, {m}: {np.mean(vals):.4f}")
+    if args.cost_size and "cost" in sections:
+        with tempfile.TemporaryDirectory() as tmp:
+            c = cost(args.cost_size, TTASettings(method="g2p", regions=args.regions, steps=args.steps, lr=args.lr),
+                     Path(tmp))
+        results["cost"] = c
+        print(f"\ncost on a {args.cost_size}² real-tissue slide, 1 worker: segmentation {c['segment_s']:.1f} s; "
+              f"g2p adaptation {c['adapt_gated_s']:.1f} s as configured "
+              f"({100 * c['adapt_gated_s'] / c['segment_s']:.1f}%, source kept: {bool(c['adapt_gated_kept'])}), "
+              f"{c['adapt_forced_s']:.1f} s forced ({100 * c['adapt_forced_s'] / c['segment_s']:.1f}%)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

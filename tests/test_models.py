@@ -448,3 +448,22 @@ def test_pickle_renamed_safetensors_is_rejected_not_executed(kind: str, tmp_path
     with pytest.raises(ModelError):
         load_model(art)
     assert not marker.exists()
+
+
+def test_saved_artifacts_are_byte_identical_across_processes(tmp_path: Path) -> None:
+    """The artifact's hash identifies adapted weights for resuming: it must not depend on the writing process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from histoseg.models import ModelCard, NetConfig, NucleiNet, save_model\n"
+        "torch.manual_seed(0)\n"
+        "net = NucleiNet(NetConfig(width=8))\n"
+        "save_model(net, ModelCard(name='x', net=net.cfg, mpp=0.5), sys.argv[1])\n"
+    )
+    files = [tmp_path / f"m{i}.safetensors" for i in range(3)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True, capture_output=True)
+    data = [f.read_bytes() for f in files]
+    assert data[0] == data[1] == data[2]

@@ -21,6 +21,9 @@ def test_default_is_registered_with_a_complete_card() -> None:
     assert card.source_stats, "source feature statistics for adaptation are missing"
     bn_layers = [k for k in card.source_stats]
     assert all(len(card.source_stats[k]["mean"]) == len(card.source_stats[k]["var"]) for k in bn_layers)
+    # per-slide statistics for g2p's standardised alignment loss (``--tta auto`` needs them)
+    fields = ("slide_mean", "slide_mean_sd", "slide_logvar", "slide_logvar_sd")
+    assert all(len(card.source_stats[k][f]) == len(card.source_stats[k]["mean"]) for k in bn_layers for f in fields)
     assert "monuseg_test" in card.metrics
 
 

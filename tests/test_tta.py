@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from histoseg.errors import ConfigError
 from histoseg.models import ModelCard, NetConfig, NucleiNet
 from histoseg.training.stats import feature_statistics
 from histoseg.tta import TTASettings, adapt
+from histoseg.tta.methods import ENCODER_PREFIXES, AlignmentLoss
 from histoseg.tta.stats import bn_layers, capture_bn_inputs
 
 from .synthetic import random_nuclei, render
@@ -66,26 +69,77 @@ def test_adabn_running_stats_equal_slide_statistics(model: tuple[NucleiNet, Mode
 
 def test_g2p_reduces_alignment_loss_under_shift(model: tuple[NucleiNet, ModelCard]) -> None:
     net, card = model
-    res = adapt(net, card, _images(0.4), TTASettings(method="g2p", steps=15, lr=0.02))
+    st = TTASettings(
+        method="g2p", steps=10, lr=0.001, gate=0.0, tolerance=1.0, params="bn", layers="encoder"
+    )
+    res = adapt(net, card, _images(0.4), st)
     r = res.report
-    assert r["loss_after"] < r["loss_before"]
+    assert r["loss_after"] < r["loss_before"] and r["shift_score"] > 0
     assert res.state is not None and not r["kept_source"]
     assert set(r["g2p_ratios"]) == set(bn_layers(net))
-    assert all(v >= 0 for v in r["g2p_ratios"].values())
-    # guided and uniform steps differ
-    u = adapt(net, card, _images(0.4), TTASettings(method="g2p", steps=15, lr=0.02, guided=False))
+    # only the encoder's statistics are aligned: decoder and head BN layers get no gradient and stay as they were
+    decoder = [k for k in r["g2p_ratios"] if not k.startswith(ENCODER_PREFIXES)]
+    assert decoder and all(r["g2p_ratios"][k] == 0 for k in decoder)
+    assert any(r["g2p_ratios"][k] > 0 for k in r["g2p_ratios"] if k.startswith(ENCODER_PREFIXES))
+    for k in decoder:
+        torch.testing.assert_close(res.state[f"{k}.weight"], net.state_dict()[f"{k}.weight"])
+    # the kept iterate is the best one seen, and guided and uniform steps differ
+    assert r["loss_after"] == pytest.approx(min(r["loss_history"]), rel=1e-5)
+    u = adapt(net, card, _images(0.4), replace(st, guided=False))
     assert u.report["loss_after"] != pytest.approx(r["loss_after"])
 
 
-def test_g2p_guard_keeps_source_when_loss_does_not_fall(model: tuple[NucleiNet, ModelCard]) -> None:
+def test_alignment_loss_known_values() -> None:
+    one = {"l": {"mean": [0.0], "var": [1.0], "slide_mean": [0.0], "slide_mean_sd": [1.0],
+                 "slide_logvar": [float(np.log(1 + 1e-5))], "slide_logvar_sd": [1.0]}}
+    z = AlignmentLoss(one, "z", tolerance=1.0)
+    sd = 1.0 + 0.05 + 1e-3  # the source spread plus its floor
+    # three standard deviations off in the mean, variance on target: 0.5 * (3 - 1)^2
+    assert float(z.layer("l", torch.tensor([3 * sd]), torch.tensor([1.0]))) == pytest.approx(2.0, rel=1e-5)
+    assert float(z.layer("l", torch.tensor([0.9 * sd]), torch.tensor([1.0]))) == 0.0  # within tolerance
+    assert z.layer("other", torch.tensor([0.0]), torch.tensor([1.0])) is None
+    kl = AlignmentLoss(one, "kl", tolerance=0.0)
+    # KL(N(1, 1) || N(0, 1)) = 1/2
+    assert float(kl.layer("l", torch.tensor([1.0]), torch.tensor([1.0]))) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_source_slides_cost_nothing_and_are_not_adapted(model: tuple[NucleiNet, ModelCard]) -> None:
     net, card = model
-    res = adapt(net, card, _images(0.4), TTASettings(method="g2p", steps=0))
+    # each source image's own statistics lie within (n-1)/sqrt(n) < 3 sample SDs of the n=8 source images
+    for img in _images(0.0, 8, seed=10):
+        res = adapt(net, card, [img], TTASettings(method="g2p", tolerance=3.0, gate=0.0, layers="all"))
+        assert res.report["loss_before"] == 0.0
+        assert res.state is None and res.report["guard"] == "no shift detected (loss within the gate)"
+        assert len(res.report["loss_history"]) == 1  # one forward pass, no steps
+
+
+def test_g2p_gate_and_guard_keep_source(model: tuple[NucleiNet, ModelCard]) -> None:
+    net, card = model
+    gated = adapt(net, card, _images(0.4), TTASettings(method="g2p", gate=1e9))
+    assert gated.state is None and gated.report["guard"].startswith("no shift detected")
+    res = adapt(net, card, _images(0.4), TTASettings(method="g2p", steps=0, gate=0.0))
     assert res.state is None and res.report["guard"] == "alignment loss did not fall"
+    # steps far too large: every iterate is worse than the source, which is kept
+    wild = adapt(net, card, _images(0.4), TTASettings(method="g2p", steps=3, lr=50.0, gate=0.0, tolerance=0.0))
+    assert wild.state is None and wild.report["guard"] == "alignment loss did not fall"
+    h = wild.report["loss_history"]
+    assert len(h) > 1 and not any(v is not None and v < h[0] for v in h[1:])
+
+
+def test_g2p_can_update_every_layer(model: tuple[NucleiNet, ModelCard]) -> None:
+    net, card = model
+    st = TTASettings(method="g2p", steps=5, lr=0.001, gate=0.0, params="all", layers="all")
+    res = adapt(net, card, _images(0.4), st)
+    assert res.state is not None
+    convs = [k for k, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert set(convs) <= set(res.report["g2p_ratios"])
+    changed = [k for k in convs if not torch.equal(res.state[f"{k}.weight"], net.state_dict()[f"{k}.weight"])]
+    assert len(changed) > len(convs) // 2
 
 
 def test_tent_lowers_entropy_and_g2p_needs_stats(model: tuple[NucleiNet, ModelCard]) -> None:
     net, card = model
-    res = adapt(net, card, _images(0.4), TTASettings(method="tent", steps=5, lr=0.05))
+    res = adapt(net, card, _images(0.4), TTASettings(method="tent", steps=5, tent_lr=0.005))
     assert res.report["loss_after"] < res.report["loss_before"]
     bare = ModelCard(name="bare", net=net.cfg, mpp=0.5)
     from histoseg.errors import ModelError
@@ -94,3 +148,22 @@ def test_tent_lowers_entropy_and_g2p_needs_stats(model: tuple[NucleiNet, ModelCa
         adapt(net, bare, _images(0.4), TTASettings(method="g2p"))
     with pytest.raises(ConfigError):
         TTASettings(method="magic")
+    with pytest.raises(ConfigError):
+        TTASettings(loss="l2")
+    # a card from before per-slide statistics: the z loss says why, the plain KL still works
+    old = ModelCard(name="old", net=net.cfg, mpp=0.5,
+                    source_stats={k: {"mean": v["mean"], "var": v["var"]} for k, v in card.source_stats.items()})
+    with pytest.raises(ModelError, match="per-slide source statistics"):
+        adapt(net, old, _images(0.4), TTASettings(method="g2p", gate=0.0))
+    assert adapt(net, old, _images(0.4), TTASettings(method="g2p", loss="kl", gate=0.0, steps=3)).state is not None
+
+
+def test_head_guard_checks_all_three_heads() -> None:
+    from histoseg.tta.methods import _collapsed
+
+    h0 = {"hv_spread": 0.4, "np_fraction": 0.2, "tp_entropy": 1.0}
+    assert _collapsed(h0, {"hv_spread": 0.35, "np_fraction": 0.3, "tp_entropy": 0.9}) == ""
+    assert _collapsed(h0, {**h0, "hv_spread": 0.1}).startswith("HV head collapsed")
+    assert _collapsed(h0, {**h0, "np_fraction": 0.9}).startswith("NP head collapsed")
+    assert _collapsed(h0, {**h0, "np_fraction": 0.0005}).startswith("NP head collapsed")
+    assert _collapsed(h0, {**h0, "tp_entropy": 0.2}).startswith("TP head collapsed")

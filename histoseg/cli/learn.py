@@ -55,7 +55,7 @@ def run_adapt(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix != ".safetensors":
         raise ConfigError("--output must end in .safetensors (the card is written beside it as .json)")
-    if args.tta == "none":
+    if args.tta in ("none", "auto"):
         raise ConfigError("histoseg adapt needs a method: --tta bn|tent|g2p")
     config = SegmentConfig(model=args.model, slide_mpp=args.slide_mpp, backend=args.backend)
     predictor = default_predictor(config)

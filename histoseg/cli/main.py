@@ -88,11 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_tta_arguments(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    from histoseg.config import SegmentConfig
+    from histoseg.config import TTA_CHOICES, SegmentConfig
 
     g = p.add_argument_group("per-slide test-time adaptation")
-    g.add_argument("--tta", default=default or SegmentConfig.tta, choices=["none", "bn", "tent", "g2p"],
-                   help="adaptation method run once per slide before its regions (default: %(default)s)")
+    g.add_argument("--tta", default=default or SegmentConfig.tta, choices=list(TTA_CHOICES),
+                   help="adaptation method run once per slide before its regions; auto: g2p for a network model "
+                   "whose card has per-slide source statistics, none otherwise (default: %(default)s)")
     g.add_argument("--tta-regions", type=int, default=SegmentConfig.tta_regions, help="tissue crops sampled (K)")
     g.add_argument("--tta-steps", type=int, default=SegmentConfig.tta_steps, help="adaptation steps")
 

@@ -101,7 +101,9 @@ def save_model(net: NucleiNet, card: ModelCard, weights_path: str | Path, half: 
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    save_file(state, str(wp), metadata={"name": card.name, "format": "histoseg-nucleinet"})
+    # one metadata key: safetensors orders metadata keys differently in each process, and the artifact's hash
+    # (its identity for resuming and provenance) must not depend on the process that wrote it
+    save_file(state, str(wp), metadata={"format": "histoseg-nucleinet"})
     card.save(wp.with_suffix(".json"))
     return ModelArtifact(weights=wp.resolve(), card_path=wp.with_suffix(".json").resolve())
 

@@ -277,12 +277,17 @@ def _adapt(
     """Adapt the network to this slide once, before its regions run (``--tta``); workers then load the
     adapted artifact like any model. Runs single-threaded so the weights do not depend on the machine's
     thread count (outputs must not depend on the number of workers)."""
-    if config.tta == "none":
-        return predictor, {"method": "none"}
     artifact = getattr(predictor, "artifact", None)
+    network = isinstance(predictor, NetworkPredictor) and artifact is not None
+    method = config.tta
+    if method == "auto":
+        stats = plan.card.source_stats if network else {}
+        method = "g2p" if stats and all("slide_mean_sd" in v for v in stats.values()) else "none"
+    if method == "none":
+        return predictor, {"method": "none", "requested": config.tta}
     if not isinstance(predictor, NetworkPredictor) or artifact is None:
         raise ConfigError("--tta needs a network model (a registered name or a .safetensors path)")
-    settings = TTASettings(method=config.tta, regions=config.tta_regions, steps=config.tta_steps)
+    settings = TTASettings(method=method, regions=config.tta_regions, steps=config.tta_steps)
     t0 = time.perf_counter()
     crops = sample_crops(
         plan.path, plan.regions, plan.card.mpp, settings, config.backend, config.slide_mpp, plan.plane_shape
@@ -295,10 +300,11 @@ def _adapt(
         torch.set_num_threads(threads)
     report["seconds_total"] = time.perf_counter() - t0
     report["settings"] = asdict(settings)
+    report["requested"] = config.tta
     report["source_weights_sha256"] = artifact.sha256()
     log.info(
         "%s: adapted with %s in %.1f s (loss %s -> %s%s)",
-        plan.path.name, config.tta, report["seconds_total"], report.get("loss_before"), report.get("loss_after"),
+        plan.path.name, method, report["seconds_total"], report.get("loss_before"), report.get("loss_after"),
         ", source kept: " + report.get("guard", "") if report.get("kept_source") else "",
     )
     return replace(predictor, artifact=adapted), report

@@ -40,7 +40,8 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
         f"halo {card.halo_px()} px |",
         f"| post-processing | {json.dumps(card.postprocess)} (tuned on held-out training images) |",
         f"| source feature statistics | {len(card.source_stats)} BatchNorm layers "
-        "(input mean/var over the training set) |",
+        "(input mean/var pooled over the training set, and the mean and spread over training images of each "
+        "image's own mean and log-variance, for test-time adaptation) |",
         "",
         "## Training data and licence",
         "",

@@ -1,7 +1,15 @@
 """Source feature statistics for test-time adaptation.
 
-For every BatchNorm layer, the per-channel mean and variance of its *input* over the training images,
-accumulated exactly (sums over all pixels of all images, in float64), recorded in the model card.
+For every BatchNorm layer, the per-channel statistics of its *input* over the training images:
+
+- ``mean``/``var``: pooled over all pixels of all images (float64 sums), the classic source statistics;
+- ``slide_mean``/``slide_mean_sd``: the mean and spread over images of each image's own channel mean;
+- ``slide_logvar``/``slide_logvar_sd``: the same for each image's log-variance.
+
+The per-image figures describe what one *slide* of the source domain looks like: a slide's statistics
+differ from the pooled ones even without any shift (its tissue content differs), and the spread says by how
+much. Test-time alignment (``histoseg.tta``) measures a slide's distance to the source in those units, so
+that natural content variation is not mistaken for a stain or scanner shift.
 """
 
 from __future__ import annotations
@@ -16,13 +24,20 @@ from histoseg.inference.predict import to_tensor
 from histoseg.models import ModelCard, NucleiNet
 from histoseg.models.network import STRIDE
 
+_EPS = 1e-5
+
+
+def _r(t: torch.Tensor) -> list[float]:
+    return [round(float(v), 6) for v in t]
+
 
 @torch.no_grad()
 def feature_statistics(
     net: NucleiNet, card: ModelCard, images: Iterable[np.ndarray], device: str = "cpu"
 ) -> dict[str, dict[str, list[float]]]:
-    """Per-BN-layer input mean/var over ``images`` (RGB uint8 at the card's mpp)."""
+    """Per-BN-layer input statistics over ``images`` (RGB uint8 at the card's mpp): pooled and per image."""
     sums: dict[str, list[torch.Tensor]] = {}
+    per_image: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     hooks = []
 
     def make_hook(name: str):  # type: ignore[no-untyped-def]
@@ -31,6 +46,7 @@ def feature_statistics(
             s = x.sum(dim=(0, 2, 3))
             s2 = (x * x).sum(dim=(0, 2, 3))
             n = torch.tensor(float(x.shape[0] * x.shape[2] * x.shape[3]), dtype=torch.float64)
+            per_image.setdefault(name, []).append((s / n, (s2 / n - (s / n) ** 2).clamp_min(0)))
             if name in sums:
                 sums[name][0] += s
                 sums[name][1] += s2
@@ -60,5 +76,14 @@ def feature_statistics(
     for name, (s, s2, n) in sums.items():
         mean = s / n
         var = (s2 / n - mean * mean).clamp_min(0)
-        out[name] = {"mean": [round(float(v), 6) for v in mean], "var": [round(float(v), 6) for v in var]}
+        means = torch.stack([m for m, _ in per_image[name]])
+        logvars = torch.log(torch.stack([v for _, v in per_image[name]]) + _EPS)
+        out[name] = {
+            "mean": _r(mean),
+            "var": _r(var),
+            "slide_mean": _r(means.mean(0)),
+            "slide_mean_sd": _r(means.std(0, unbiased=True) if len(means) > 1 else torch.zeros_like(mean)),
+            "slide_logvar": _r(logvars.mean(0)),
+            "slide_logvar_sd": _r(logvars.std(0, unbiased=True) if len(logvars) > 1 else torch.zeros_like(mean)),
+        }
     return out

@@ -7,11 +7,23 @@ are kept) and a JSON-able report. No source image is needed: G2P uses only the s
 - ``none``: the source weights.
 - ``bn`` (AdaBN): BatchNorm running statistics re-estimated on the slide's crops.
 - ``tent``: entropy of the NP (and TP) softmax minimised over BN affine parameters (Adam), after AdaBN.
-- ``g2p``: the project's method. The alignment loss is the sum over BN layers of the Gaussian KL between
-  the slide's per-channel input statistics and the source statistics; each BN layer's affine parameters
-  get a step size proportional to its gradient-to-parameter norm ratio ``||g_l|| / ||theta_l||``
-  (normalised by the mean ratio), so layers that the shift pulls hardest relative to their size move most.
-  A guard keeps the source weights if the alignment loss does not fall, or if the HV head collapses.
+- ``g2p``: the project's method, gradient-to-parameter-ratio guided feature alignment.
+
+  *Loss* (``AlignmentLoss``, ``z``): for every BN layer and channel, the slide's input mean and
+  log-variance are standardised by their spread over the *source training images* (recorded in the card);
+  deviations beyond ``tolerance`` SDs cost their square. Pooled statistics alone are the wrong target: one
+  slide's statistics differ from the pooled ones even in-domain (its content differs), and a pooled Gaussian
+  KL pulls every slide towards an average slide. The plain KL is kept as ``loss="kl"`` for the ablation.
+
+  *Gate*: the encoder's part of the loss is a shift score (stain and scanner shifts show at the encoder;
+  decoder statistics also move with content). Below ``gate`` the slide is taken as in-domain and keeps the
+  source weights after one forward pass; in-domain slides are therefore untouched.
+
+  *Steps*: each layer (conv and BN parameters by default) moves by ``lr x r_l / mean(r)`` of its own norm
+  along its negative gradient, where ``r_l = ||g_l|| / ||theta_l||`` is its gradient-to-parameter norm
+  ratio: the layers that the shift pulls hardest relative to their size move most (``guided=False``: every
+  layer by ``lr``). The iterate with the lowest loss is kept; a guard keeps the source weights when no
+  iterate beats it or when the HV head's output spread halves (all three heads are checked).
 """
 
 from __future__ import annotations
@@ -37,11 +49,17 @@ METHODS = ("none", "bn", "tent", "g2p")
 @dataclass(frozen=True)
 class TTASettings:
     method: str = "g2p"
-    regions: int = 8  # K tissue crops sampled from the slide
+    regions: int = 4  # K tissue crops sampled from the slide
     steps: int = 10
     crop: int = 256
-    lr: float = 0.01  # g2p: relative step (fraction of a layer's norm, scaled by its ratio); tent: Adam lr
+    lr: float = 0.002  # g2p: relative step (fraction of a layer's norm, scaled by its ratio)
+    tent_lr: float = 0.001  # tent: Adam learning rate
     guided: bool = True  # g2p: per-layer steps from the gradient-to-parameter ratio (False: uniform)
+    loss: str = "z"  # g2p alignment: "z" (slide-standardised, with tolerance) or "kl" (pooled Gaussian KL)
+    tolerance: float = 2.0  # g2p "z": deviations within this many source-slide SDs are not penalised
+    params: str = "all"  # g2p: "all" (every conv and BN parameter) or "bn" (BatchNorm affine only)
+    layers: str = "all"  # g2p: statistics aligned at "all" BN layers, or at the "encoder" ones only
+    gate: float = 1.0  # g2p: adapt only when the encoder's initial alignment loss (shift score) exceeds this
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -49,6 +67,10 @@ class TTASettings:
             raise ConfigError(f"unknown adaptation method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.regions < 1 or self.steps < 0:
             raise ConfigError("--tta-regions must be >= 1 and --tta-steps >= 0")
+        if (self.loss not in ("z", "kl") or self.params not in ("bn", "all") or self.layers not in ("encoder", "all")
+                or self.tolerance < 0 or self.gate < 0):
+            raise ConfigError(f"invalid g2p settings: loss={self.loss!r}, params={self.params!r}, "
+                              f"layers={self.layers!r}, tolerance={self.tolerance}, gate={self.gate}")
 
 
 @dataclass
@@ -72,22 +94,81 @@ def _affine_params(net: nn.Module) -> dict[str, list[nn.Parameter]]:
     return out
 
 
-def _alignment_loss(
-    net: NucleiNet, x: torch.Tensor, source: dict[str, dict[str, list[float]]]
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    with capture_bn_inputs(net) as st:
-        out = net(x)
-    total = x.new_zeros(())
-    for name, (mu, var) in st.items():
-        s = source.get(name)
+ENCODER_PREFIXES = ("stem", "stages")  # NucleiNet's encoder: where stain and scanner shifts show first
+_FLOOR_LOGSD = 0.05  # floors on the source spreads, so a channel that never varied cannot dominate
+
+
+class AlignmentLoss:
+    """Distance between a slide's BN-input statistics and the source's, summed over layers.
+
+    ``z`` (default): per channel, the slide's mean and log-variance are standardised by the spread of those
+    figures over the *source slides* (``slide_*`` entries in the card); deviations within ``tolerance``
+    standard deviations are free, larger ones cost their square. A source slide therefore costs nothing, and
+    channels whose statistics vary with tissue content weigh less than the ones a stain shift moves.
+    ``kl``: mean over channels of KL(N(slide) || N(source pooled)), the plain form (for the ablation).
+    """
+
+    def __init__(
+        self, source: dict[str, dict[str, list[float]]], kind: str, tolerance: float, layers: str = "all"
+    ) -> None:
+        if kind == "z" and not all("slide_mean_sd" in s for s in source.values()):
+            raise ModelError("the model card has no per-slide source statistics (re-run training's finalize); "
+                             "use the 'kl' alignment loss with this model")
+        self.kind, self.tolerance, self.layers = kind, tolerance, layers
+        self.src = {k: {f: torch.tensor(v, dtype=torch.float32) for f, v in s.items()} for k, s in source.items()}
+
+    def layer(self, name: str, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor | None:
+        s = self.src.get(name)
         if s is None:
-            continue
-        total = total + gaussian_kl(mu, var, torch.tensor(s["mean"]), torch.tensor(s["var"]))
-    return total, out
+            return None
+        if self.kind == "kl":
+            return gaussian_kl(mean, var, s["mean"], s["var"])
+        floor_m = 0.05 * s["var"].sqrt() + 1e-3
+        zm = (mean - s["slide_mean"]) / (s["slide_mean_sd"] + floor_m)
+        zl = (torch.log(var + 1e-5) - s["slide_logvar"]) / (s["slide_logvar_sd"] + _FLOOR_LOGSD)
+        excess = torch.relu(zm.abs() - self.tolerance) ** 2 + torch.relu(zl.abs() - self.tolerance) ** 2
+        return 0.5 * excess.mean()
+
+    def __call__(self, net: NucleiNet, x: torch.Tensor) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
+        """(alignment loss over the chosen layers, shift score over the encoder layers, network outputs)."""
+        with capture_bn_inputs(net) as st:
+            out = net(x)
+        total, shift = x.new_zeros(()), 0.0
+        for name, (mu, var) in st.items():
+            term = self.layer(name, mu, var)
+            if term is None:
+                continue
+            encoder = name.startswith(ENCODER_PREFIXES)
+            if self.layers == "all" or encoder:
+                total = total + term
+            if encoder:
+                shift += float(term.detach())
+        return total, shift, out
 
 
-def _hv_spread(out: dict[str, torch.Tensor]) -> float:
-    return float(out["hv"].detach().float().std())
+def _heads(out: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Summaries of the three heads: HV spread, NP nucleus fraction, TP class-mix entropy (if present)."""
+    with torch.no_grad():
+        h = {
+            "hv_spread": float(out["hv"].float().std()),
+            "np_fraction": float(torch.softmax(out["np"].float(), 1)[:, 1].mean()),
+        }
+        if "tp" in out:
+            mix = torch.softmax(out["tp"].float(), 1).mean(dim=(0, 2, 3))
+            h["tp_entropy"] = float(-(mix * torch.log(mix.clamp_min(1e-8))).sum())
+    return h
+
+
+def _collapsed(h0: dict[str, float], h1: dict[str, float]) -> str:
+    """Why the adapted heads are not trusted, or "" (a guard on all three heads, not only the loss)."""
+    if h1["hv_spread"] < 0.5 * h0["hv_spread"]:
+        return f"HV head collapsed (spread {h0['hv_spread']:.3f} -> {h1['hv_spread']:.3f})"
+    lo, hi = sorted((h0["np_fraction"], h1["np_fraction"]))
+    if lo < 0.25 * hi or h1["np_fraction"] < 1e-3:
+        return f"NP head collapsed (nucleus fraction {h0['np_fraction']:.3f} -> {h1['np_fraction']:.3f})"
+    if "tp_entropy" in h0 and h1["tp_entropy"] < 0.5 * h0["tp_entropy"]:
+        return f"TP head collapsed (class-mix entropy {h0['tp_entropy']:.3f} -> {h1['tp_entropy']:.3f})"
+    return ""
 
 
 def adapt(net: NucleiNet, card: ModelCard, images: Sequence[np.ndarray], settings: TTASettings) -> AdaptResult:
@@ -146,7 +227,7 @@ def _tent(net: NucleiNet, x: torch.Tensor, s: TTASettings) -> dict[str, Any]:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=s.lr * 0.1)
+    opt = torch.optim.Adam(params, lr=s.tent_lr)
     with torch.no_grad():
         before = float(_entropy(net(x)))
     for _ in range(s.steps):
@@ -159,59 +240,104 @@ def _tent(net: NucleiNet, x: torch.Tensor, s: TTASettings) -> dict[str, Any]:
     return {"loss": "entropy", "loss_before": before, "loss_after": after}
 
 
+def _param_groups(net: nn.Module, which: str) -> dict[str, list[nn.Parameter]]:
+    """Layers as parameter groups: BN affine pairs, or every conv and BN module's parameters."""
+    if which == "bn":
+        return _affine_params(net)
+    out: dict[str, list[nn.Parameter]] = {}
+    for name, m in net.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+            ps = [p for p in m.parameters(recurse=False)]
+            if ps:
+                out[name] = ps
+    return out
+
+
+def _norm(ts: Sequence[torch.Tensor | None]) -> float:
+    return math.sqrt(sum(float((t.detach() ** 2).sum()) for t in ts if t is not None))
+
+
 def _g2p(net: NucleiNet, x: torch.Tensor, card: ModelCard, s: TTASettings) -> dict[str, Any]:
-    groups = _affine_params(net)
+    """Steps along the alignment gradient, each layer moved by ``lr x r_l / mean(r)`` of its own norm.
+
+    The iterate with the lowest alignment loss is kept (the loss is evaluated at every iterate anyway); a
+    slide already within the tolerance costs one forward pass and keeps the source weights.
+    """
+    loss_fn = AlignmentLoss(card.source_stats, s.loss, s.tolerance, s.layers)
+    groups = _param_groups(net, s.params)
     for p in net.parameters():
         p.requires_grad_(False)
     for ps in groups.values():
         for p in ps:
             p.requires_grad_(True)
-    source_state = {k: v.clone() for k, v in net.state_dict().items()}
-    with torch.no_grad():
-        loss0, out0 = _alignment_loss(net, x, card.source_stats)
-    before, hv0 = float(loss0), _hv_spread(out0)
+    params = [p for ps in groups.values() for p in ps]
+    best: tuple[float, int, list[torch.Tensor] | None] = (math.inf, 0, None)
+    before = shift0 = math.nan
+    heads0: dict[str, float] = {}
+    heads_best: dict[str, float] = {}
+    gated = False
     ratios: dict[str, float] = {}
-    for _ in range(s.steps):
-        loss, _ = _alignment_loss(net, x, card.source_stats)
-        for ps in groups.values():
-            for p in ps:
-                p.grad = None
+    history: list[float | None] = []
+    for it in range(s.steps + 1):
+        last = it == s.steps
+        with torch.set_grad_enabled(not last):
+            loss, shift, out = loss_fn(net, x)
+        value = float(loss.detach())
+        history.append(round(value, 6) if math.isfinite(value) else None)
+        if not math.isfinite(value):
+            break  # diverged: the best iterate so far (or the source) is kept
+        if it == 0:
+            before, heads0, shift0 = value, _heads(out), shift
+            if shift <= s.gate or value <= 1e-9:
+                gated = True
+                break  # no shift detected: the slide is within the source slides' range
+        if value < best[0]:
+            best = (value, it, None if it == 0 else [p.detach().clone() for p in params])
+            heads_best = _heads(out)
+        if last:
+            break
+        for p in params:
+            p.grad = None
         loss.backward()
-        r = {}
-        for name, ps in groups.items():
-            g = math.sqrt(sum(float((p.grad**2).sum()) for p in ps if p.grad is not None))
-            t = math.sqrt(sum(float((p.detach() ** 2).sum()) for p in ps)) + 1e-12
-            r[name] = g / t
+        r = {name: _norm([p.grad for p in ps]) / (_norm(ps) + 1e-12) for name, ps in groups.items()}
         mean_r = sum(r.values()) / max(1, len(r)) + 1e-12
         with torch.no_grad():
             for name, ps in groups.items():
                 scale = (r[name] / mean_r) if s.guided else 1.0
-                gnorm = math.sqrt(sum(float((p.grad**2).sum()) for p in ps if p.grad is not None)) + 1e-12
-                tnorm = math.sqrt(sum(float((p**2).sum()) for p in ps))
+                gnorm = _norm([p.grad for p in ps]) + 1e-12
                 # move the layer by (lr x scale) of its own norm, along the negative gradient
-                step = s.lr * scale * tnorm / gnorm
+                step = s.lr * scale * _norm(ps) / gnorm
                 for p in ps:
                     if p.grad is not None:
                         p.sub_(step * p.grad)
-        ratios = r
+        if it == 0:
+            ratios = r
+    after, best_it, best_params = best
+    kept, reason = False, ""
+    if best_params is None:
+        kept = True
+        reason = "no shift detected (loss within the gate)" if gated else "alignment loss did not fall"
+    elif _collapsed(heads0, heads_best):
+        kept, reason = True, _collapsed(heads0, heads_best)
     with torch.no_grad():
-        loss1, out1 = _alignment_loss(net, x, card.source_stats)
-    after, hv1 = float(loss1), _hv_spread(out1)
-    kept = False
-    reason = ""
-    if not after < before:
-        kept, reason = True, "alignment loss did not fall"
-    elif hv1 < 0.5 * hv0:
-        kept, reason = True, f"HV head collapsed (spread {hv0:.3f} -> {hv1:.3f})"
-    if kept:
-        net.load_state_dict(source_state)
+        if best_params is not None and not kept:
+            for p, v in zip(params, best_params, strict=True):
+                p.copy_(v)
+    for p in net.parameters():
+        p.requires_grad_(False)
     top = sorted(ratios.items(), key=lambda kv: -kv[1])
     return {
-        "loss": "sum over BN layers of Gaussian KL(target || source) of BN inputs",
+        "loss": loss_fn.kind,
+        "tolerance": s.tolerance if s.loss == "z" else None,
+        "params": s.params,
+        "shift_score": shift0,
+        "gate": s.gate,
         "loss_before": before,
-        "loss_after": after,
-        "hv_spread_before": hv0,
-        "hv_spread_after": hv1,
+        "loss_after": after if not kept else before,
+        "loss_history": history,
+        "best_step": best_it,
+        "heads_before": heads0,
+        "heads_after": heads_best if not kept else heads0,
         "guided": s.guided,
         "g2p_ratios": {k: round(v, 6) for k, v in top},
         "kept_source": kept,
