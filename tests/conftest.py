@@ -7,6 +7,8 @@ a failure, elsewhere the test is skipped with the reason.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,3 +25,11 @@ def shared_data() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return d
+
+
+def make_demo_slide(out: Path, size: int, seed: int) -> Path:
+    """Write the embedded demo slide (``sample_data/make_sample.py``) of ``size`` px to ``out``."""
+    script = Path(__file__).resolve().parent.parent / "sample_data" / "make_sample.py"
+    cmd = [sys.executable, str(script), str(out), "--size", str(size), "--seed", str(seed)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out

@@ -18,18 +18,12 @@ import zarr
 
 from histoseg.cli.main import main
 
-REPO = Path(__file__).resolve().parent.parent
+from .conftest import make_demo_slide
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sample") / "demo.tif"
-    subprocess.run(
-        [sys.executable, str(REPO / "sample_data" / "make_sample.py"), str(out), "--size", "1536", "--seed", "2"],
-        check=True,
-        capture_output=True,
-    )
-    return out
+    return make_demo_slide(tmp_path_factory.mktemp("sample") / "demo.tif", 1536, 2)
 
 
 def _geojson_ids(path: Path) -> list[int]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,18 +11,12 @@ import pytest
 from histoseg.cli.main import main
 from histoseg.models import resolve_model
 
-REPO = Path(__file__).resolve().parent.parent
+from .conftest import make_demo_slide
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tta_sample") / "demo.tif"
-    subprocess.run(
-        [sys.executable, str(REPO / "sample_data" / "make_sample.py"), str(out), "--size", "1024", "--seed", "5"],
-        check=True,
-        capture_output=True,
-    )
-    return out
+    return make_demo_slide(tmp_path_factory.mktemp("tta_sample") / "demo.tif", 1024, 5)
 
 
 def _provenance(out: Path) -> dict:  # type: ignore[type-arg]

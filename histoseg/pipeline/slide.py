@@ -47,7 +47,7 @@ from histoseg.pipeline.tasks import RegionResult, SlideTaskSpec, run_region
 from histoseg.postprocess import MEASUREMENTS, WatershedParams
 from histoseg.stitching import stitch
 from histoseg.tiling import plan_regions, tissue_mask
-from histoseg.tta import TTASettings
+from histoseg.tta import TTASettings, has_slide_statistics
 from histoseg.types import InstanceTable, Region, SlideMeta
 
 log = logging.getLogger(__name__)
@@ -281,8 +281,7 @@ def _adapt(
     network = isinstance(predictor, NetworkPredictor) and artifact is not None
     method = config.tta
     if method == "auto":
-        stats = plan.card.source_stats if network else {}
-        method = "g2p" if stats and all("slide_mean_sd" in v for v in stats.values()) else "none"
+        method = "g2p" if network and has_slide_statistics(plan.card.source_stats) else "none"
     if method == "none":
         return predictor, {"method": "none", "requested": config.tta}
     if not isinstance(predictor, NetworkPredictor) or artifact is None:

@@ -98,6 +98,11 @@ ENCODER_PREFIXES = ("stem", "stages")  # NucleiNet's encoder: where stain and sc
 _FLOOR_LOGSD = 0.05  # floors on the source spreads, so a channel that never varied cannot dominate
 
 
+def has_slide_statistics(source: dict[str, dict[str, list[float]]]) -> bool:
+    """Whether a card's source statistics include the per-slide spreads that the ``z`` loss needs."""
+    return bool(source) and all("slide_mean_sd" in v for v in source.values())
+
+
 class AlignmentLoss:
     """Distance between a slide's BN-input statistics and the source's, summed over layers.
 
@@ -111,7 +116,7 @@ class AlignmentLoss:
     def __init__(
         self, source: dict[str, dict[str, list[float]]], kind: str, tolerance: float, layers: str = "all"
     ) -> None:
-        if kind == "z" and not all("slide_mean_sd" in s for s in source.values()):
+        if kind == "z" and not has_slide_statistics(source):
             raise ModelError("the model card has no per-slide source statistics (re-run training's finalize); "
                              "use the 'kl' alignment loss with this model")
         self.kind, self.tolerance, self.layers = kind, tolerance, layers
@@ -299,14 +304,15 @@ def _g2p(net: NucleiNet, x: torch.Tensor, card: ModelCard, s: TTASettings) -> di
         for p in params:
             p.grad = None
         loss.backward()
-        r = {name: _norm([p.grad for p in ps]) / (_norm(ps) + 1e-12) for name, ps in groups.items()}
+        norms = {name: (_norm([p.grad for p in ps]) + 1e-12, _norm(ps)) for name, ps in groups.items()}
+        r = {name: g / (t + 1e-12) for name, (g, t) in norms.items()}
         mean_r = sum(r.values()) / max(1, len(r)) + 1e-12
         with torch.no_grad():
             for name, ps in groups.items():
                 scale = (r[name] / mean_r) if s.guided else 1.0
-                gnorm = _norm([p.grad for p in ps]) + 1e-12
+                gnorm, tnorm = norms[name]
                 # move the layer by (lr x scale) of its own norm, along the negative gradient
-                step = s.lr * scale * _norm(ps) / gnorm
+                step = s.lr * scale * tnorm / gnorm
                 for p in ps:
                     if p.grad is not None:
                         p.sub_(step * p.grad)
@@ -317,8 +323,9 @@ def _g2p(net: NucleiNet, x: torch.Tensor, card: ModelCard, s: TTASettings) -> di
     if best_params is None:
         kept = True
         reason = "no shift detected (loss within the gate)" if gated else "alignment loss did not fall"
-    elif _collapsed(heads0, heads_best):
-        kept, reason = True, _collapsed(heads0, heads_best)
+    else:
+        reason = _collapsed(heads0, heads_best)
+        kept = bool(reason)
     with torch.no_grad():
         if best_params is not None and not kept:
             for p, v in zip(params, best_params, strict=True):
