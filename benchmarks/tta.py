@@ -126,7 +126,7 @@ def cost(size: int, settings: TTASettings, workdir: Path) -> dict[str, float]:
     out: dict[str, float] = {"segment_s": seg}
     for label, st in (("gated", settings), ("forced", replace(settings, gate=0.0, tolerance=0.0))):
         t0 = time.perf_counter()
-        crops = sample_crops(slide, plan.regions, card.mpp, st, plane_shape=plan.plane_shape)
+        crops = sample_crops(slide, plan.tissue, plan.plane_shape, card.mpp, st)
         rep = adapt(net, card, crops, st).report
         out[f"adapt_{label}_s"] = time.perf_counter() - t0
         out[f"adapt_{label}_kept"] = float(rep["kept_source"])

@@ -6,10 +6,11 @@ beside the repository checkout (development installs) or beside the working dire
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from histoseg.errors import ConfigError
 
@@ -28,6 +29,20 @@ def data_dir() -> Path:
 
 
 TTA_CHOICES = ("auto", "none", "bn", "tent", "g2p")
+# bounds that keep every size derived from the options allocatable (a region is held as float32 maps)
+MIN_REGION_SIZE, MAX_REGION_SIZE = 64, 8192
+MAX_WORKERS = 1024
+MAX_TTA_REGIONS, MAX_TTA_STEPS = 64, 1000
+
+Precision = Literal["auto", "bf16", "fp32"]
+PRECISION_CHOICES: tuple[str, ...] = get_args(Precision)
+"""``--precision``: ``auto`` (default) is bf16 where the device computes it natively, else fp32
+(``histoseg.inference.precision``)."""
+
+Runtime = Literal["torch", "openvino", "onnxruntime"]
+RUNTIME_CHOICES: tuple[str, ...] = get_args(Runtime)
+"""``--runtime``: the CPU engine of the network (``histoseg.inference.runtime``); torch is the default because
+it is the only one whose arithmetic does not depend on the input shape (results independent of region size)."""
 
 
 @dataclass(frozen=True)
@@ -45,33 +60,51 @@ class SegmentConfig:
     backend: str = "auto"  # auto | tiffslide | openslide | image | omezarr
     strict_halo: bool = False
     tissue_threshold: float | None = None  # None: Otsu on saturation
-    min_tissue_fraction: float = 0.01  # of a region's core area
+    min_tissue_fraction: float = 0.01  # of each 32-px tissue cell of the plane (tiling.TISSUE_CELL)
     np_threshold: float | None = None  # None: the model card's tuned value
     min_nucleus_area_um2: float = 3.0
-    precision: str = "bf16"  # network arithmetic: bf16 autocast (default: ~2x faster on CPU, same MoNuSeg PQ) | fp32
+    precision: str = "auto"  # network arithmetic: auto (bf16 only where native, else fp32) | bf16 | fp32
+    runtime: str = "torch"  # network engine: torch | openvino | onnxruntime (2.6-3x faster, shape-dependent)
     tta: str = "auto"  # per-slide adaptation: auto (g2p where the model supports it) | none | bn | tent | g2p
     tta_regions: int = 4  # K tissue crops sampled for adaptation (the shift benchmark's K)
     tta_steps: int = 10
-    extra: dict[str, Any] = field(default_factory=dict)
+    keep_adapted: bool = False  # keep OUT/<stem>/<stem>.adapted.safetensors after _SUCCESS (an intermediate)
+    report: bool = True  # write OUT/<stem>/report.html (QC report) before _SUCCESS
 
     def __post_init__(self) -> None:
         bad = [f for f in self.formats if f not in ALL_FORMATS]
         if bad:
             raise ConfigError(f"unknown output format(s) {bad}; choose from {', '.join(ALL_FORMATS)}")
-        if self.region_size < 64 or self.region_size % 32:
-            raise ConfigError(f"--region-size must be a multiple of 32 and >= 64, got {self.region_size}")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if not MIN_REGION_SIZE <= self.region_size <= MAX_REGION_SIZE or self.region_size % 32:
+            raise ConfigError(
+                f"--region-size must be a multiple of 32 between {MIN_REGION_SIZE} and {MAX_REGION_SIZE}, "
+                f"got {self.region_size}"
+            )
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"--workers must be between 1 and {MAX_WORKERS}, got {self.workers}")
         if self.slide_mpp is not None and not (0.01 <= self.slide_mpp <= 100):
             raise ConfigError(f"--slide-mpp must be between 0.01 and 100 µm/px, got {self.slide_mpp}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
+        if self.runtime not in RUNTIME_CHOICES:
+            raise ConfigError(f"--runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {self.runtime!r}")
         if self.tta not in TTA_CHOICES:
             raise ConfigError(f"--tta must be one of {', '.join(TTA_CHOICES)}; got {self.tta!r}")
-        if self.tta_regions < 1 or self.tta_steps < 0:
-            raise ConfigError("--tta-regions must be >= 1 and --tta-steps >= 0")
+        if not (1 <= self.tta_regions <= MAX_TTA_REGIONS and 0 <= self.tta_steps <= MAX_TTA_STEPS):
+            raise ConfigError(
+                f"--tta-regions must be between 1 and {MAX_TTA_REGIONS} and --tta-steps between 0 and "
+                f"{MAX_TTA_STEPS}, got {self.tta_regions} and {self.tta_steps}"
+            )
+        for name, value, lo, hi in (
+            ("--tissue-threshold", self.tissue_threshold, 0.0, 255.0),  # saturation, 0..255
+            ("--min-tissue-fraction", self.min_tissue_fraction, 0.0, 1.0),
+            ("--np-threshold", self.np_threshold, 0.0, 1.0),
+            ("--min-nucleus-area", self.min_nucleus_area_um2, 0.0, 1e4),
+        ):
+            if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+                raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value}")
         if self.backend not in ("auto", "tiffslide", "openslide", "image", "omezarr"):
             raise ConfigError(f"unknown backend {self.backend!r}")
 
@@ -83,6 +116,6 @@ class SegmentConfig:
     def output_affecting(self) -> dict[str, Any]:
         """Settings that change the result (not workers, overwrite, device): used in resume keys."""
         d = self.to_dict()
-        for k in ("workers", "overwrite", "device", "formats", "geojson_gzip"):
+        for k in ("workers", "overwrite", "device", "formats", "geojson_gzip", "keep_adapted", "report"):
             d.pop(k)
         return d

@@ -26,6 +26,13 @@ class CorruptSlideError(SlideError):
     """The file claims a supported format but cannot be decoded (truncated, damaged)."""
 
 
+class ImplausibleSlideError(SlideError):
+    """The file declares far more pixels than its bytes can hold (a decompression bomb or a damaged header).
+
+    Not a CorruptSlideError on purpose: no other backend is tried, the file is refused at once.
+    """
+
+
 class MissingMppError(SlideError):
     """The slide has no physical pixel size; the user must pass ``--slide-mpp``."""
 

@@ -6,6 +6,10 @@ Coordinate conventions, fixed once here:
 * the *processing plane* is the slide resampled to the model's mpp; pixel ``(i, j)`` of the plane covers
   level-0 ``[j * scale, (j + 1) * scale) x [i * scale, (i + 1) * scale)`` where ``scale = mpp / mpp0``.
 * boxes are half-open ``[x, x + w) x [y, y + h)``; arrays are indexed ``[y, x]``.
+
+Class ids, fixed once here (:meth:`InstanceTable.class_name` / :meth:`InstanceTable.class_color`): id ``0``
+is background / unclassified; id ``k >= 1`` is entry ``k - 1`` of the model card's class list (the card
+numbers its classes from 1), so ``class_names`` and ``class_colors`` never contain the background.
 """
 
 from __future__ import annotations
@@ -14,6 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+BACKGROUND_NAME = "background"
+BACKGROUND_COLOR = (0, 0, 0)
+UNKNOWN_CLASS_COLOR = (128, 128, 128)
+"""Colour of a class id past the model card's list (should not happen; kept visible, not transparent)."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,7 @@ class InstanceTable:
     anchors: np.ndarray  # (N, 2) int64 (y, x) plane pixels: floor of the plane centroid
     centroids: np.ndarray  # (N, 2) float64 (x, y) level-0 pixels
     bboxes: np.ndarray  # (N, 4) float64 (x0, y0, x1, y1) level-0 pixels
-    class_ids: np.ndarray  # (N,) uint8, 0 = unclassified/background class index
+    class_ids: np.ndarray  # (N,) uint8: 0 = unclassified, k >= 1 = class_names[k - 1] (see class_name)
     probabilities: np.ndarray  # (N,) float32: mean probability of the assigned type (or NP)
     polygons: list[np.ndarray]  # (K, 2) float64 (x, y) level-0, not repeated closing vertex
     masks: list[np.ndarray]  # bool crops at processing resolution
@@ -139,6 +148,31 @@ class InstanceTable:
     def mpp(self) -> float:
         """Processing-plane microns per pixel."""
         return self.mpp0 * self.scale
+
+    def class_name(self, cid: int) -> str:
+        """Name of class id ``cid``: the card's ``class_names[cid - 1]`` for ``cid >= 1``, ``"background"``
+        for 0, ``"class <cid>"`` past the card's list. The one mapping every exporter uses."""
+        cid = int(cid)
+        if cid == 0:
+            return BACKGROUND_NAME
+        return self.class_names[cid - 1] if 1 <= cid <= len(self.class_names) else f"class {cid}"
+
+    def class_color(self, cid: int) -> tuple[int, int, int]:
+        """RGB of class id ``cid``: the card's ``class_colors[cid - 1]`` for ``cid >= 1``, black for 0
+        (drawn transparent where a format has alpha), grey past the card's list."""
+        cid = int(cid)
+        if cid == 0:
+            return BACKGROUND_COLOR
+        if 1 <= cid <= len(self.class_colors):
+            r, g, b = (int(v) for v in self.class_colors[cid - 1])
+            return r, g, b
+        return UNKNOWN_CLASS_COLOR
+
+    def class_id_range(self) -> range:
+        """Every class id a raster of this table can hold: 0 (background), the card's classes, and any
+        larger id present in ``class_ids``."""
+        top = max(len(self.class_names), int(np.max(self.class_ids)) if len(self.class_ids) else 0)
+        return range(top + 1)
 
     @staticmethod
     def empty(

@@ -14,6 +14,18 @@ from pathlib import Path
 import pytest
 
 from histoseg.config import data_dir
+from histoseg.inference.precision import CPU_BF16_ENV, cpu_native_bf16
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run the whole suite (and the CLI subprocesses it starts) as on a CPU without native bf16.
+
+    ``--precision auto`` then resolves to fp32 on every machine, so the suite's time and its numbers do not
+    depend on the CPU it runs on (bf16 is ~100x slower where it is emulated). ``HISTOSEG_CPU_BF16=1`` in the
+    environment runs it with native bf16 instead. ``tests/test_precision.py`` checks the choice itself.
+    """
+    os.environ.setdefault(CPU_BF16_ENV, "0")
+    cpu_native_bf16.cache_clear()
 
 
 @pytest.fixture(scope="session")

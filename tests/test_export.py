@@ -21,10 +21,12 @@ from skimage import draw, measure
 
 from histoseg.errors import OutputError
 from histoseg.export import (
+    SlideImage,
     atomic_dir,
     atomic_file,
     feature_uuid,
     pyramid_shapes,
+    qupath_name,
     write_geojson,
     write_label_zarr,
     write_parquet,
@@ -103,8 +105,8 @@ def _make_table() -> InstanceTable:
         masks=masks,
         mask_offsets=np.array(offsets, np.int64),
         measurements=meas,
-        class_names=("background", "tumor", "lymphocyte"),
-        class_colors=((0, 0, 0), (200, 0, 0), (0, 0, 220)),
+        class_names=("tumor", "lymphocyte"),  # as the model card lists them: class id k is entry k - 1
+        class_colors=((200, 0, 0), (0, 0, 220)),
         mpp0=MPP0,
         scale=SCALE,
         plane_shape=PLANE,
@@ -132,7 +134,8 @@ def _reference_raster(table: InstanceTable) -> tuple[np.ndarray, np.ndarray]:
     return lab, cls
 
 
-def _check_qupath_feature(f: dict[str, Any], table: InstanceTable) -> Polygon:
+def check_qupath_feature(f: dict[str, Any], table: InstanceTable) -> Polygon:
+    """QuPath's GeoJSON import rules for one detection (facts.md), plus our naming and class mapping."""
     assert f["type"] == "Feature"
     uuid.UUID(f["id"])
     geom = f["geometry"]
@@ -146,12 +149,15 @@ def _check_qupath_feature(f: dict[str, Any], table: InstanceTable) -> Polygon:
     props = f["properties"]
     assert props["objectType"] == "detection"
     cls = props["classification"]
+    assert set(cls) == {"name", "color"}  # a name without a colour aborts QuPath's import
     assert cls["name"] in table.class_names
     assert len(cls["color"]) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in cls["color"])
     meas = props["measurements"]
     assert isinstance(meas, dict)
-    assert set(meas) == set(table.measurements) | {"probability", "id"}
-    assert all(isinstance(v, (int, float)) or v in ("NaN", "Infinity", "-Infinity") for v in meas.values())
+    assert set(meas) <= {qupath_name(k) for k in (*table.measurements, "probability", "id")}
+    assert qupath_name("id") in meas and "id" not in meas and "area_um2" not in meas
+    # numbers only: no "NaN"/"Infinity" strings (older QuPath rejects them) and no bare NaN tokens
+    assert all(type(v) in (int, float) and math.isfinite(v) for v in meas.values())
     assert props["isLocked"] is False
     return poly
 
@@ -166,15 +172,23 @@ def test_geojson_follows_qupath_rules(
     assert "1 invalid polygon(s) repaired, 1 replaced by their bounding box" in caplog.text
     doc = _strict_loads(out.read_text())
     assert doc["type"] == "FeatureCollection" and len(doc["features"]) == n
-    polys = [_check_qupath_feature(f, table) for f in doc["features"]]
+    polys = [check_qupath_feature(f, table) for f in doc["features"]]
     for i, f in enumerate(doc["features"]):
         meas = f["properties"]["measurements"]
-        assert meas["id"] == int(table.ids[i])
+        assert meas["Nucleus ID"] == int(table.ids[i])
         assert f["id"] == feature_uuid("slide-abc", int(table.ids[i]))
-        assert f["properties"]["classification"]["name"] == table.class_names[table.class_ids[i]]
-        assert meas["probability"] == pytest.approx(float(table.probabilities[i]))
+        cid = int(table.class_ids[i])  # 1-based: class 1 is the card's first class
+        assert f["properties"]["classification"] == {
+            "name": ("tumor", "lymphocyte")[cid - 1],
+            "color": [[200, 0, 0], [0, 0, 220]][cid - 1],
+        }
+        assert meas["Detection probability"] == pytest.approx(float(table.probabilities[i]))
+        assert meas["Nucleus: Area µm^2"] == pytest.approx(float(table.measurements["area_um2"][i]))
     nan_meas = doc["features"][NAN_ROW]["properties"]["measurements"]
-    assert nan_meas["mean_hematoxylin"] == "NaN" and nan_meas["solidity"] == "Infinity"
+    # non-finite values are left out of that feature only
+    assert "Nucleus: Hematoxylin OD mean" not in nan_meas and "Nucleus: Solidity" not in nan_meas
+    assert "Nucleus: Eccentricity" in nan_meas
+    assert "Nucleus: Solidity" in doc["features"][0]["properties"]["measurements"]
     # bow-tie: largest part of make_valid (one triangle of the two); degenerate: its bbox rectangle
     assert polys[BOWTIE].area == pytest.approx(100.0)
     x0, y0, x1, y1 = table.bboxes[DEGENERATE]
@@ -210,7 +224,7 @@ def test_label_zarr_equals_direct_raster(table: InstanceTable, tmp_path: Path) -
     ]
     assert sum(crossing) >= 3
     out = tmp_path / "s.zarr"
-    write_label_zarr(table, out, chunk=CHUNK)
+    write_label_zarr(table, out, image=None, chunk=CHUNK)
     ref_lab, ref_cls = _reference_raster(table)
     shapes = pyramid_shapes(PLANE, CHUNK)
     assert shapes == [(150, 200), (75, 100), (38, 50)]
@@ -232,7 +246,7 @@ def test_label_zarr_equals_direct_raster(table: InstanceTable, tmp_path: Path) -
 
 def test_label_zarr_metadata(table: InstanceTable, tmp_path: Path) -> None:
     out = tmp_path / "s.zarr"
-    write_label_zarr(table, out, chunk=CHUNK)
+    write_label_zarr(table, out, image=None, chunk=CHUNK)
     assert json.loads((out / "labels" / ".zattrs").read_text())["labels"] == ["nuclei", "classes"]
     mpp = MPP0 * SCALE
     for name in ("nuclei", "classes"):
@@ -252,8 +266,11 @@ def test_label_zarr_metadata(table: InstanceTable, tmp_path: Path) -> None:
         assert zarray["chunks"] == [CHUNK, CHUNK]
     label = json.loads((out / "labels" / "classes" / ".zattrs").read_text())["image-label"]
     colors = {c["label-value"]: c["rgba"] for c in label["colors"]}
-    assert colors[1] == [200, 0, 0, 255] and colors[2] == [0, 0, 220, 255]
-    assert {p["label-value"]: p["name"] for p in label["properties"]}[2] == "lymphocyte"
+    assert colors == {0: [0, 0, 0, 0], 1: [200, 0, 0, 255], 2: [0, 0, 220, 255]}  # every value present
+    names = {p["label-value"]: p["name"] for p in label["properties"]}
+    assert names == {0: "background", 1: "tumor", 2: "lymphocyte"}
+    nuclei = json.loads((out / "labels" / "nuclei" / ".zattrs").read_text())["image-label"]
+    assert nuclei["colors"] == [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
     # empty chunks are not stored; default pyramid depth for a big chunk is one level
     assert not (out / "labels" / "nuclei" / "0" / "0" / "3").exists()
     assert pyramid_shapes((4096, 3000), 1024) == [(4096, 3000), (2048, 1500), (1024, 750)]
@@ -263,13 +280,13 @@ def test_label_zarr_metadata(table: InstanceTable, tmp_path: Path) -> None:
 
 def test_label_zarr_replaces_existing_atomically(table: InstanceTable, tmp_path: Path) -> None:
     out = tmp_path / "s.zarr"
-    write_label_zarr(table, out, chunk=CHUNK, levels=1)
+    write_label_zarr(table, out, image=None, chunk=CHUNK, levels=1)
     (out / "stale.txt").write_text("old")
-    write_label_zarr(table, out, chunk=CHUNK, levels=2)
+    write_label_zarr(table, out, image=None, chunk=CHUNK, levels=2)
     assert not (out / "stale.txt").exists() and (out / "labels" / "nuclei" / "1").is_dir()
     bad = InstanceTable(**{**table.__dict__, "ids": np.zeros(len(table), np.uint32)})
     with pytest.raises(ValueError, match="stitched ids"):
-        write_label_zarr(bad, out, chunk=CHUNK)
+        write_label_zarr(bad, out, image=None, chunk=CHUNK)
     assert (out / "labels" / "nuclei" / "1").is_dir()  # previous output untouched
     assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
 
@@ -285,10 +302,11 @@ def test_parquet_columns_and_wkb(table: InstanceTable, tmp_path: Path) -> None:
     assert t.num_rows == len(table)
     d = t.to_pydict()
     assert d["id"] == table.ids.tolist()
-    assert d["class_name"] == [table.class_names[c] for c in table.class_ids]
+    assert d["class_name"] == [("tumor", "lymphocyte")[c - 1] for c in table.class_ids]
     np.testing.assert_allclose(d["centroid_x"], table.centroids[:, 0])
     np.testing.assert_allclose(d["bbox_y1"], table.bboxes[:, 3])
     assert math.isnan(d["mean_hematoxylin"][NAN_ROW]) and d["solidity"][NAN_ROW] == math.inf
+    assert json.loads(t.schema.metadata[b"histoseg"])["qupath_names"]["area_um2"] == "Nucleus: Area µm^2"
     meta = json.loads(t.schema.metadata[b"histoseg"])
     assert meta["mpp0"] == MPP0 and meta["scale"] == SCALE and meta["mpp"] == MPP0 * SCALE
     assert meta["class_names"] == list(table.class_names)
@@ -301,24 +319,24 @@ def test_parquet_columns_and_wkb(table: InstanceTable, tmp_path: Path) -> None:
 
 
 def test_id_sets_agree(table: InstanceTable, tmp_path: Path) -> None:
-    write_label_zarr(table, tmp_path / "s.zarr", chunk=CHUNK)
+    write_label_zarr(table, tmp_path / "s.zarr", image=None, chunk=CHUNK)
     write_parquet(table, tmp_path / "s.parquet")
     write_geojson(table, tmp_path / "s.geojson", slide_key="k")
     raster = np.asarray(_zarr_array(tmp_path / "s.zarr", "labels/nuclei/0")[:])
     zarr_ids = set(np.unique(raster).tolist()) - {0}
     pq_ids = set(pq.read_table(tmp_path / "s.parquet").column("id").to_pylist())
     gj = _strict_loads((tmp_path / "s.geojson").read_text())
-    gj_ids = {f["properties"]["measurements"]["id"] for f in gj["features"]}
+    gj_ids = {f["properties"]["measurements"]["Nucleus ID"] for f in gj["features"]}
     assert zarr_ids == pq_ids == gj_ids == set(table.ids.tolist())
 
 
 def test_empty_table(tmp_path: Path) -> None:
-    t = InstanceTable.empty(("bg", "tumor"), ((0, 0, 0), (255, 0, 0)), 0.25, 2.0, (70, 90), ("area_um2",))
+    t = InstanceTable.empty(("tumor",), ((255, 0, 0),), 0.25, 2.0, (70, 90), ("area_um2",))
     assert write_geojson(t, tmp_path / "e.geojson", slide_key="k") == 0
     assert _strict_loads((tmp_path / "e.geojson").read_text())["features"] == []
     write_parquet(t, tmp_path / "e.parquet")
     assert pq.read_table(tmp_path / "e.parquet").num_rows == 0
-    write_label_zarr(t, tmp_path / "e.zarr", chunk=CHUNK)
+    write_label_zarr(t, tmp_path / "e.zarr", image=None, chunk=CHUNK)
     assert not np.asarray(_zarr_array(tmp_path / "e.zarr", "labels/nuclei/0")[:]).any()
 
 
@@ -359,7 +377,7 @@ def test_unwritable_output_raises_output_error(
     with pytest.raises(OutputError, match="file"):
         write_geojson(table, blocker / "s.geojson", slide_key="k")
     with pytest.raises(OutputError):
-        write_label_zarr(table, blocker / "sub" / "s.zarr", chunk=CHUNK)
+        write_label_zarr(table, blocker / "sub" / "s.zarr", image=None, chunk=CHUNK)
     with pytest.raises(OutputError):
         write_parquet(table, blocker / "s.parquet")
 
@@ -396,3 +414,38 @@ def test_provenance_and_success(tmp_path: Path) -> None:
     marker = write_success(tmp_path)
     assert marker == tmp_path / "_SUCCESS" and marker.read_text().strip()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_SUCCESS", "provenance.json"]
+
+
+def test_label_zarr_root_image_from_slide(table: InstanceTable, tmp_path: Path) -> None:
+    """The root image: the slide read through histoseg.io, 2x coarser than the labels, aligned by metadata."""
+    import cv2
+
+    h0, w0 = int(PLANE[0] * SCALE), int(PLANE[1] * SCALE)  # level-0 slide = the plane at SCALE
+    yy, xx = np.mgrid[0:h0, 0:w0]
+    rgb = np.stack([xx % 256, yy % 256, (xx + yy) % 200], axis=-1).astype(np.uint8)
+    png = tmp_path / "slide.png"
+    assert cv2.imwrite(str(png), rgb[..., ::-1])
+    out = tmp_path / "s.zarr"
+    image = SlideImage(png, backend="image", slide_mpp=MPP0)
+    write_label_zarr(table, out, image=image, chunk=CHUNK)
+    root = zarr.open_group(str(out), mode="r")
+    level0, level1 = np.asarray(root["0"][:]), np.asarray(root["1"][:])
+    f = int(2 * SCALE)  # level-0 slide pixels per image pixel
+    assert level0.shape == (3, h0 // f, w0 // f) and level0.dtype == np.uint8
+    expected = rgb.reshape(h0 // f, f, w0 // f, f, 3).astype(np.float64).mean(axis=(1, 3)).transpose(2, 0, 1)
+    assert np.abs(level0 - expected).max() <= 1  # box mean of the slide, rounded
+    assert level1.shape == (3, 38, 50)  # ceil halving, as the labels
+    block = level0[:, :74, :].reshape(3, 37, 2, 50, 2).astype(np.float64).mean(axis=(2, 4))
+    assert np.abs(level1[:, :37, :] - block).max() <= 0.5  # 2x2 mean of the level above
+    last = level0[:, 74, :].astype(int)  # odd last row: averaged with itself
+    np.testing.assert_array_equal(level1[:, 37, :], (2 * last[:, 0::2] + 2 * last[:, 1::2] + 2) // 4)
+    (ms,) = json.loads((out / ".zattrs").read_text())["multiscales"]
+    assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"] and ms["axes"][0]["type"] == "channel"
+    scale0, shift0 = ms["datasets"][0]["coordinateTransformations"]
+    mpp = MPP0 * SCALE
+    assert scale0["scale"] == pytest.approx([1.0, 2 * mpp, 2 * mpp])
+    # image pixel centre minus half a label pixel == the labels' pure-scale position of the same point
+    assert shift0["translation"] == pytest.approx([0.0, (f - SCALE) * MPP0 / 2, (f - SCALE) * MPP0 / 2])
+    omero = json.loads((out / ".zattrs").read_text())["omero"]
+    assert [c["color"] for c in omero["channels"]] == ["FF0000", "00FF00", "0000FF"]
+    assert np.asarray(root["labels/nuclei/0"][:]).shape == PLANE  # labels unchanged under the image

@@ -28,7 +28,7 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _geojson_ids(path: Path) -> list[int]:
     data = json.loads(path.read_text())
-    return [int(f["properties"]["measurements"]["id"]) for f in data["features"]]
+    return [int(f["properties"]["measurements"]["Nucleus ID"]) for f in data["features"]]
 
 
 def _zarr_ids(path: Path) -> set[int]:

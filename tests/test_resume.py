@@ -23,6 +23,7 @@ from histoseg.cli.segment import config_from_args
 from histoseg.config import SegmentConfig
 from histoseg.distributed import InProcessRunner
 from histoseg.inference import NetworkPredictor
+from histoseg.inference.precision import resolve_precision
 from histoseg.inference.predict import run_network
 from histoseg.models import ModelCard, NetConfig, NucleiNet, registered_models, resolve_model, save_model
 from histoseg.pipeline import segment_slide
@@ -45,6 +46,12 @@ class CountingPredictor(NetworkPredictor):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         CALLS.append(region.key if region is not None else "?")
         return super().predict(image, region)
+
+
+def _counting(case: Case, cfg: SegmentConfig) -> CountingPredictor:
+    """The default predictor of ``cfg`` (same identity as the pipeline's), counting regions."""
+    bf16 = resolve_precision(cfg.precision, cfg.device).bf16
+    return CountingPredictor(resolve_model(case.model), device=cfg.device, bf16=bf16)
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ def test_killed_run_resumes_only_missing_regions(case: Case, tmp_path: Path) -> 
 
     CALLS.clear()
     cfg = case.config()
-    predictor = CountingPredictor(resolve_model(case.model), device=cfg.device, bf16=cfg.precision == "bf16")
+    predictor = _counting(case, cfg)
     rep = segment_slide(case.slide, out, cfg, InProcessRunner(), predictor)
     assert rep.status == "ok"
     p = _provenance(out)["processing"]
@@ -155,7 +162,7 @@ def test_store_of_other_settings_is_not_reused(case: Case, tmp_path: Path, chang
     assert _stored(out) >= 3
     CALLS.clear()
     cfg = case.config()
-    predictor = CountingPredictor(resolve_model(case.model), device=cfg.device, bf16=cfg.precision == "bf16")
+    predictor = _counting(case, cfg)
     assert segment_slide(case.slide, out, cfg, InProcessRunner(), predictor).status == "ok"
     p = _provenance(out)["processing"]
     assert p["regions_reused"] == 0 and p["regions_computed"] == p["regions"] == len(CALLS)
@@ -173,7 +180,7 @@ def test_run_killed_after_its_last_region_computes_nothing(case: Case, tmp_path:
         segment_slide(case.slide, out, case.config(), InProcessRunner(), on_region=crash_at_the_end)
     CALLS.clear()
     cfg = case.config()
-    predictor = CountingPredictor(resolve_model(case.model), device=cfg.device, bf16=cfg.precision == "bf16")
+    predictor = _counting(case, cfg)
     assert segment_slide(case.slide, out, cfg, InProcessRunner(), predictor).status == "ok"
     p = _provenance(out)["processing"]
     assert p["regions_reused"] == p["regions"] and p["regions_computed"] == 0 and CALLS == []

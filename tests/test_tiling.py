@@ -10,7 +10,8 @@ from scipy import ndimage as ndi
 
 from histoseg.errors import ConfigError
 from histoseg.io import open_slide
-from histoseg.tiling import plan_regions, tissue_mask
+from histoseg.stitching import in_tissue
+from histoseg.tiling import TISSUE_CELL, plan_regions, tissue_cells, tissue_mask
 from histoseg.types import Box, Region
 
 CMU1 = Path("slides") / "aperio-cmu1-small" / "CMU-1-Small-Region.svs"
@@ -82,7 +83,7 @@ def test_tissue_filter_keeps_exactly_the_cores_with_tissue() -> None:
     mask[90:100, 3 * 64 + 25 : 3 * 64 + 40] = True  # cell (1, 3)
     mask[220:225, 321:324] = True  # cell (3, 5), the partial corner cell
     mask[150, 100] = True  # a single pixel in cell (2, 1)
-    regions = plan_regions((1000, 1300), 256, 32, tissue=mask)
+    regions = plan_regions((1000, 1300), 256, 32, tissue_cells(mask, (1000, 1300)))
     assert _rc(regions) == [(0, 0), (1, 3), (2, 1), (3, 5)]  # raster order kept
     for r in regions:
         assert r.core == Box(r.col * 256, r.row * 256, 256, 256) and r.halo == 32
@@ -92,18 +93,37 @@ def test_tissue_filter_all_or_nothing_at_odd_mask_scale() -> None:
     plane = (1000, 1300)
     n = 4 * 6
     for shape in [(97, 131), (250, 325), (1000, 1300), (13, 7)]:
-        assert len(plan_regions(plane, 256, 0, tissue=np.ones(shape, bool))) == n
-        assert plan_regions(plane, 256, 0, tissue=np.zeros(shape, bool)) == []
+        assert len(plan_regions(plane, 256, 0, tissue_cells(np.ones(shape, bool), plane))) == n
+        assert plan_regions(plane, 256, 0, tissue_cells(np.zeros(shape, bool), plane)) == []
 
 
-def test_min_tissue_fraction() -> None:
-    # plane 512 x 768 (2 x 3 cores of 256) at half resolution: a core is 128 x 128 mask pixels
+def test_min_tissue_fraction_is_per_cell() -> None:
+    # plane 512 x 768 (2 x 3 cores of 256) at half resolution: a 32-px tissue cell is 16 x 16 mask pixels
+    plane = (512, 768)
     mask = np.zeros((256, 384), dtype=bool)
-    mask[2:126, 2:126] = True  # cell (0, 0): ~94 % tissue, kept clear of the cell borders
-    mask[180:190, 300:310] = True  # cell (1, 2): a 10 x 10 blob, < 1 % even after a small dilation
-    assert _rc(plan_regions((512, 768), 256, 0, tissue=mask)) == [(0, 0), (1, 2)]
-    assert _rc(plan_regions((512, 768), 256, 0, tissue=mask, min_tissue_fraction=0.5)) == [(0, 0)]
-    assert plan_regions((512, 768), 256, 0, tissue=mask, min_tissue_fraction=0.999) == []
+    mask[2:126, 2:126] = True  # core (0, 0): cells 1..6 fully covered (after the 3x3 dilation too)
+    mask[180:190, 300:310] = True  # core (1, 2): a 10 x 10 blob, 12 x 12 dilated: at most 33 % of a cell
+    assert _rc(plan_regions(plane, 256, 0, tissue_cells(mask, plane))) == [(0, 0), (1, 2)]
+    assert _rc(plan_regions(plane, 256, 0, tissue_cells(mask, plane, 0.5))) == [(0, 0)]
+    cells = tissue_cells(mask, plane, 0.999)
+    assert cells[1:7, 1:7].all() and cells.sum() == 36  # only fully covered cells
+    assert _rc(plan_regions(plane, 256, 0, cells)) == [(0, 0)]
+
+
+def test_thin_strip_across_a_region_border_is_kept_at_every_region_size() -> None:
+    """A 1-cell-wide tissue strip along a core border: every region size runs the regions that hold it, and
+    the nuclei kept (anchor in a tissue cell) are the same set whatever the region size."""
+    plane = (1024, 1024)
+    mask = np.zeros((256, 256), dtype=bool)  # 4 plane px per mask px
+    mask[:, 126:130] = True  # plane x 504..520: crosses the x=512 border of 256- and 512-px cores
+    cells = tissue_cells(mask, plane)
+    anchors = np.array([[100, 510], [700, 515], [300, 100], [900, 1000]])  # (y, x); two in the strip
+    kept = in_tissue(anchors, cells, TISSUE_CELL)
+    assert kept.tolist() == [True, True, False, False]
+    for size in (256, 512, 1024):
+        regions = plan_regions(plane, size, 0, cells)
+        for y, x in anchors[kept]:
+            assert any(r.core.contains(x, y) for r in regions), (size, y, x)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,7 +160,7 @@ def test_tent_lowers_entropy_and_g2p_needs_stats(model: tuple[NucleiNet, ModelCa
 
 
 def test_head_guard_checks_all_three_heads() -> None:
-    from histoseg.tta.methods import _collapsed
+    from histoseg.tta.guard import collapsed as _collapsed
 
     h0 = {"hv_spread": 0.4, "np_fraction": 0.2, "tp_entropy": 1.0}
     assert _collapsed(h0, {"hv_spread": 0.35, "np_fraction": 0.3, "tp_entropy": 0.9}) == ""
@@ -167,3 +168,77 @@ def test_head_guard_checks_all_three_heads() -> None:
     assert _collapsed(h0, {**h0, "np_fraction": 0.9}).startswith("NP head collapsed")
     assert _collapsed(h0, {**h0, "np_fraction": 0.0005}).startswith("NP head collapsed")
     assert _collapsed(h0, {**h0, "tp_entropy": 0.2}).startswith("TP head collapsed")
+
+
+def test_top_ratio_layers_move_and_the_others_stay(model: tuple[NucleiNet, ModelCard]) -> None:
+    net, card = model
+    st = TTASettings(method="g2p", steps=4, lr=0.001, gate=0.0, params="top", top=0.25, guard=False)
+    res = adapt(net, card, _images(0.4), st)
+    assert res.state is not None
+    r = res.report["g2p_ratios"]  # every conv and BN layer, ranked by its ratio at the source weights
+    moved = res.report["moved_layers"]
+    assert len(moved) == -(-len(r) // 4)  # ceil(25% of the layers)
+    assert set(moved) == set(sorted(r, key=lambda k: (-r[k], k))[: len(moved)])
+    src = net.state_dict()
+    for name in r:
+        same = torch.equal(res.state[f"{name}.weight"], src[f"{name}.weight"])
+        assert same == (name not in moved), name
+
+
+def test_bnstats_moves_statistics_and_affine_only(shared_data: Path) -> None:
+    """On a real image from another lab (DSB) with the shipped model: the BN statistics become the slide's
+    (as AdaBN's), only BN affine parameters then move, and no convolution changes."""
+    from histoseg.models import load_model, resolve_model
+    from histoseg.training.evaluate import load_dataset
+
+    net, card = load_model(resolve_model("default"))
+    img = load_dataset("dsb")[0].image[:, :, :3]
+    imgs = [np.ascontiguousarray(img[:256, :256]), np.ascontiguousarray(img[:256, -256:])]
+    st = TTASettings(method="g2p", steps=2, gate=0.0, params="bnstats", guard=False)
+    res = adapt(net, card, imgs, st)
+    ada = adapt(net, card, imgs, TTASettings(method="bn", guard=False))
+    assert res.state is not None and ada.state is not None, res.report["guard"]
+    src = net.state_dict()
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.testing.assert_close(res.state[f"{name}.weight"], src[f"{name}.weight"])
+    for name in bn_layers(net):
+        torch.testing.assert_close(res.state[f"{name}.running_mean"], ada.state[f"{name}.running_mean"])
+    assert set(res.report["moved_layers"]) == set(bn_layers(net))
+    assert any(not torch.equal(res.state[f"{k}.weight"], src[f"{k}.weight"]) for k in bn_layers(net))
+
+
+def test_plausibility_bounds_known_answers() -> None:
+    from histoseg.tta.guard import Census, implausible, ratios
+
+    src = Census(count=99, median_area=79.0)
+    assert ratios(src, Census(99, 79.0)) == (1.0, 1.0)
+    assert implausible(src, Census(119, 85.0), (0.8, 1.25), (0.8, 1.25)) == ""  # x1.2 count, x1.075 area
+    assert implausible(src, Census(199, 79.0), (0.8, 1.25), (0.8, 1.25)).startswith("nucleus count")  # x2
+    assert implausible(src, Census(69, 79.0), (0.8, 1.25), (0.8, 1.25)).startswith("nucleus count")  # x0.7
+    assert implausible(src, Census(99, 55.0), (0.8, 1.25), (0.8, 1.25)).startswith("median nucleus area")
+    assert implausible(Census(0, 0.0), Census(0, 0.0), (0.8, 1.25), (0.8, 1.25)) == ""  # nothing found twice
+    with pytest.raises(ConfigError):
+        TTASettings(count_bounds=(1.1, 1.5))
+
+
+def test_guard_rejects_a_real_adaptation_that_multiplies_nuclei(shared_data: Path) -> None:
+    """AdaBN on a CRCHisto image (colorectal, 20x) finds far more nuclei than the source model on the same crops
+    (fibres and debris taken for nuclei); the guard keeps the source weights and says why."""
+    import cv2
+
+    from histoseg.models import load_model, resolve_model
+    from histoseg.training.evaluate import load_dataset
+
+    net, card = load_model(resolve_model("default"))
+    s = load_dataset("crchisto-val")[0]
+    f = s.mpp / card.mpp
+    img = cv2.resize(s.image[..., :3], (round(s.image.shape[1] * f), round(s.image.shape[0] * f)))
+    crops = [np.ascontiguousarray(img[y : y + 256, x : x + 256]) for y in (0, 256) for x in (0, 256)]
+    raw = adapt(net, card, crops, TTASettings(method="bn", guard=False))
+    assert raw.state is not None and "census" not in raw.report
+    res = adapt(net, card, crops, TTASettings(method="bn"))
+    c = res.report["census"]
+    assert c["count_ratio"] > 1.25 and c["count_after"] > c["count_before"] > 20
+    assert res.state is None and res.report["kept_source"]
+    assert res.report["guard"].startswith("nucleus count changed implausibly")

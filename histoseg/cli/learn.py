@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from histoseg.export.atomic import atomic_file, check_writable_target
+from histoseg.models.registry import check_not_a_model_source
+
 
 def run_train(args: argparse.Namespace) -> int:
     from histoseg.training.config import TrainConfig
@@ -23,9 +26,13 @@ _COLUMNS = ("dice", "aji", "aji_plus", "dq", "sq", "pq", "det_f1")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from histoseg.inference.precision import resolve_precision
     from histoseg.training.evaluate import evaluate
 
-    res = evaluate(args.dataset, args.model, limit=args.limit, bf16=args.bf16)
+    bf16 = resolve_precision(args.precision).bf16
+    if args.json:
+        check_writable_target(args.json)  # before minutes of evaluation, not after
+    res = evaluate(args.dataset, args.model, limit=args.limit, bf16=bf16)
     rows = res["images"]
     cols = [c for c in _COLUMNS if rows and c in rows[0]] or ["det_tp", "det_fp", "det_fn"]
     width = max([len("mean")] + [len(r["image"]) for r in rows])
@@ -40,7 +47,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         f"[{args.dataset}, model {res['model']} at {res['model_mpp']} µm/px, {res['seconds']:.1f} s]"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
 
@@ -49,7 +57,7 @@ def run_adapt(args: argparse.Namespace) -> int:
     from histoseg.config import SegmentConfig
     from histoseg.errors import ConfigError
     from histoseg.pipeline.adapt import adapt_to_slide, sample_crops
-    from histoseg.pipeline.slide import default_predictor, plan_slide
+    from histoseg.pipeline.plan import default_predictor, plan_slide
     from histoseg.tta import TTASettings
 
     out = Path(args.output)
@@ -59,10 +67,14 @@ def run_adapt(args: argparse.Namespace) -> int:
         raise ConfigError("histoseg adapt needs a method: --tta bn|tent|g2p")
     config = SegmentConfig(model=args.model, slide_mpp=args.slide_mpp, backend=args.backend)
     predictor = default_predictor(config)
+    source = getattr(predictor, "artifact", None)
+    if source is not None:
+        check_not_a_model_source(out, source)  # never the model being adapted, never a shipped one
+    check_writable_target(out)
     plan = plan_slide(args.slide, config, predictor)
     settings = TTASettings(method=args.tta, regions=args.tta_regions, steps=args.tta_steps)
-    crops = sample_crops(plan.path, plan.regions, plan.card.mpp, settings, args.backend, args.slide_mpp,
-                         plan.plane_shape)
+    crops = sample_crops(plan.path, plan.tissue, plan.plane_shape, plan.card.mpp, settings, args.backend,
+                         args.slide_mpp)
     from histoseg.inference import NetworkPredictor
 
     if not isinstance(predictor, NetworkPredictor):

@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from histoseg import __version__
+from histoseg.cli.report import add_report_parser, run_report
+from histoseg.config import PRECISION_CHOICES, RUNTIME_CHOICES, SegmentConfig
 from histoseg.errors import HistosegError
 
 log = logging.getLogger("histoseg")
@@ -29,6 +32,34 @@ def _positive_float(s: str) -> float:
     return v
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every default shown (unless the help already names it, or the option is a plain switch), examples kept
+    as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, True, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+SEGMENT_EXAMPLES = """\
+examples:
+  # a folder of slides (recursive), results in results/<slide-stem>/
+  histoseg segment /data/cohort1/ -o results/
+
+  # two local worker processes; outputs are identical to one worker
+  histoseg segment "/data/cohort1/*.svs" -o results/ --workers 2
+
+  # a SLURM cluster: 4 jobs of 8 single-threaded workers each (run on a login node)
+  histoseg segment /shared/slides/ -o /shared/results/ --cluster slurm --jobs 4 --cores 8 \\
+      --memory 32GB --walltime 04:00:00 --account myproject --queue cpu
+
+  # a plain image or a slide without mpp metadata: give the µm per pixel of level 0
+  histoseg segment scan.png -o results/ --slide-mpp 0.25
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="histoseg", description="Whole-slide nuclei segmentation.")
     p.add_argument("--version", action="version", version=f"histoseg {__version__}")
@@ -40,27 +71,43 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image", "omezarr"])
     info.add_argument("--json", action="store_true", help="print JSON")
 
-    seg = sub.add_parser("segment", help="segment slides into GeoJSON, OME-Zarr labels and Parquet")
+    seg = sub.add_parser(
+        "segment",
+        help="segment slides into GeoJSON, OME-Zarr labels and Parquet",
+        description="Find and measure every nucleus of each slide; one output folder per slide (OUT/<stem>/).",
+        epilog=SEGMENT_EXAMPLES,
+        formatter_class=_HelpFormatter,
+    )
     seg.add_argument("inputs", nargs="+", metavar="INPUT", help="slide files, folders (recursive) or globs")
     seg.add_argument("-o", "--output", required=True, help="output folder (one sub-folder per slide)")
     seg.add_argument(
         "--slide-mpp",
         type=_positive_float,
         default=None,
-        help="µm per pixel of level 0, for slides without (or with wrong) metadata",
+        help="µm per pixel of level 0, for slides without (or with wrong) metadata; default: the slide's own",
     )
     seg.add_argument("--model", default="default", help="registered model name or path to .safetensors")
-    seg.add_argument("--region-size", type=int, default=1024, help="region core size in processing px")
+    seg.add_argument("--region-size", type=int, default=1024,
+                     help="region core size in processing px (performance only: results do not depend on it)")
     seg.add_argument("--formats", default="geojson,zarr,parquet", help="comma list of geojson,zarr,parquet")
     seg.add_argument("--geojson-gzip", action="store_true", help="write .geojson.gz")
     seg.add_argument("--overwrite", action="store_true", help="redo slides that already have _SUCCESS")
-    seg.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu; cuda with --gpus)")
-    seg.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image", "omezarr"])
+    seg.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cpu, cuda with --gpus")
+    seg.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image", "omezarr"],
+                     help="slide reader")
     seg.add_argument(
         "--strict-halo", action="store_true", help="fail when a nucleus touches a region's halo edge instead of warning"
     )
-    seg.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
-                     help="network arithmetic: bf16 autocast (default; ~2x faster on CPU) or fp32")
+    seg.add_argument("--precision", default=SegmentConfig.precision, choices=list(PRECISION_CHOICES),
+                     help="network arithmetic: auto = bf16 where the device computes it natively (AVX512-BF16/AMX "
+                     "CPUs, Arm BF16, CUDA with bf16), fp32 elsewhere; provenance.json records the choice and why")
+    seg.add_argument("--runtime", default=SegmentConfig.runtime, choices=list(RUNTIME_CHOICES),
+                     help="engine of the network: openvino/onnxruntime are 2.6-3x faster on CPU (pip install "
+                     "'histoseg[fast]') but their results change slightly with --region-size; torch is exact")
+    seg.add_argument("--keep-adapted", action="store_true",
+                     help="keep the per-slide adapted weights (<stem>.adapted.safetensors) after _SUCCESS")
+    seg.add_argument("--no-report", dest="report", action="store_false",
+                     help="do not write the per-slide QC report (report.html) and the batch index.html")
     _add_tta_arguments(seg)
     _add_cluster_arguments(seg)
 
@@ -81,9 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="default")
     ev.add_argument("--limit", type=int, default=None, help="first N images only")
     ev.add_argument("--json", default=None, help="also write the results as JSON to this file")
-    ev.add_argument("--bf16", action="store_true")
+    ev.add_argument("--precision", default="auto", choices=list(PRECISION_CHOICES),
+                    help="network arithmetic (auto: bf16 only where native)")
 
     sub.add_parser("models", help="list registered models")
+    add_report_parser(sub)
     return p
 
 
@@ -133,15 +182,36 @@ def _add_cluster_arguments(seg: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# third-party loggers that talk to users who did not ask (-v shows everything)
+_QUIET = {
+    "distributed": logging.WARNING,
+    "tornado": logging.WARNING,
+    "asyncio": logging.CRITICAL,  # "Task was destroyed but it is pending!" from zarr's event loop on a bad tile
+    "tifffile": logging.ERROR,
+    "PIL": logging.WARNING,
+    "numcodecs": logging.WARNING,
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    """histoseg's own messages at INFO (DEBUG with -v); other libraries at WARNING or quieter, so an error
+    stays one line. Dask reads its logging level from the environment when it is first imported (later, in
+    the segment command and in its worker processes), so it is set there."""
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "debug" if verbose else "warning")
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("distributed", "tornado", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("histoseg").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        for name, level in _QUIET.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
     try:
         if args.command == "info":
             return _info(args)
@@ -161,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from histoseg.cli.learn import run_evaluate
 
             return run_evaluate(args)
+        if args.command == "report":
+            return run_report(args)
         if args.command == "models":
             from histoseg.models import registered_models
 

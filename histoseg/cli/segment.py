@@ -56,6 +56,9 @@ def config_from_args(args: argparse.Namespace, cluster: ClusterSpec | None = Non
         tta_regions=args.tta_regions,
         tta_steps=args.tta_steps,
         precision=args.precision,
+        runtime=args.runtime,
+        keep_adapted=args.keep_adapted,
+        report=args.report,
     )
 
 
@@ -82,6 +85,13 @@ def run_segment(args: argparse.Namespace) -> int:
         elif done == total or done % max(1, total // 10) == 0:
             log.info("  regions %d/%d", done, total)
 
+    def on_stage(text: str) -> None:
+        bar = bars.get("region")
+        if bar is not None:
+            bar.set_postfix_str(text)
+        else:
+            log.info("  %s", text)
+
     def on_slide_done(rep: SlideReport) -> None:
         bar = bars.pop("region", None)
         if bar is not None:
@@ -99,6 +109,7 @@ def run_segment(args: argparse.Namespace) -> int:
         on_slide_start=on_slide_start,
         on_region=on_region,
         on_slide_done=on_slide_done,
+        on_stage=on_stage,
     )
     print_summary(reports)
     failed = [r for r in reports if r.status == "failed"]

@@ -1,8 +1,10 @@
 """Generic task runners: in-process, or a Dask distributed cluster (knows Dask, not nuclei).
 
 ``LocalDaskRunner`` starts worker *processes* with one thread each and single-threaded math libraries:
-two busy threads per process ran slower than one on small shared machines (facts.md). Results come back
-in submission order whatever order tasks finish in, so callers stay deterministic.
+two busy threads per process ran slower than one on small shared machines (docs/facts.md). Results come
+back as tasks complete (``as_completed``), each with its item's index: callers that need determinism order
+by that index (stitching orders regions by raster position), never by arrival.
+``--workers 1`` runs tasks in this process with ``HISTOSEG_THREADS`` math threads (default 1).
 """
 
 from __future__ import annotations

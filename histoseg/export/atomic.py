@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -16,11 +17,35 @@ from pathlib import Path
 
 from histoseg.errors import OutputError
 
-__all__ = ["atomic_dir", "atomic_file"]
+__all__ = ["atomic_dir", "atomic_file", "check_writable_target", "is_temporary_name", "remove_stale_temporaries"]
+
+# the exact names _temp_sibling makes: "." + target name + ".tmp-" or ".old-" + 12 lowercase hex digits
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?:tmp|old)-[0-9a-f]{12}", re.DOTALL)
 
 
 def _temp_sibling(target: Path, tag: str) -> Path:
     return target.with_name(f".{target.name}.{tag}-{uuid.uuid4().hex[:12]}")
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` is exactly the name of one of this module's temporaries (``.<target>.tmp-<hex12>``
+    or ``.<target>.old-<hex12>``); nothing else a user may keep in a folder matches."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[str]:
+    """Delete the temporaries a killed atomic write left directly in ``folder``; return their names.
+
+    Only entries named exactly like :func:`is_temporary_name` are touched (a symlink is unlinked, never
+    followed); any other file or folder, hidden or not, is left alone.
+    """
+    removed: list[str] = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if is_temporary_name(entry.name):
+                _remove(Path(entry.path))
+                removed.append(entry.name)
+    return sorted(removed)
 
 
 def _prepare_folder(target: Path) -> None:
@@ -44,6 +69,22 @@ def _remove(path: Path) -> None:
 
 def _not_writable(target: Path, e: OSError) -> OutputError:
     return OutputError(f"cannot write {target}: folder {target.parent} is not writable ({e.strerror or e})")
+
+
+def check_writable_target(path: str | os.PathLike[str]) -> None:
+    """Fail early (OutputError) when ``path`` could not be written atomically later: its folder cannot be
+    created, or a temporary cannot be made in it. Probes by creating and removing one; ``path`` is untouched.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"cannot write {target}: it is a folder")
+    _prepare_folder(target)
+    tmp = _temp_sibling(target, "tmp")
+    try:
+        tmp.touch(exist_ok=False)
+    except OSError as e:
+        raise _not_writable(target, e) from e
+    _remove(tmp)
 
 
 @contextlib.contextmanager

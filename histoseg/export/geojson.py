@@ -2,9 +2,13 @@
 
 Each feature follows QuPath's import rules (design.md section 7, facts.md): a UUID ``id``
 (``uuid5`` of the slide key and the nucleus id, so reruns give the same ids), a valid ``Polygon`` in
-level-0 pixels rounded to 2 decimals, ``objectType = "detection"``, a classification with ``name`` and
-``color``, and ``measurements`` as a dict whose non-finite values are the strings ``"NaN"``,
-``"Infinity"``, ``"-Infinity"`` (the file never contains bare ``NaN`` tokens).
+level-0 pixels rounded to 2 decimals, ``objectType = "detection"``, a classification with the model
+card's ``name`` and ``color`` (:meth:`InstanceTable.class_name`; class id 0 = unclassified, written
+without a classification), and ``measurements`` as a dict named the way QuPath names its own
+(:data:`QUPATH_MEASUREMENT_NAMES`, e.g. ``"Nucleus: Area µm^2"``). A non-finite measurement is left out
+of that feature: older QuPath versions reject ``"NaN"`` strings, and a missing measurement reads as NaN
+in every version. Minimum QuPath version: 0.4 (GeoJSON import with ``measurements`` as a dict and
+``classification`` objects, as listed in facts.md); 0.6+ also checks polygon validity, which we meet.
 """
 
 from __future__ import annotations
@@ -26,12 +30,22 @@ from histoseg.export.atomic import atomic_file
 from histoseg.export.geometry import RepairStats, iter_clean_polygons
 from histoseg.types import InstanceTable
 
-__all__ = ["NUCLEUS_NAMESPACE", "feature_uuid", "json_number", "write_geojson"]
+__all__ = ["NUCLEUS_NAMESPACE", "QUPATH_MEASUREMENT_NAMES", "feature_uuid", "qupath_name", "write_geojson"]
 
 NUCLEUS_NAMESPACE = uuid.UUID("6f1c1f0e-3b7a-5d3e-9a57-2f4c8e6b9d10")
 """Fixed namespace of histoseg nucleus UUIDs (never change it: ids must stay stable across versions)."""
 
-_UNKNOWN_COLOR = (128, 128, 128)
+QUPATH_MEASUREMENT_NAMES: dict[str, str] = {
+    "area_um2": "Nucleus: Area µm^2",
+    "perimeter_um": "Nucleus: Perimeter µm",
+    "eccentricity": "Nucleus: Eccentricity",
+    "solidity": "Nucleus: Solidity",
+    "mean_hematoxylin": "Nucleus: Hematoxylin OD mean",
+    "probability": "Detection probability",
+    "id": "Nucleus ID",
+}
+"""Table column (Parquet, snake_case) -> QuPath measurement name (GeoJSON), the one table of name pairs.
+``Nucleus ID`` equals the Parquet ``id`` and the value of the nucleus in the Zarr ``labels/nuclei``."""
 
 
 def feature_uuid(slide_key: str, nucleus_id: int) -> str:
@@ -39,14 +53,9 @@ def feature_uuid(slide_key: str, nucleus_id: int) -> str:
     return str(uuid.uuid5(NUCLEUS_NAMESPACE, f"{slide_key}/{int(nucleus_id)}"))
 
 
-def json_number(value: float) -> float | str:
-    """A float as QuPath reads it: finite unchanged, else ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``."""
-    v = float(value)
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "Infinity" if v > 0 else "-Infinity"
-    return v
+def qupath_name(column: str) -> str:
+    """QuPath measurement name of a table column; a column missing from the table keeps its name."""
+    return QUPATH_MEASUREMENT_NAMES.get(column, column)
 
 
 def _ring(coords: Any) -> list[list[float]]:
@@ -58,13 +67,11 @@ def _geometry(poly: Polygon) -> dict[str, Any]:
     return {"type": "Polygon", "coordinates": rings}
 
 
-def _classification(table: InstanceTable, class_id: int) -> dict[str, Any]:
-    if 0 <= class_id < len(table.class_names):
-        name = table.class_names[class_id]
-    else:
-        name = f"class {class_id}"
-    color = table.class_colors[class_id] if 0 <= class_id < len(table.class_colors) else _UNKNOWN_COLOR
-    return {"name": name, "color": [int(c) for c in color]}
+def _classification(table: InstanceTable, class_id: int) -> dict[str, Any] | None:
+    """QuPath classification of a class id (None for 0: QuPath's "Unclassified" has no classification)."""
+    if class_id == 0:
+        return None
+    return {"name": table.class_name(class_id), "color": list(table.class_color(class_id))}
 
 
 def geojson_target(path: str | os.PathLike[str], gzip: bool) -> Path:
@@ -92,6 +99,9 @@ def write_geojson(
             raise ValueError(f"measurement {name!r} has {len(col)} values for {n} nuclei")
     names = [k for k in table.measurements if k not in ("probability", "id")]
     columns = [np.asarray(table.measurements[k], dtype=np.float64) for k in names]
+    names = [qupath_name(k) for k in names]
+    names.append(qupath_name("probability"))
+    columns.append(np.asarray(table.probabilities, dtype=np.float64))
     stats = RepairStats()
     classes = {int(c): _classification(table, int(c)) for c in np.unique(table.class_ids)}
     written = 0
@@ -106,21 +116,23 @@ def write_geojson(
         out.write('{"type":"FeatureCollection","features":[\n')
         for i, poly in enumerate(iter_clean_polygons(table, stats)):
             nid = int(table.ids[i])
-            measurements: dict[str, float | str] = {
-                k: json_number(c[i]) for k, c in zip(names, columns, strict=True)
-            }
-            measurements["probability"] = json_number(table.probabilities[i])
-            measurements["id"] = nid
+            measurements: dict[str, float] = {}
+            for name, col in zip(names, columns, strict=True):
+                value = float(col[i])
+                if math.isfinite(value):  # omitted, never "NaN": older QuPath rejects the strings
+                    measurements[name] = value
+            measurements[qupath_name("id")] = nid
+            properties: dict[str, Any] = {"objectType": "detection"}
+            cls = classes[int(table.class_ids[i])]
+            if cls is not None:
+                properties["classification"] = cls
+            properties["measurements"] = measurements
+            properties["isLocked"] = False
             feature = {
                 "type": "Feature",
                 "id": feature_uuid(slide_key, nid),
                 "geometry": _geometry(poly),
-                "properties": {
-                    "objectType": "detection",
-                    "classification": classes[int(table.class_ids[i])],
-                    "measurements": measurements,
-                    "isLocked": False,
-                },
+                "properties": properties,
             }
             if written:
                 out.write(",\n")

@@ -1,12 +1,15 @@
 """Parquet nucleus table: one row per nucleus, polygons as WKB (GeoParquet 1.0 metadata).
 
 Columns: ``id`` (uint32), ``centroid_x``, ``centroid_y``, ``bbox_x0``, ``bbox_y0``, ``bbox_x1``,
-``bbox_y1`` (float64, level-0 pixels), ``class_id`` (uint8), ``class_name`` (dictionary string),
-``probability`` (float32), every measurement of the table (float64, NaN kept as NaN), ``polygon``
-(WKB of the same repaired polygon as the GeoJSON, level-0 pixels).
+``bbox_y1`` (float64, level-0 pixels), ``class_id`` (uint8: 0 background/unclassified, k >= 1 the
+model card's class k), ``class_name`` (dictionary string, :meth:`InstanceTable.class_name`),
+``probability`` (float32), every measurement of the table under its machine-friendly snake_case name
+(float64, NaN kept as NaN; ``area_um2``, ``perimeter_um``, ...), ``polygon`` (WKB of the same repaired
+polygon as the GeoJSON, level-0 pixels).
 
 File key-value metadata: ``histoseg`` (JSON: mpp0, mpp, scale, plane_shape, class_names,
-class_colors) and ``geo`` (GeoParquet: ``polygon`` is the primary WKB column, no CRS since the
+class_colors, and ``qupath_names``: column -> the GeoJSON's QuPath measurement name) and ``geo``
+(GeoParquet: ``polygon`` is the primary WKB column, no CRS since the
 coordinates are pixels), so geopandas ``read_parquet`` works as well as plain pyarrow.
 """
 
@@ -22,6 +25,7 @@ import pyarrow.parquet as pq
 import shapely
 
 from histoseg.export.atomic import atomic_file
+from histoseg.export.geojson import QUPATH_MEASUREMENT_NAMES
 from histoseg.export.geometry import RepairStats, iter_clean_polygons
 from histoseg.types import InstanceTable
 
@@ -42,8 +46,8 @@ FIXED_COLUMNS = (
 
 
 def _class_names(table: InstanceTable) -> pa.Array:
-    n_classes = max(len(table.class_names), int(table.class_ids.max()) + 1 if len(table) else 0)
-    names = [table.class_names[c] if c < len(table.class_names) else f"class {c}" for c in range(n_classes)]
+    """``class_name`` column: a dictionary over every class id (:meth:`InstanceTable.class_name`)."""
+    names = [table.class_name(c) for c in table.class_id_range()]
     indices = pa.array(np.asarray(table.class_ids, dtype=np.int32), type=pa.int32())
     return pa.DictionaryArray.from_arrays(indices, pa.array(names, type=pa.string()))
 
@@ -56,6 +60,8 @@ def _file_metadata(table: InstanceTable, bbox: list[float] | None) -> dict[bytes
         "plane_shape": [int(v) for v in table.plane_shape],
         "class_names": list(table.class_names),
         "class_colors": [[int(c) for c in rgb] for rgb in table.class_colors],
+        "class_ids": "class id k >= 1 is class_names[k - 1]; 0 is background/unclassified",
+        "qupath_names": dict(QUPATH_MEASUREMENT_NAMES),
         "coordinates": "level-0 pixels, origin top-left",
     }
     geo_col: dict[str, Any] = {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None}

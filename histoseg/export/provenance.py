@@ -62,10 +62,16 @@ def write_provenance(path: str | os.PathLike[str], record: dict[str, Any]) -> No
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_success(folder: str | os.PathLike[str]) -> Path:
-    """Write ``folder/_SUCCESS`` (UTC completion time); call it after every other output is in place."""
+def write_success(folder: str | os.PathLike[str], record: Mapping[str, Any] | None = None) -> Path:
+    """Write ``folder/_SUCCESS`` (UTC completion time); call it after every other output is in place.
+
+    With ``record`` (what the outputs certify: slide, settings) the marker is JSON with ``completed`` added.
+    """
     target = Path(folder) / SUCCESS_NAME
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    text = stamp + "\n"
+    if record is not None:
+        text = json.dumps(jsonable({"completed": stamp, **record}), indent=2, allow_nan=False) + "\n"
     with atomic_file(target) as tmp:
-        tmp.write_text(stamp + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return target

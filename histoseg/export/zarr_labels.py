@@ -1,13 +1,20 @@
-"""OME-Zarr label export: ``labels/nuclei`` (uint32 ids) and ``labels/classes`` (uint8 class ids).
+"""OME-Zarr export: the slide image at the root, ``labels/nuclei`` (uint32 ids) and ``labels/classes``.
 
 Format: OME-NGFF 0.4 on Zarr format 2 (``dimension_separator="/"``), the combination QuPath, napari
 (napari-ome-zarr), ome-zarr-py and Fiji/MoBIE all read today; chunks are compressed with zstd level 3.
 Layout::
 
-    <stem>.zarr/                 .zattrs: {"histoseg": {mpp0, scale, plane_shape, ...}}
+    <stem>.zarr/                 .zattrs: multiscales + omero (RGB slide image, see zarr_image.py),
+      0/ 1/ ...                           {"histoseg": {mpp0, scale, plane_shape, ...}}
       labels/                    .zattrs: {"labels": ["nuclei", "classes"]}
-        nuclei/  0/ 1/ ...       .zattrs: multiscales + image-label
-        classes/ 0/ 1/ ...       .zattrs: multiscales + image-label (colors, properties)
+        nuclei/  0/ 1/ ...       .zattrs: multiscales + image-label (colors: 0 transparent)
+        classes/ 0/ 1/ ...       .zattrs: multiscales + image-label (colors, properties for every value)
+
+``classes`` holds class id ``k >= 1`` = the model card's class ``k`` (name and colour from
+:meth:`InstanceTable.class_name` / ``class_color``, opaque) and 0 = background (transparent). ``nuclei``
+lists only value 0 (transparent): with hundreds of thousands of ids a colour per id does not scale, so
+a viewer that treats unlisted values as transparent (napari with napari-ome-zarr 0.10) shows the
+``classes`` layer in colour and the ``nuclei`` layer only after the user picks a colormap.
 
 Both rasters cover the processing plane (``table.plane_shape``); level ``k`` is level ``k-1`` sampled
 ``[::2, ::2]`` (nearest), so with NGFF's pixel-centre convention its transform is a pure
@@ -32,6 +39,7 @@ import numpy as np
 import zarr
 
 from histoseg.export.atomic import atomic_dir
+from histoseg.export.zarr_image import SlideImage, pyramid_shapes, write_root_image
 from histoseg.types import InstanceTable
 
 __all__ = ["NGFF_VERSION", "ZSTD", "pyramid_shapes", "write_label_zarr"]
@@ -42,23 +50,6 @@ ZSTD: dict[str, Any] = {"id": "zstd", "level": 3}
 
 _LABELS = (("nuclei", np.uint32), ("classes", np.uint8))
 _Chunk = tuple[int, int]
-
-
-def pyramid_shapes(plane_shape: tuple[int, int], chunk: int, levels: int | None = None) -> list[_Chunk]:
-    """Shapes of the pyramid levels: halve (rounding up) until the smaller side is < ``chunk``.
-
-    ``levels`` forces the number of levels (at least 1).
-    """
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    if levels is not None and levels < 1:
-        raise ValueError(f"levels must be >= 1, got {levels}")
-    h, w = (int(v) for v in plane_shape)
-    shapes = [(h, w)]
-    while (len(shapes) < levels) if levels is not None else (min(shapes[-1]) >= chunk):
-        ph, pw = shapes[-1]
-        shapes.append((math.ceil(ph / 2), math.ceil(pw / 2)))
-    return shapes
 
 
 def _multiscales(name: str, n_levels: int, mpp: float) -> list[dict[str, Any]]:
@@ -80,14 +71,21 @@ def _multiscales(name: str, n_levels: int, mpp: float) -> list[dict[str, Any]]:
 
 
 def _class_label_meta(table: InstanceTable) -> dict[str, Any]:
-    n = max(len(table.class_names), len(table.class_colors))
+    """``image-label`` of ``classes``: a colour and a name for every value it can hold (0 transparent)."""
     colors, props = [], []
-    for c in range(min(n, 256)):
-        rgb = [int(v) for v in table.class_colors[c]] if c < len(table.class_colors) else [128, 128, 128]
-        colors.append({"label-value": c, "rgba": [*rgb, 0 if c == 0 else 255]})
-        name = table.class_names[c] if c < len(table.class_names) else f"class {c}"
-        props.append({"label-value": c, "name": name})
-    return {"version": NGFF_VERSION, "colors": colors, "properties": props}
+    for c in table.class_id_range():
+        colors.append({"label-value": c, "rgba": [*table.class_color(c), 0 if c == 0 else 255]})
+        props.append({"label-value": c, "name": table.class_name(c)})
+    return {"version": NGFF_VERSION, "colors": colors, "properties": props, "source": {"image": "../../"}}
+
+
+def _nuclei_label_meta() -> dict[str, Any]:
+    """``image-label`` of ``nuclei``: background transparent (ids are too many to list one by one)."""
+    return {
+        "version": NGFF_VERSION,
+        "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}],
+        "source": {"image": "../../"},
+    }
 
 
 class _BucketIndex:
@@ -159,18 +157,28 @@ def _validate(table: InstanceTable) -> None:
 
 
 def write_label_zarr(
-    table: InstanceTable, path: str | os.PathLike[str], *, chunk: int = 1024, levels: int | None = None
+    table: InstanceTable,
+    path: str | os.PathLike[str],
+    *,
+    image: SlideImage | None,
+    chunk: int = 1024,
+    levels: int | None = None,
 ) -> None:
-    """Write the OME-NGFF 0.4 label container of ``table`` to ``path`` (a ``.zarr`` folder), atomically.
+    """Write the OME-NGFF 0.4 container of ``table`` to ``path`` (a ``.zarr`` folder), atomically.
 
-    ``chunk``: square chunk side in pixels (every level); ``levels``: pyramid depth, default halving
-    until the smaller side is below ``chunk`` (see :func:`pyramid_shapes`). An existing ``path`` is
-    replaced only after the new container is complete.
+    ``image``: the slide whose pyramid becomes the root image (:mod:`histoseg.export.zarr_image`), so
+    viewers open the folder itself; ``None`` writes the labels only (the root is then no NGFF image:
+    for tests and callers without the slide). ``chunk``: square chunk side in pixels (every level and
+    both images); ``levels``: pyramid depth, default halving until the smaller side is below ``chunk``
+    (see :func:`pyramid_shapes`). An existing ``path`` is replaced only after the new container is
+    complete.
     """
     _validate(table)
     shapes = pyramid_shapes(table.plane_shape, chunk, levels)
     with atomic_dir(path) as tmp:
         root = zarr.open_group(store=str(tmp), mode="w", zarr_format=2)
+        if image is not None:
+            write_root_image(root, image, table, chunk=chunk, compressors=ZSTD)
         root.attrs["histoseg"] = {
             "mpp0": float(table.mpp0),
             "mpp": float(table.mpp),
@@ -184,9 +192,7 @@ def write_label_zarr(
         for name, dtype in _LABELS:
             group = labels.create_group(name)
             group.attrs["multiscales"] = _multiscales(name, len(shapes), float(table.mpp))
-            group.attrs["image-label"] = (
-                _class_label_meta(table) if name == "classes" else {"version": NGFF_VERSION}
-            )
+            group.attrs["image-label"] = _class_label_meta(table) if name == "classes" else _nuclei_label_meta()
             arrays[name] = [
                 group.create_array(
                     str(k),

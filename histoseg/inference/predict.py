@@ -6,18 +6,22 @@ pickles cheaply to any worker, and loads the network lazily once per process.
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from histoseg.inference.runtime import Engine, compile_engine
 from histoseg.models import ModelArtifact, ModelCard, NucleiNet, load_model
 from histoseg.models.network import STRIDE
 from histoseg.types import Region
 
-_CACHE: dict[tuple[str, str], tuple[NucleiNet, ModelCard]] = {}
+_CACHE: OrderedDict[tuple[str, str], tuple[NucleiNet, ModelCard]] = OrderedDict()
+_CACHE_SIZE = 3  # models kept per process: a batch adapts a new model per slide, the cache must not grow with it
 _LOCK = threading.Lock()
 
 
@@ -33,12 +37,55 @@ class DensePredictor(Protocol):
         ...
 
 
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def _content_key(artifact: ModelArtifact) -> str:
+    """SHA-256 of the weights and card bytes, memoised on their (path, size, mtime).
+
+    The model cache is keyed by content, not path: a long-lived worker must never serve old weights after a
+    new artifact (e.g. a slide's adapted weights on a rerun) was written to the same path."""
+    try:
+        ws, cs = artifact.weights.stat(), artifact.card_path.stat()
+    except OSError:
+        return f"missing:{artifact.weights}"  # load_model raises the clear error
+    stamp = (str(artifact.weights), ws.st_size, ws.st_mtime_ns, cs.st_size, cs.st_mtime_ns)
+    digest = _DIGESTS.get(stamp)
+    if digest is None:
+        h = hashlib.sha256(artifact.sha256().encode())
+        h.update(artifact.card_path.read_bytes())
+        digest = _DIGESTS[stamp] = h.hexdigest()
+    return digest
+
+
 def _cached_model(artifact: ModelArtifact, device: str) -> tuple[NucleiNet, ModelCard]:
-    key = (str(artifact.weights), device)
+    key = (_content_key(artifact), device)
     with _LOCK:
-        if key not in _CACHE:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+        else:
             _CACHE[key] = load_model(artifact, device)
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
         return _CACHE[key]
+
+
+_ENGINES: OrderedDict[tuple[str, str, bool, int], tuple[Engine, ModelCard]] = OrderedDict()
+
+
+def _cached_engine(artifact: ModelArtifact, runtime: str, bf16: bool) -> tuple[Engine, ModelCard]:
+    """A compiled engine per (content, runtime, precision, threads), LRU-bounded like the PyTorch models."""
+    threads = torch.get_num_threads()
+    content = _content_key(artifact)
+    key = (content, runtime, bf16, threads)
+    with _LOCK:
+        if key in _ENGINES:
+            _ENGINES.move_to_end(key)
+        else:
+            _ENGINES[key] = (compile_engine(artifact, content, runtime, bf16, threads), artifact.card())
+            while len(_ENGINES) > _CACHE_SIZE:
+                _ENGINES.popitem(last=False)
+        return _ENGINES[key]
 
 
 _CARDS: dict[str, ModelCard] = {}
@@ -51,30 +98,38 @@ def _cached_card(key: str, artifact: ModelArtifact) -> ModelCard:
         return _CARDS[key]
 
 
-def clear_model_cache() -> None:
-    with _LOCK:
-        _CACHE.clear()
-        _CARDS.clear()
-
-
 @dataclass(frozen=True)
 class NetworkPredictor:
-    """Runs the trained network; ``bf16`` autocast halves CPU time at a negligible accuracy cost."""
+    """Runs the trained network; ``bf16`` autocast (decided by ``inference.precision``: only where the device
+    computes it natively) halves the time there at a negligible accuracy cost."""
 
     artifact: ModelArtifact
     device: str = "cpu"
     bf16: bool = False
+    runtime: str = "torch"  # torch | openvino | onnxruntime (resolved by ``inference.runtime``)
 
     def card(self) -> ModelCard:
         """The card alone (no weights are loaded, nothing is moved to the device: planning a slide on a
         submit host without a GPU must work)."""
-        return _cached_card(str(self.artifact.card_path), self.artifact)
+        return _cached_card(_content_key(self.artifact), self.artifact)
 
     def predict(
         self, image: np.ndarray, region: Region | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        if self.runtime != "torch":
+            engine, card = _cached_engine(self.artifact, self.runtime, self.bf16)
+            return run_engine(engine, card, image)
         net, card = _cached_model(self.artifact, self.device)
         return run_network(net, card, image, device=self.device, bf16=self.bf16)
+
+
+def pad_to_stride(image: np.ndarray) -> np.ndarray:
+    """RGB padded with white at the bottom and right to a multiple of the network stride."""
+    h, w = image.shape[:2]
+    ph, pw = (-h) % STRIDE, (-w) % STRIDE
+    if ph or pw:
+        return np.pad(image[..., :3], ((0, ph), (0, pw), (0, 0)), constant_values=255)
+    return image
 
 
 def to_tensor(image: np.ndarray, card: ModelCard) -> torch.Tensor:
@@ -85,16 +140,30 @@ def to_tensor(image: np.ndarray, card: ModelCard) -> torch.Tensor:
     return ((x - mean) / std).unsqueeze(0)
 
 
+def _softmax0(logits: np.ndarray) -> np.ndarray:
+    """Softmax over axis 0 of (C, H, W) logits, float32."""
+    z = logits - logits.max(axis=0, keepdims=True)
+    e = np.exp(z, dtype=np.float32)
+    return e / e.sum(axis=0, keepdims=True)  # type: ignore[no-any-return]
+
+
+def run_engine(engine: Engine, card: ModelCard, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``run_network`` through a compiled engine (OpenVINO, ONNX Runtime): same padding, inputs and outputs."""
+    h, w = image.shape[:2]
+    out = engine(to_tensor(pad_to_stride(image), card).numpy())
+    np_prob = _softmax0(out["np"][0].astype(np.float32))[1, :h, :w]
+    hv = out["hv"][0, :, :h, :w]  # the network applies tanh itself
+    tp = _softmax0(out["tp"][0].astype(np.float32))[:, :h, :w] if "tp" in out else None
+    return np.ascontiguousarray(np_prob), np.ascontiguousarray(hv, dtype=np.float32), tp
+
+
 @torch.no_grad()
 def run_network(
     net: NucleiNet, card: ModelCard, image: np.ndarray, device: str = "cpu", bf16: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One forward pass over the whole image (padded with white to the network stride, then cropped)."""
     h, w = image.shape[:2]
-    ph, pw = (-h) % STRIDE, (-w) % STRIDE
-    if ph or pw:
-        image = np.pad(image[..., :3], ((0, ph), (0, pw), (0, 0)), constant_values=255)
-    x = to_tensor(image, card).to(device)
+    x = to_tensor(pad_to_stride(image), card).to(device)
     if device.startswith("cuda"):
         x = x.to(memory_format=torch.channels_last)
     dev_type = "cuda" if device.startswith("cuda") else "cpu"

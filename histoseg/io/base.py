@@ -176,15 +176,26 @@ class SlideReader(ABC):
         return np.ascontiguousarray(small), t
 
     def _reduced_level(self, level: int, k: int) -> U8:
-        """Whole ``level`` reduced by an aligned k x k block mean (partial edge blocks dropped), in strips."""
+        """Whole ``level`` reduced by an aligned k x k block mean (partial edge blocks dropped).
+
+        Read in aligned pieces of at most ``_THUMB_STRIP_BYTES`` source bytes: full-width strips when a
+        k-row strip fits, otherwise k-row strips cut into column chunks, so memory stays bounded whatever
+        the level's width (the result is the same, block means do not cross pieces).
+        """
         wl, hl = self.meta.level_dimensions[level]
         wk, hk = wl // k, hl // k
-        rows = max(1, _THUMB_STRIP_BYTES // max(1, 3 * wl * k)) * k
-        parts: list[U8] = []
-        for y in range(0, hk * k, rows):
-            h = min(rows, hk * k - y)
-            parts.append(block_mean(self.read_level(level, Box(0, y, wk * k, h)), k, k))
-        return np.concatenate(parts, axis=0)
+        block = 3 * k * k  # source bytes of one output pixel
+        cols = min(wk, max(1, _THUMB_STRIP_BYTES // block))  # output columns per piece
+        rows = max(1, _THUMB_STRIP_BYTES // (block * cols)) if cols == wk else 1  # output rows per piece
+        strips: list[U8] = []
+        for y in range(0, hk, rows):
+            h = min(rows, hk - y)
+            pieces = [
+                block_mean(self.read_level(level, Box(x * k, y * k, min(cols, wk - x) * k, h * k)), k, k)
+                for x in range(0, wk, cols)
+            ]
+            strips.append(np.concatenate(pieces, axis=1))
+        return np.concatenate(strips, axis=0)
 
     # -- helpers for backends ---------------------------------------------------------------------------
 

@@ -7,16 +7,24 @@ is None unless the user gives it (``--slide-mpp``). Alpha is composited over whi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from histoseg.errors import CorruptSlideError, UnsupportedImageError
+from histoseg.errors import CorruptSlideError, ImplausibleSlideError, UnsupportedImageError
 from histoseg.io.base import SlideReader, resolve_mpp
+from histoseg.io.limits import check_expansion, check_tiff_pages
 from histoseg.io.resample import U8, to_rgb
 from histoseg.types import Box, SlideMeta
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def _is_tiff(path: str) -> bool:
+    """Decoder chosen by content, not by name: a PNG named ``.tif`` is a PNG."""
+    with open(path, "rb") as f:
+        return f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def _to_uint8(a: np.ndarray, path: str) -> np.ndarray:
@@ -34,6 +42,7 @@ def _load_tiff(path: str) -> np.ndarray:
 
     with tifffile.TiffFile(path) as tf:
         page = tf.pages.first
+        check_tiff_pages(path, [(int(page.imagewidth), int(page.imagelength), [page])])
         a = page.asarray()
         if page.planarconfig == 2 and a.ndim == 3:  # separate planes: (S, H, W)
             a = np.moveaxis(a, 0, -1)
@@ -50,6 +59,7 @@ def _load_pil(path: str) -> np.ndarray:
             f"{path}: too large for the plain-image reader ({e}); convert it to a pyramidal TIFF"
         ) from e
     with im_ctx as im:
+        check_expansion(path, "the image", im.width, im.height, os.path.getsize(path))
         im.load()
         mode = im.mode
         if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -70,12 +80,8 @@ class ImageReader(SlideReader):
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
         self._path = str(path)
         try:
-            raw = (
-                _load_tiff(self._path)
-                if self._path.lower().endswith(TIFF_SUFFIXES)
-                else _load_pil(self._path)
-            )
-        except UnsupportedImageError:
+            raw = _load_tiff(self._path) if _is_tiff(self._path) else _load_pil(self._path)
+        except (UnsupportedImageError, ImplausibleSlideError):
             raise
         except Exception as e:
             raise CorruptSlideError(f"{self._path}: cannot decode the image ({e})") from e

@@ -15,6 +15,7 @@ import numpy as np
 
 from histoseg.errors import CorruptSlideError, UnsupportedFormatError, UnsupportedImageError
 from histoseg.io.base import SlideReader, as_float, resolve_mpp
+from histoseg.io.limits import check_expansion, folder_bytes
 from histoseg.io.resample import U8, to_rgb
 from histoseg.types import Box, SlideMeta
 
@@ -60,6 +61,7 @@ class OmeZarrReader(SlideReader):
             raise UnsupportedImageError(f"{self._path}: {self._arrays[0].dtype} pixels; 8-bit RGB only")
         self._axes = axes
         dims = tuple((int(a.shape[axes.index("x")]), int(a.shape[axes.index("y")])) for a in self._arrays)
+        check_expansion(self._path, "level 0", dims[0][0], dims[0][1], folder_bytes(self._path))
         w0, h0 = dims[0]
         downs = tuple((w0 / w + h0 / h) / 2 for w, h in dims)
         use_mpp, source = resolve_mpp(self._level0_mpp(ms[0], datasets[0], axes), mpp)

@@ -8,14 +8,25 @@ still readable with ``read_level`` but are left out of ``plane_levels`` so ``rea
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from histoseg.errors import CorruptSlideError, UnsupportedFormatError
+from histoseg.errors import CorruptSlideError, ImplausibleSlideError, UnsupportedFormatError
 from histoseg.io.base import SlideReader, as_float, resolve_mpp, select_properties
+from histoseg.io.limits import check_expansion
 from histoseg.io.resample import U8, to_rgb
 from histoseg.types import Box, SlideMeta
+
+
+def _is_tiff_file(path: str) -> bool:
+    """A single TIFF file (SVS, NDPI, SCN, ...), not a multi-file format (MRXS, VMS) or a folder."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    except OSError:
+        return False
 
 
 class OpenSlideReader(SlideReader):
@@ -32,6 +43,12 @@ class OpenSlideReader(SlideReader):
         self._slide = openslide.OpenSlide(self._path)
         props: dict[str, object] = dict(self._slide.properties)
         dims = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
+        if _is_tiff_file(self._path):
+            try:  # a single-file TIFF slide holds all its pixels in this file
+                check_expansion(self._path, "level 0", dims[0][0], dims[0][1], os.path.getsize(self._path))
+            except ImplausibleSlideError:
+                self._slide.close()
+                raise
         self._ds = tuple(float(d) for d in self._slide.level_downsamples)
         use_mpp, source = resolve_mpp(as_float(props.get("openslide.mpp-x")), mpp)
         self.meta = SlideMeta(

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from histoseg.errors import CorruptSlideError, UnsupportedImageError
+from histoseg.errors import CorruptSlideError, ImplausibleSlideError, UnsupportedImageError
 from histoseg.io.base import SlideReader, as_float, resolve_mpp, select_properties
+from histoseg.io.limits import check_tiff_pages
 from histoseg.io.resample import U8, to_rgb
 from histoseg.types import Box, SlideMeta
 
@@ -77,6 +78,7 @@ class TiffSlideReader(SlideReader):
                 dtype = np.dtype(series.dtype)
                 end = _data_end(series)
                 dangling = _dangling_ifd(self._slide.ts_tifffile)
+                level_pages = [list(lv.pages) for lv in series.levels]
             except Exception as e:
                 self._slide.close()
                 raise CorruptSlideError(f"{self._path}: cannot read the slide structure ({e})") from e
@@ -94,6 +96,11 @@ class TiffSlideReader(SlideReader):
             raise CorruptSlideError(
                 f"{self._path}: truncated file (pixel data ends at byte {end}, file has {size})"
             )
+        try:  # before any pixel is decoded: refuse geometry the file's bytes cannot hold
+            check_tiff_pages(self._path, [(w, h, pages) for (w, h), pages in zip(dims, level_pages, strict=False)])
+        except ImplausibleSlideError:
+            self._slide.close()
+            raise
         if dtype != np.uint8:
             self._slide.close()
             raise UnsupportedImageError(f"{self._path}: {dtype} pixels; histoseg reads 8-bit RGB slides only")

@@ -14,7 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from histoseg.errors import ModelError
+from histoseg.errors import ConfigError, ModelError
+from histoseg.export.atomic import atomic_file
 from histoseg.models.card import ModelCard
 from histoseg.models.network import NucleiNet
 
@@ -79,8 +80,12 @@ def load_model(artifact: ModelArtifact, device: str = "cpu") -> tuple[NucleiNet,
         raise ModelError(f"cannot read weights {artifact.weights}: {exc}") from exc
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise ModelError(f"weights {artifact.weights} do not match the card's architecture: {exc}") from exc
+    except RuntimeError as exc:  # one line: torch lists every mismatching tensor on its own line
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln] or [str(exc).splitlines()[0]]
+        more = f" (and {len(lines) - 1} more tensors)" if len(lines) > 1 else ""
+        raise ModelError(
+            f"weights {artifact.weights} do not match the card's architecture: {lines[0].rstrip('.')}{more}"
+        ) from exc
     if missing or unexpected:
         raise ModelError(
             f"weights {artifact.weights} do not match the card's architecture "
@@ -97,15 +102,29 @@ def save_model(net: NucleiNet, card: ModelCard, weights_path: str | Path, half: 
     to the network's float32 parameters.
     """
     wp = Path(weights_path)
-    wp.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     # one metadata key: safetensors orders metadata keys differently in each process, and the artifact's hash
     # (its identity for resuming and provenance) must not depend on the process that wrote it
-    save_file(state, str(wp), metadata={"format": "histoseg-nucleinet"})
+    with atomic_file(wp) as tmp:  # a full disk or a kill never leaves half a weights file
+        save_file(state, str(tmp), metadata={"format": "histoseg-nucleinet"})
     card.save(wp.with_suffix(".json"))
     return ModelArtifact(weights=wp.resolve(), card_path=wp.with_suffix(".json").resolve())
+
+
+def check_not_a_model_source(target: str | Path, *sources: ModelArtifact) -> None:
+    """Refuse to write an artifact over ``sources`` or over any shipped model (ConfigError).
+
+    ``target`` is a ``.safetensors`` path; its card (``.json`` beside it) is checked too.
+    """
+    out = Path(target).resolve()
+    outs = {out, out.with_suffix(".json")}
+    protected = {p for a in sources for p in (a.weights.resolve(), a.card_path.resolve())}
+    if outs & protected:
+        raise ConfigError(f"--output {target} is the model being adapted; write the adapted model to another file")
+    if out.parent == WEIGHTS_DIR.resolve():
+        raise ConfigError(f"--output {target} is inside histoseg's shipped models ({WEIGHTS_DIR}); choose another path")
 
 
 def state_dict_of(net: torch.nn.Module) -> dict[str, torch.Tensor]:

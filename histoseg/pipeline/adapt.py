@@ -1,8 +1,10 @@
 """Adapt the model to one slide, once, before its regions are scheduled (design.md section 6).
 
-Crops are sampled from the slide's tissue regions deterministically (evenly spread over the planned
-regions in raster order, offsets from a seeded generator); the adapted weights are written as a
-safetensors artifact beside the slide's outputs, and workers load that artifact like any model.
+Crops are sampled from the slide's tissue mask on a fixed grid of crop-sized cells in plane coordinates
+(never from the region plan), so the adaptation's input, and with it every nucleus, depends only on the
+slide, its tissue and the adaptation settings: not on the region size, the worker count or the cluster.
+The adapted weights are written as a safetensors artifact beside the slide's outputs, and workers load
+that artifact like any model.
 """
 
 from __future__ import annotations
@@ -17,37 +19,57 @@ import numpy as np
 from histoseg.io import open_slide
 from histoseg.models import ModelArtifact, load_model, save_model
 from histoseg.models.network import STRIDE
+from histoseg.tiling.regions import _tissue_fraction
 from histoseg.tta import TTASettings, adapt
-from histoseg.types import Box, Region
+from histoseg.types import Box
+
+# candidate cells by tissue cover, most preferred first: interior tissue before tissue edges (fibres, debris)
+_COVER_LEVELS = (0.9, 0.5, 0.0)
+
+
+def crop_boxes(tissue: np.ndarray, plane_shape: tuple[int, int], settings: TTASettings) -> list[Box]:
+    """K crop boxes (plane px) on the fixed grid of ``crop``-sized cells anchored at the plane's origin.
+
+    Candidates are the whole cells inside the plane whose tissue cover (from the thumbnail mask, measured as
+    the region plan measures it) reaches the highest of ``_COVER_LEVELS`` that yields at least K cells; they
+    are taken in raster order, split into K consecutive groups (bands of the tissue) and one cell is drawn
+    from each group with ``settings.seed``. A plane smaller than one crop gives one crop at the origin,
+    clipped to the plane (a multiple of the stride). Nothing here depends on the region plan.
+    """
+    crop = max(STRIDE, settings.crop // STRIDE * STRIDE)
+    h, w = plane_shape
+    if h < crop or w < crop:
+        return [Box(0, 0, min(w, crop) // STRIDE * STRIDE, min(h, crop) // STRIDE * STRIDE)] if tissue.any() else []
+    rows, cols = h // crop, w // crop  # whole cells only
+    cover = _tissue_fraction(tissue, (rows, cols), plane_shape, crop).ravel()  # raster order
+    picks: list[int] = []
+    for level in _COVER_LEVELS:
+        picks = [i for i, f in enumerate(cover) if f > 0 and f >= level]
+        if len(picks) >= settings.regions:
+            break
+    if not picks:
+        return []
+    rng = np.random.default_rng(settings.seed)
+    groups = np.array_split(np.array(picks), min(settings.regions, len(picks)))
+    cells = [int(g[int(rng.integers(0, len(g)))]) for g in groups]
+    return [Box(i % cols * crop, i // cols * crop, crop, crop) for i in cells]
 
 
 def sample_crops(
     slide_path: str | Path,
-    regions: list[Region],
+    tissue: np.ndarray,
+    plane_shape: tuple[int, int],
     mpp: float,
     settings: TTASettings,
     backend: str = "auto",
     slide_mpp: float | None = None,
-    plane_shape: tuple[int, int] | None = None,
 ) -> list[np.ndarray]:
-    """K crops of ``settings.crop`` px (multiple of the network stride) from K tissue regions."""
-    crop = max(STRIDE, settings.crop // STRIDE * STRIDE)
-    k = min(settings.regions, len(regions))
-    if k == 0:
+    """The K adaptation crops (RGB at ``mpp``) of ``crop_boxes``, in their fixed order."""
+    boxes = crop_boxes(tissue, plane_shape, settings)
+    if not boxes:
         return []
-    picks = np.linspace(0, len(regions) - 1, k).round().astype(int)
-    rng = np.random.default_rng(settings.seed)
-    out = []
     with open_slide(slide_path, backend=backend, mpp=slide_mpp) as reader:
-        for i in picks:
-            core = regions[int(i)].core
-            h, w = plane_shape if plane_shape else (core.y1, core.x1)
-            span_y = max(1, min(core.h, h - core.y) - crop)
-            span_x = max(1, min(core.w, w - core.x) - crop)
-            y = core.y + int(rng.integers(0, span_y))
-            x = core.x + int(rng.integers(0, span_x))
-            out.append(reader.read_plane(Box(x, y, crop, crop), mpp))
-    return out
+        return [reader.read_plane(b, mpp) for b in boxes]
 
 
 def adapt_to_slide(

@@ -18,7 +18,11 @@ from histoseg.errors import HistosegError, SlideNotFoundError
 from histoseg.inference import DensePredictor
 from histoseg.io.open import IMAGE_SUFFIXES
 from histoseg.io.open import SLIDE_SUFFIXES as IO_SLIDE_SUFFIXES
-from histoseg.pipeline.slide import SlideReport, default_predictor, segment_slide, slide_stem
+from histoseg.pipeline.folder import LOCK_NAME, output_name
+from histoseg.pipeline.plan import default_predictor
+from histoseg.pipeline.resume import STORE_DIR
+from histoseg.pipeline.slide import SUCCESS, SlideReport, segment_slide
+from histoseg.report import index_after_batch
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +33,10 @@ CLUSTER_LOGS = "_cluster_logs"  # job-queue worker logs, beside the slide folder
 def discover(inputs: Iterable[str]) -> list[Path]:
     """Expand files, folders (recursive, slide suffixes only, hidden files skipped) and glob patterns.
 
-    A path that neither exists nor matches a glob is kept, so it fails later as a missing slide.
+    A path that neither exists nor matches a glob is kept, so it fails later as a missing slide. Folders
+    and globs never yield histoseg's own outputs (a slide output folder, marked by ``_SUCCESS``, the lock
+    file, the region store or ``provenance.json``), so ``-o`` inside an input folder does not turn a
+    previous run's ``.zarr`` or tissue mask into a slide.
     """
     out: list[Path] = []
     seen: set[Path] = set()
@@ -51,7 +58,7 @@ def discover(inputs: Iterable[str]) -> list[Path]:
             add(p)
         elif any(ch in item for ch in "*?["):
             for m in sorted(glob.glob(item, recursive=True)):
-                if Path(m).is_file() or Path(m).suffix.lower() == ".zarr":
+                if (Path(m).is_file() or Path(m).suffix.lower() == ".zarr") and not _in_output(Path(m)):
                     add(Path(m))
         else:
             add(p)
@@ -62,6 +69,8 @@ def _walk(folder: Path) -> list[Path]:
     """Slide files and ``.zarr`` folders below ``folder`` (sorted, hidden entries skipped, no descent
     into a ``.zarr`` folder)."""
     out: list[Path] = []
+    if _is_output_folder(folder):
+        return out
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
@@ -70,6 +79,16 @@ def _walk(folder: Path) -> list[Path]:
         elif entry.suffix.lower() in SLIDE_SUFFIXES:
             out.append(entry)
     return out
+
+
+def _is_output_folder(folder: Path) -> bool:
+    """A slide output folder of histoseg (finished, or one a run has started writing)."""
+    markers = (SUCCESS, LOCK_NAME, STORE_DIR, "provenance.json")
+    return folder.name == CLUSTER_LOGS or any((folder / m).exists() for m in markers)
+
+
+def _in_output(path: Path) -> bool:
+    return any(_is_output_folder(parent) for parent in path.parents)
 
 
 def segment_batch(
@@ -83,6 +102,7 @@ def segment_batch(
     on_slide_start: Callable[[Path, int, int], None] | None = None,
     on_region: Callable[[int, int], None] | None = None,
     on_slide_done: Callable[[SlideReport], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> list[SlideReport]:
     """Segment every discovered slide; one report per slide, in input order.
 
@@ -103,14 +123,14 @@ def segment_batch(
         for i, slide in enumerate(slides):
             if on_slide_start:
                 on_slide_start(slide, i, len(slides))
-            stem = slide_stem(slide)
+            stem = output_name(slide)
             try:
+                if not slide.exists():  # checked first: a missing input must not take the name of a real one
+                    raise SlideNotFoundError(f"slide not found: {slide}")
                 if stem in stems:
                     raise HistosegError(f"{slide}: output name {stem!r} is already used by {stems[stem]} in this batch")
                 stems[stem] = slide
-                if not slide.exists():
-                    raise SlideNotFoundError(f"slide not found: {slide}")
-                rep = segment_slide(slide, out_root, config, run, predictor, on_region)
+                rep = segment_slide(slide, out_root, config, run, predictor, on_region, on_stage)
             except HistosegError as exc:
                 rep = SlideReport(str(slide), "failed", message=str(exc))
             except Exception as exc:  # noqa: BLE001 - a batch reports unexpected errors and goes on
@@ -122,4 +142,5 @@ def segment_batch(
     finally:
         if own_runner:
             run.close()
+    index_after_batch(out_root, reports, config.report)  # OUT/index.html, one row per slide (unless --no-report)
     return reports

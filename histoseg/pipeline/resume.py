@@ -101,7 +101,7 @@ def predictor_identity(predictor: DensePredictor) -> dict[str, Any] | None:
     """What identifies a predictor's outputs, or None when nothing does (then nothing is reused).
 
     A predictor may define ``fingerprint() -> str``; a ``NetworkPredictor`` is identified by the SHA-256
-    of its weights and card, its device and ``bf16`` (both change the numbers).
+    of its weights and card, its device, ``bf16`` and its runtime (all change the numbers).
     """
     custom = getattr(predictor, "fingerprint", None)
     if callable(custom):
@@ -114,6 +114,7 @@ def predictor_identity(predictor: DensePredictor) -> dict[str, Any] | None:
             "card_sha256": hashlib.sha256(art.card_path.read_bytes()).hexdigest(),
             "device": str(getattr(predictor, "device", "cpu")),
             "bf16": bool(getattr(predictor, "bf16", False)),
+            "runtime": str(getattr(predictor, "runtime", "torch")),
         }
     return None
 

@@ -11,10 +11,6 @@ nothing: it also discards stored regions.
 from __future__ import annotations
 
 import logging
-import os
-import platform
-import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -25,11 +21,11 @@ import cv2
 import numpy as np
 import torch
 
-import histoseg
 from histoseg.config import SegmentConfig
 from histoseg.distributed import TaskRunner
-from histoseg.errors import ConfigError, NoTissueError, OutputError, SlideTooSmallError
+from histoseg.errors import ConfigError, OutputError
 from histoseg.export import (
+    SlideImage,
     atomic_file,
     write_geojson,
     write_label_zarr,
@@ -37,22 +33,26 @@ from histoseg.export import (
     write_provenance,
     write_success,
 )
+from histoseg.export.atomic import remove_stale_temporaries
 from histoseg.inference import DensePredictor, NetworkPredictor
-from histoseg.io import check_brightfield, open_slide
-from histoseg.models import ModelCard, resolve_model
-from histoseg.models.network import STRIDE
+from histoseg.pipeline import folder as outdir
 from histoseg.pipeline.adapt import adapt_to_slide, sample_crops
+from histoseg.pipeline.plan import PlanOutcome, SlidePlan, default_predictor, plan_slide
+from histoseg.pipeline.record import provenance_record
 from histoseg.pipeline.resume import RegionStore, resume_settings, slide_fingerprint
-from histoseg.pipeline.tasks import RegionResult, SlideTaskSpec, run_region
-from histoseg.postprocess import MEASUREMENTS, WatershedParams
-from histoseg.stitching import stitch
-from histoseg.tiling import plan_regions, tissue_mask
+from histoseg.pipeline.tasks import RegionResult, run_region
+from histoseg.postprocess import MEASUREMENTS
+from histoseg.report import report_after_slide
+from histoseg.stitching import in_tissue, stitch, take
+from histoseg.tiling import TISSUE_CELL
 from histoseg.tta import TTASettings, has_slide_statistics
-from histoseg.types import InstanceTable, Region, SlideMeta
+from histoseg.types import InstanceTable, Region
 
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
+MAX_UPSAMPLING = 8  # slide pixels at most this much coarser than the model's (per axis)
+MANY_REGIONS = 20_000  # warn above this many regions (a mis-set --slide-mpp or a tiny --region-size)
 
 
 @dataclass
@@ -68,92 +68,6 @@ class SlideReport:
     regions: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     regions_reused: int = 0  # finished regions loaded from an interrupted run's store
-
-
-def slide_stem(path: str | Path) -> str:
-    name = Path(path).name
-    for suf in (".ome.tiff", ".ome.tif", ".ome.zarr"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return Path(name).stem
-
-
-def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from exc
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"output folder {folder} is not writable")
-
-
-def default_predictor(config: SegmentConfig) -> DensePredictor:
-    art = resolve_model(config.model)
-    return NetworkPredictor(art, device=config.device, bf16=config.precision == "bf16")
-
-
-@dataclass
-class SlidePlan:
-    """Everything decided about a slide before any region runs."""
-
-    path: Path
-    meta: SlideMeta
-    card: ModelCard
-    scale: float
-    plane_shape: tuple[int, int]
-    tissue: np.ndarray
-    halo: int
-    regions: list[Region]
-    spec: SlideTaskSpec
-
-
-def plan_slide(path: str | Path, config: SegmentConfig, predictor: DensePredictor) -> SlidePlan:
-    """Open the slide, check it, derive the processing plane, tissue mask and regions."""
-    path = Path(path)
-    reader = open_slide(path, backend=config.backend, mpp=config.slide_mpp)
-    try:
-        check_brightfield(reader)
-        card = predictor.card()
-        scale = reader.plane_scale(card.mpp)  # raises MissingMppError naming --slide-mpp
-        plane_shape = reader.plane_shape(card.mpp)
-        if min(plane_shape) < STRIDE:
-            raise SlideTooSmallError(
-                f"{path.name}: {plane_shape[1]}x{plane_shape[0]} px at {card.mpp} µm/px is smaller than the "
-                f"network's minimum input ({STRIDE} px)"
-            )
-        thumb, _ = reader.thumbnail(2048)
-        meta = reader.meta
-    finally:
-        reader.close()
-    mask = tissue_mask(thumb, config.tissue_threshold)
-    halo = card.halo_px()
-    regions = plan_regions(plane_shape, config.region_size, halo, mask, config.min_tissue_fraction)
-    if not regions:
-        raise NoTissueError(f"{path.name}: no tissue found (tissue mask is empty); nothing to segment")
-    overrides: dict[str, float] = {"min_nucleus_um2": config.min_nucleus_area_um2}
-    if config.np_threshold is not None:
-        overrides["np_threshold"] = config.np_threshold
-    params = WatershedParams(**{**card.postprocess, **overrides})
-    spec = SlideTaskSpec(
-        slide_path=str(path.resolve()),
-        backend=config.backend,
-        slide_mpp=config.slide_mpp,
-        mpp=card.mpp,
-        plane_shape=plane_shape,
-        params=params,
-        strict_halo=config.strict_halo,
-    )
-    return SlidePlan(path, meta, card, scale, plane_shape, mask, halo, regions, spec)
-
-
-@dataclass
-class PlanOutcome:
-    """The stitched table of a slide, summed stage timings and how many regions were reused/computed."""
-
-    table: InstanceTable
-    timings: dict[str, float]
-    regions_reused: int = 0
-    regions_computed: int = 0
 
 
 def run_plan(
@@ -193,7 +107,10 @@ def run_plan(
     template = InstanceTable.empty(
         plan.card.class_names, plan.card.class_colors, mpp0, plan.scale, plan.plane_shape, MEASUREMENTS
     )
-    table = stitch(parts + [(r.region, r.table) for r in results], template)
+    owned = parts + [(r.region, r.table) for r in results]
+    # a nucleus counts only when its anchor lies in a tissue cell: a grid fixed by the slide, not the regions
+    owned = [(r, take(t, np.flatnonzero(in_tissue(t.anchors, plan.cells, TISSUE_CELL)))) for r, t in owned]
+    table = stitch(owned, template)
     timings["stitch"] = time.perf_counter() - t0
     if table.edge_touching:
         log.warning(
@@ -220,21 +137,63 @@ def segment_slide(
     runner: TaskRunner,
     predictor: DensePredictor | None = None,
     on_region: Callable[[int, int], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> SlideReport:
-    """Segment one slide into ``out_root/<stem>/``; raise a HistosegError on bad input."""
+    """Segment one slide into ``out_root/<stem>/``; raise a HistosegError on bad input.
+
+    ``on_region(done, total)`` reports region progress; ``on_stage(text)`` names the slow stages before and
+    after the regions (adaptation, export), so a progress display never sits silent at 0."""
     t_start = time.perf_counter()
     path = Path(path)
-    stem = slide_stem(path)
+    stem = outdir.output_name(path)  # never empty, "." or "..", no separators, no leading dot
     out_dir = Path(out_root) / stem
     if (out_dir / SUCCESS).exists() and not config.overwrite:
-        RegionStore.discard(out_dir)  # left behind when a run was killed right after _SUCCESS
-        return SlideReport(str(path), "skipped", message="already done (_SUCCESS present)", output=str(out_dir))
+        with outdir.FolderLock(out_dir):
+            done = _finished(path, stem, out_dir, config)
+        if done is not None:
+            return done
     predictor = predictor or default_predictor(config)
     plan = plan_slide(path, config, predictor)
-    _check_writable(out_dir)
+    outdir.check_writable(out_dir)
+    with outdir.FolderLock(out_dir):  # one run at a time writes into a slide folder
+        return _segment_locked(path, stem, out_dir, plan, config, runner, predictor, on_region, on_stage, t_start)
+
+
+def _finished(path: Path, stem: str, out_dir: Path, config: SegmentConfig) -> SlideReport | None:
+    """The skip report when ``out_dir`` already holds this slide's results under these settings (None: run
+    it); raises OutputError when it holds another slide's or other settings' results."""
+    done = outdir.finished_report(path, out_dir, config)
+    if done is None:
+        return None
+    RegionStore.discard(out_dir)  # left behind when a run was killed right after _SUCCESS
+    outdir.remove_intermediates(out_dir, stem, config)
+    msg = "already done (_SUCCESS present" + (", other settings: --overwrite redoes it" * done["other_settings"]) + ")"
+    return SlideReport(str(path), "skipped", nuclei=done["nuclei"], message=msg, output=str(out_dir))
+
+
+def _segment_locked(
+    path: Path,
+    stem: str,
+    out_dir: Path,
+    plan: SlidePlan,
+    config: SegmentConfig,
+    runner: TaskRunner,
+    predictor: DensePredictor,
+    on_region: Callable[[int, int], None] | None,
+    on_stage: Callable[[str], None] | None,
+    t_start: float,
+) -> SlideReport:
+    """The writing part of ``segment_slide``, run while holding the folder's lock."""
+    done = _finished(path, stem, out_dir, config)  # another run may have finished it while this one planned
+    if done is not None:
+        return done
     (out_dir / SUCCESS).unlink(missing_ok=True)
-    _remove_stale_temporaries(out_dir)
+    remove_stale_temporaries(out_dir)  # only the atomic writers' own temporaries, by their exact names
+    if on_stage is not None:
+        on_stage(_adapt_stage_text(plan, predictor, config))
     predictor, adaptation = _adapt(plan, predictor, config, out_dir / f"{stem}.adapted.safetensors")
+    if on_stage is not None:
+        on_stage("regions")
     ok, png = cv2.imencode(".png", (plan.tissue * 255).astype(np.uint8))
     if not ok:
         raise OutputError(f"{path.name}: could not encode the tissue mask as PNG")
@@ -245,20 +204,30 @@ def segment_slide(
     outcome = run_plan(plan, runner, predictor, on_region, store)
     table, timings = outcome.table, outcome.timings
     t0 = time.perf_counter()
+    if on_stage is not None:
+        on_stage("writing " + ", ".join(config.formats))
     if "geojson" in config.formats:
         write_geojson(table, out_dir / f"{stem}.geojson", slide_key=fp["hex"], gzip=config.geojson_gzip)
     if "zarr" in config.formats:
-        write_label_zarr(table, out_dir / f"{stem}.zarr", chunk=config.region_size)
+        write_label_zarr(
+            table,
+            out_dir / f"{stem}.zarr",
+            image=SlideImage(path, backend=config.backend, slide_mpp=config.slide_mpp),
+            chunk=config.region_size,
+        )
     if "parquet" in config.formats:
         write_parquet(table, out_dir / f"{stem}.nuclei.parquet")
     timings["export"] = time.perf_counter() - t0
     seconds = time.perf_counter() - t_start
     timings["total"] = seconds
-    record = _provenance(plan, fp, predictor, config, outcome)
+    record = provenance_record(plan, fp, predictor, config, outcome)
     record["adaptation"] = adaptation
     write_provenance(out_dir / "provenance.json", record)
-    write_success(out_dir)
+    report_after_slide(out_dir, config)  # QC report.html (unless --no-report), from the files just written
+    outdir.fsync_tree(out_dir)
+    outdir.fsync_paths(write_success(out_dir, outdir.success_record(path, fp, config, len(table))), out_dir)
     RegionStore.discard(out_dir)  # the final outputs are the record now
+    outdir.remove_intermediates(out_dir, stem, config)  # adapted weights (unless --keep-adapted); hash in provenance
     return SlideReport(
         str(path),
         "ok",
@@ -271,6 +240,22 @@ def segment_slide(
     )
 
 
+def _adapt_stage_text(plan: SlidePlan, predictor: DensePredictor, config: SegmentConfig) -> str:
+    """What the adaptation stage will do, for a progress display (``auto`` resolved as ``_adapt`` does)."""
+    method = _tta_method(plan, predictor, config)
+    if method == "none":
+        return "planning regions"
+    return f"adapting to the slide ({method}, {config.tta_regions} crops, up to {config.tta_steps} steps)"
+
+
+def _tta_method(plan: SlidePlan, predictor: DensePredictor, config: SegmentConfig) -> str:
+    """``--tta`` with ``auto`` resolved: g2p for a network model whose card has per-slide statistics."""
+    if config.tta != "auto":
+        return config.tta
+    network = isinstance(predictor, NetworkPredictor)
+    return "g2p" if network and has_slide_statistics(plan.card.source_stats) else "none"
+
+
 def _adapt(
     plan: SlidePlan, predictor: DensePredictor, config: SegmentConfig, target: Path
 ) -> tuple[DensePredictor, dict[str, Any]]:
@@ -278,10 +263,7 @@ def _adapt(
     adapted artifact like any model. Runs single-threaded so the weights do not depend on the machine's
     thread count (outputs must not depend on the number of workers)."""
     artifact = getattr(predictor, "artifact", None)
-    network = isinstance(predictor, NetworkPredictor) and artifact is not None
-    method = config.tta
-    if method == "auto":
-        method = "g2p" if network and has_slide_statistics(plan.card.source_stats) else "none"
+    method = _tta_method(plan, predictor, config)
     if method == "none":
         return predictor, {"method": "none", "requested": config.tta}
     if not isinstance(predictor, NetworkPredictor) or artifact is None:
@@ -289,7 +271,7 @@ def _adapt(
     settings = TTASettings(method=method, regions=config.tta_regions, steps=config.tta_steps)
     t0 = time.perf_counter()
     crops = sample_crops(
-        plan.path, plan.regions, plan.card.mpp, settings, config.backend, config.slide_mpp, plan.plane_shape
+        plan.path, plan.tissue, plan.plane_shape, plan.card.mpp, settings, config.backend, config.slide_mpp
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -331,72 +313,9 @@ def _open_store(
     return RegionStore.open(out_dir, settings)
 
 
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Hidden temporaries left by a killed run (atomic writers name them ``.<target>.<tag>-<hex>``).
-
-    The region store (``_regions/``) is not hidden on purpose: it survives, and cleans its own temporaries.
-    """
-    for p in out_dir.iterdir():
-        if p.name.startswith("."):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-
-
 def _sum_timings(results: list[RegionResult]) -> dict[str, float]:
     out: dict[str, float] = {}
     for r in results:
         for k, v in r.timings.items():
             out[k] = out.get(k, 0.0) + v
     return out
-
-
-def _provenance(
-    plan: SlidePlan,
-    fp: dict[str, Any],
-    predictor: DensePredictor,
-    config: SegmentConfig,
-    outcome: PlanOutcome,
-) -> dict[str, Any]:
-    table, timings = outcome.table, outcome.timings
-    art = getattr(predictor, "artifact", None)
-    meta, card, path = plan.meta, plan.card, plan.path
-    return {
-        "histoseg_version": histoseg.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "slide": {
-            "path": str(path.resolve()),
-            "fingerprint": fp,
-            "backend": meta.backend,
-            "vendor": meta.vendor,
-            "dimensions": list(meta.dimensions),
-            "levels": meta.level_count,
-            "mpp": meta.mpp,
-            "mpp_source": meta.mpp_source,
-            "objective_power": meta.objective_power,
-            "bounds_offset": list(meta.bounds_offset),
-        },
-        "model": {
-            "name": card.name,
-            "weights": str(art.weights) if art else None,
-            "sha256": art.sha256() if art else None,
-            "mpp": card.mpp,
-        },
-        "adaptation": {"method": "none"},
-        "processing": {
-            "mpp": card.mpp,
-            "scale_level0_per_plane_px": plan.scale,
-            "plane_shape": list(plan.plane_shape),
-            "region_size": config.region_size,
-            "halo": plan.halo,
-            "regions": len(plan.regions),
-            "regions_reused": outcome.regions_reused,
-            "regions_computed": outcome.regions_computed,
-            "halo_edge_nuclei": table.edge_touching,
-        },
-        "config": config.to_dict(),
-        "nuclei": len(table),
-        "timings_s": timings,
-    }

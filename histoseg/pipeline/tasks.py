@@ -6,6 +6,7 @@ model itself (cached per process), so the same function runs in-process, on a Da
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from histoseg.postprocess import WatershedParams, instance_centroids, measure_in
 from histoseg.stitching import owned_mask, touches_halo_edge
 from histoseg.types import InstanceTable, Region
 
-_READERS: dict[tuple[str, str, float | None], SlideReader] = {}
+_READERS: dict[tuple[object, ...], SlideReader] = {}
 _LOCK = threading.Lock()
 
 
@@ -43,7 +44,8 @@ class RegionResult:
 
 
 def _reader(spec: SlideTaskSpec) -> SlideReader:
-    key = (spec.slide_path, spec.backend, spec.slide_mpp)
+    st = os.stat(spec.slide_path)  # a file changed in place is a new slide, not the cached reader's
+    key = (spec.slide_path, spec.backend, spec.slide_mpp, st.st_ino, st.st_size, st.st_mtime_ns)
     with _LOCK:
         if key not in _READERS:
             if len(_READERS) > 8:

@@ -20,6 +20,18 @@ def owned_mask(centroids_yx_plane: np.ndarray, region: Region) -> np.ndarray:
     return (a[:, 0] >= c.y) & (a[:, 0] < c.y1) & (a[:, 1] >= c.x) & (a[:, 1] < c.x1)
 
 
+def in_tissue(anchors_yx: np.ndarray, cells: np.ndarray, cell: int) -> np.ndarray:
+    """Boolean per instance: its anchor (plane y, x) lies in a tissue cell of the ``cell``-px grid ``cells``.
+
+    Decided per nucleus on a grid fixed by the slide, so the kept set does not depend on the region size."""
+    if len(anchors_yx) == 0:
+        return np.zeros(0, bool)
+    a = np.asarray(anchors_yx, dtype=np.int64) // cell
+    gy = np.clip(a[:, 0], 0, cells.shape[0] - 1)
+    gx = np.clip(a[:, 1], 0, cells.shape[1] - 1)
+    return np.asarray(cells[gy, gx], dtype=bool)
+
+
 def touches_halo_edge(
     slices: list[tuple[slice, slice] | None],
     ids: np.ndarray,

@@ -2,6 +2,13 @@
 
 Cores ``[i*S, (i+1)*S) x [j*S, (j+1)*S)`` partition the processing plane (stitching rule 1); the
 halo comes from the model card (context radius + largest nucleus), never from a constant here.
+
+Tissue is decided on a fixed grid of ``TISSUE_CELL``-px cells of the plane, never per region: a cell is
+tissue when the (slightly dilated) thumbnail mask covers at least ``min_tissue_fraction`` of it (and any
+of it). A region runs when its core holds a tissue cell, and a nucleus is kept only when its anchor lies in
+a tissue cell (``stitching.in_tissue``). Region sizes are multiples of the cell, so every cell lies in one
+core, and the kept nuclei do not depend on the region size (a thin tissue strip across a region border is
+no longer lost to a per-region fraction).
 """
 
 from __future__ import annotations
@@ -14,27 +21,37 @@ import numpy as np
 from histoseg.errors import ConfigError
 from histoseg.types import Box, Region
 
+TISSUE_CELL = 32
+"""Side of a tissue cell in processing-plane pixels (region sizes are multiples of it)."""
+
+
+def tissue_cells(tissue: np.ndarray, plane_shape: tuple[int, int], min_tissue_fraction: float = 0.0) -> np.ndarray:
+    """Boolean grid (ceil(H / cell), ceil(W / cell)): which ``TISSUE_CELL`` cells of the plane are tissue."""
+    h, w = plane_shape
+    grid = (math.ceil(h / TISSUE_CELL), math.ceil(w / TISSUE_CELL))
+    frac = _tissue_fraction(tissue, grid, plane_shape, TISSUE_CELL)
+    return (frac > 0) & (frac >= min_tissue_fraction)
+
 
 def plan_regions(
     plane_shape: tuple[int, int],
     region_size: int,
     halo: int,
-    tissue: np.ndarray | None = None,
-    min_tissue_fraction: float = 0.0,
+    cells: np.ndarray | None = None,
 ) -> list[Region]:
-    """Regions in raster order; with a tissue mask (any resolution covering the plane), regions whose
-    core holds less than ``min_tissue_fraction`` tissue (after a small dilation) are skipped."""
+    """Regions in raster order; with a tissue-cell grid (:func:`tissue_cells`), regions whose core holds
+    no tissue cell are skipped."""
     if region_size <= 0 or halo < 0:
         raise ConfigError(f"invalid region size {region_size} or halo {halo}")
+    if cells is not None and region_size % TISSUE_CELL:
+        raise ConfigError(f"region size {region_size} is not a multiple of the tissue cell ({TISSUE_CELL} px)")
     h, w = plane_shape
     rows, cols = math.ceil(h / region_size), math.ceil(w / region_size)
-    frac = None
-    if tissue is not None:
-        frac = _tissue_fraction(tissue, (rows, cols), plane_shape, region_size)
+    k = region_size // TISSUE_CELL
     out: list[Region] = []
     for r in range(rows):
         for c in range(cols):
-            if frac is not None and (frac[r, c] <= 0 or frac[r, c] < min_tissue_fraction):
+            if cells is not None and not cells[r * k : (r + 1) * k, c * k : (c + 1) * k].any():
                 continue
             core = Box(c * region_size, r * region_size, region_size, region_size)
             out.append(Region(row=r, col=c, core=core, halo=halo))
@@ -44,7 +61,7 @@ def plan_regions(
 def _tissue_fraction(
     tissue: np.ndarray, grid: tuple[int, int], plane_shape: tuple[int, int], region_size: int
 ) -> np.ndarray:
-    """Fraction of each core covered by (slightly dilated) tissue, from a low-resolution mask."""
+    """Fraction of each ``region_size`` cell covered by (slightly dilated) tissue, from a low-resolution mask."""
     mh, mw = tissue.shape
     sy, sx = mh / plane_shape[0], mw / plane_shape[1]  # mask px per plane px
     m = cv2.dilate(tissue.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(np.float64)

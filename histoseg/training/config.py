@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from histoseg.config import PRECISION_CHOICES
 from histoseg.errors import ConfigError
 
 
@@ -32,7 +33,7 @@ class TrainConfig:
     semantic_fraction: float = 0.3  # share of batch items drawn from semantic-only images
     threads: int = 2
     device: str = "cpu"
-    bf16: bool = True  # bfloat16 autocast + channels-last: ~5-10x faster steps on CPU, weights stay fp32
+    precision: str = "auto"  # auto: bf16 autocast where native (~5-10x faster steps there), else fp32; bf16 | fp32
     init: str | None = None  # optional safetensors to start from
 
     @staticmethod
@@ -52,6 +53,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training config keys: {unknown}")
         cfg = TrainConfig(**data)
+        if cfg.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {cfg.precision!r}")
         if cfg.crop % 32 or cfg.crop < 64:
             raise ConfigError("crop must be a multiple of 32 and >= 64")
         return cfg

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from histoseg.inference.precision import resolve_precision
 from histoseg.models import ModelCard, NetConfig, NucleiNet, receptive_radius, save_model
 from histoseg.training.augment import Batch
 from histoseg.training.config import TrainConfig
@@ -87,6 +88,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     card = build_card(cfg, data.mean, data.std, data.max_nucleus_um)
     net = NucleiNet(card.net).to(cfg.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     dev_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    bf16 = resolve_precision(cfg.precision, cfg.device).bf16
     if cfg.init:
         from safetensors.torch import load_file
 
@@ -111,7 +113,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             g["lr"] = _lr(cfg, it)
         batch = _collate(data.batch(cfg.batch_size), card)
         batch = {k: v.to(cfg.device) for k, v in batch.items()}
-        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
             outp = net(batch["image"].contiguous(memory_format=torch.channels_last))
         outp = {k: v.float() for k, v in outp.items()}
         loss, terms = total_loss(outp, batch)

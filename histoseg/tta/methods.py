@@ -19,11 +19,15 @@ are kept) and a JSON-able report. No source image is needed: G2P uses only the s
   decoder statistics also move with content). Below ``gate`` the slide is taken as in-domain and keeps the
   source weights after one forward pass; in-domain slides are therefore untouched.
 
-  *Steps*: each layer (conv and BN parameters by default) moves by ``lr x r_l / mean(r)`` of its own norm
-  along its negative gradient, where ``r_l = ||g_l|| / ||theta_l||`` is its gradient-to-parameter norm
-  ratio: the layers that the shift pulls hardest relative to their size move most (``guided=False``: every
-  layer by ``lr``). The iterate with the lowest loss is kept; a guard keeps the source weights when no
-  iterate beats it or when the HV head's output spread halves (all three heads are checked).
+  *Steps*: the moving layers (``params``: every conv and BN layer, the ``top`` fraction with the highest
+  gradient-to-parameter ratio ``r_l = ||g_l|| / ||theta_l||`` at the source weights, BN affine only, or BN
+  statistics re-estimated then BN affine) each move by ``lr x r_l / mean(r)`` of their own norm along the
+  negative gradient (``guided=False``: every layer by ``lr``). The iterate with the lowest loss is kept; a
+  guard keeps the source weights when no iterate beats it or when a head collapses (``guard.collapsed``).
+
+Every method's result then passes the plausibility check (``guard``, ``TTASettings.guard``): the adapted and
+the source model segment the same crops, and an adaptation that changes the nucleus count or median area
+beyond ``count_bounds`` / ``area_bounds`` is rejected (the source weights are kept; the census is reported).
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ from torch import nn
 
 from histoseg.errors import ConfigError, ModelError
 from histoseg.models import ModelCard, NucleiNet
+from histoseg.tta import guard
 from histoseg.tta.stats import bn_layers, capture_bn_inputs, gaussian_kl
 
 METHODS = ("none", "bn", "tent", "g2p")
+PARAMS = ("all", "top", "bn", "bnstats")  # g2p: which layers may move
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,14 @@ class TTASettings:
     guided: bool = True  # g2p: per-layer steps from the gradient-to-parameter ratio (False: uniform)
     loss: str = "z"  # g2p alignment: "z" (slide-standardised, with tolerance) or "kl" (pooled Gaussian KL)
     tolerance: float = 2.0  # g2p "z": deviations within this many source-slide SDs are not penalised
-    params: str = "all"  # g2p: "all" (every conv and BN parameter) or "bn" (BatchNorm affine only)
+    params: str = "all"  # g2p: which layers move: "all" conv and BN layers, the "top" G2P-ratio layers only,
+    # "bn" (BatchNorm affine only) or "bnstats" (BatchNorm statistics re-estimated, then affine only)
+    top: float = 0.25  # g2p params="top": fraction of the layers (highest ratio at the source weights) that move
     layers: str = "all"  # g2p: statistics aligned at "all" BN layers, or at the "encoder" ones only
     gate: float = 1.0  # g2p: adapt only when the encoder's initial alignment loss (shift score) exceeds this
+    guard: bool = True  # keep the source unless the adapted model's census on the crops is plausible
+    count_bounds: tuple[float, float] = (0.8, 1.25)  # guard: allowed ratio of nuclei found (adapted / source)
+    area_bounds: tuple[float, float] = (0.8, 1.25)  # guard: allowed ratio of their median area
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,10 +78,13 @@ class TTASettings:
             raise ConfigError(f"unknown adaptation method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.regions < 1 or self.steps < 0:
             raise ConfigError("--tta-regions must be >= 1 and --tta-steps >= 0")
-        if (self.loss not in ("z", "kl") or self.params not in ("bn", "all") or self.layers not in ("encoder", "all")
-                or self.tolerance < 0 or self.gate < 0):
+        if (self.loss not in ("z", "kl") or self.params not in PARAMS or self.layers not in ("encoder", "all")
+                or self.tolerance < 0 or self.gate < 0 or not 0 < self.top <= 1):
             raise ConfigError(f"invalid g2p settings: loss={self.loss!r}, params={self.params!r}, "
-                              f"layers={self.layers!r}, tolerance={self.tolerance}, gate={self.gate}")
+                              f"layers={self.layers!r}, tolerance={self.tolerance}, gate={self.gate}, top={self.top}")
+        for lo, hi in (self.count_bounds, self.area_bounds):
+            if not 0 < lo <= 1 <= hi:
+                raise ConfigError(f"guard bounds must bracket 1: {self.count_bounds}, {self.area_bounds}")
 
 
 @dataclass
@@ -151,31 +165,6 @@ class AlignmentLoss:
         return total, shift, out
 
 
-def _heads(out: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Summaries of the three heads: HV spread, NP nucleus fraction, TP class-mix entropy (if present)."""
-    with torch.no_grad():
-        h = {
-            "hv_spread": float(out["hv"].float().std()),
-            "np_fraction": float(torch.softmax(out["np"].float(), 1)[:, 1].mean()),
-        }
-        if "tp" in out:
-            mix = torch.softmax(out["tp"].float(), 1).mean(dim=(0, 2, 3))
-            h["tp_entropy"] = float(-(mix * torch.log(mix.clamp_min(1e-8))).sum())
-    return h
-
-
-def _collapsed(h0: dict[str, float], h1: dict[str, float]) -> str:
-    """Why the adapted heads are not trusted, or "" (a guard on all three heads, not only the loss)."""
-    if h1["hv_spread"] < 0.5 * h0["hv_spread"]:
-        return f"HV head collapsed (spread {h0['hv_spread']:.3f} -> {h1['hv_spread']:.3f})"
-    lo, hi = sorted((h0["np_fraction"], h1["np_fraction"]))
-    if lo < 0.25 * hi or h1["np_fraction"] < 1e-3:
-        return f"NP head collapsed (nucleus fraction {h0['np_fraction']:.3f} -> {h1['np_fraction']:.3f})"
-    if "tp_entropy" in h0 and h1["tp_entropy"] < 0.5 * h0["tp_entropy"]:
-        return f"TP head collapsed (class-mix entropy {h0['tp_entropy']:.3f} -> {h1['tp_entropy']:.3f})"
-    return ""
-
-
 def adapt(net: NucleiNet, card: ModelCard, images: Sequence[np.ndarray], settings: TTASettings) -> AdaptResult:
     """Adapt a copy of ``net`` to ``images`` (crops of one slide); ``net`` itself is not modified."""
     t0 = time.perf_counter()
@@ -196,6 +185,17 @@ def adapt(net: NucleiNet, card: ModelCard, images: Sequence[np.ndarray], setting
             raise ModelError(f"model {card.name!r} has no source feature statistics in its card: g2p needs them")
         rep = _g2p(work, x, card, settings)
     kept = bool(rep.get("kept_source", False))
+    if not kept and settings.guard:
+        before = guard.census(copy.deepcopy(net).float().eval(), card, images)
+        after = guard.census(work, card, images)
+        reason = guard.implausible(before, after, settings.count_bounds, settings.area_bounds)
+        c, a = guard.ratios(before, after)
+        rep["census"] = {"count_before": before.count, "count_after": after.count, "count_ratio": round(c, 4),
+                         "median_area_before": before.median_area, "median_area_after": after.median_area,
+                         "area_ratio": round(a, 4)}
+        if reason:
+            kept = True
+            rep["guard"] = reason
     state = None if kept else {k: v.detach().clone() for k, v in work.state_dict().items()}
     return AdaptResult(state, {**base, **rep, "kept_source": kept, "seconds": time.perf_counter() - t0})
 
@@ -247,7 +247,7 @@ def _tent(net: NucleiNet, x: torch.Tensor, s: TTASettings) -> dict[str, Any]:
 
 def _param_groups(net: nn.Module, which: str) -> dict[str, list[nn.Parameter]]:
     """Layers as parameter groups: BN affine pairs, or every conv and BN module's parameters."""
-    if which == "bn":
+    if which in ("bn", "bnstats"):
         return _affine_params(net)
     out: dict[str, list[nn.Parameter]] = {}
     for name, m in net.named_modules():
@@ -260,6 +260,20 @@ def _param_groups(net: nn.Module, which: str) -> dict[str, list[nn.Parameter]]:
 
 def _norm(ts: Sequence[torch.Tensor | None]) -> float:
     return math.sqrt(sum(float((t.detach() ** 2).sum()) for t in ts if t is not None))
+
+
+def _top_groups(
+    groups: dict[str, list[nn.Parameter]], r: dict[str, float], fraction: float
+) -> dict[str, list[nn.Parameter]]:
+    """The layers with the highest gradient-to-parameter ratios (at least one); the others are frozen."""
+    n = max(1, math.ceil(fraction * len(groups)))
+    keep = set(sorted(groups, key=lambda k: (-r[k], k))[:n])
+    for name, ps in groups.items():
+        if name not in keep:
+            for p in ps:
+                p.requires_grad_(False)
+                p.grad = None
+    return {k: v for k, v in groups.items() if k in keep}
 
 
 def _g2p(net: NucleiNet, x: torch.Tensor, card: ModelCard, s: TTASettings) -> dict[str, Any]:
@@ -292,20 +306,27 @@ def _g2p(net: NucleiNet, x: torch.Tensor, card: ModelCard, s: TTASettings) -> di
         if not math.isfinite(value):
             break  # diverged: the best iterate so far (or the source) is kept
         if it == 0:
-            before, heads0, shift0 = value, _heads(out), shift
+            before, heads0, shift0 = value, guard.heads(out), shift
             if shift <= s.gate or value <= 1e-9:
                 gated = True
                 break  # no shift detected: the slide is within the source slides' range
         if value < best[0]:
             best = (value, it, None if it == 0 else [p.detach().clone() for p in params])
-            heads_best = _heads(out)
+            heads_best = guard.heads(out)
         if last:
             break
+        if it == 0 and s.params == "bnstats":
+            _adabn(net, x)  # the first move: statistics re-estimated; later steps move the affine parameters
+            continue
         for p in params:
             p.grad = None
         loss.backward()
         norms = {name: (_norm([p.grad for p in ps]) + 1e-12, _norm(ps)) for name, ps in groups.items()}
         r = {name: g / (t + 1e-12) for name, (g, t) in norms.items()}
+        if not ratios:
+            ratios = r  # at the source weights (after the statistics for "bnstats")
+            if s.params == "top":
+                groups = _top_groups(groups, r, s.top)
         mean_r = sum(r.values()) / max(1, len(r)) + 1e-12
         with torch.no_grad():
             for name, ps in groups.items():
@@ -316,15 +337,13 @@ def _g2p(net: NucleiNet, x: torch.Tensor, card: ModelCard, s: TTASettings) -> di
                 for p in ps:
                     if p.grad is not None:
                         p.sub_(step * p.grad)
-        if it == 0:
-            ratios = r
     after, best_it, best_params = best
     kept, reason = False, ""
     if best_params is None:
         kept = True
         reason = "no shift detected (loss within the gate)" if gated else "alignment loss did not fall"
     else:
-        reason = _collapsed(heads0, heads_best)
+        reason = guard.collapsed(heads0, heads_best)
         kept = bool(reason)
     with torch.no_grad():
         if best_params is not None and not kept:
@@ -332,7 +351,7 @@ def _g2p(net: NucleiNet, x: torch.Tensor, card: ModelCard, s: TTASettings) -> di
                 p.copy_(v)
     for p in net.parameters():
         p.requires_grad_(False)
-    top = sorted(ratios.items(), key=lambda kv: -kv[1])
+    ranked = sorted(ratios.items(), key=lambda kv: -kv[1])
     return {
         "loss": loss_fn.kind,
         "tolerance": s.tolerance if s.loss == "z" else None,
@@ -346,7 +365,8 @@ def _g2p(net: NucleiNet, x: torch.Tensor, card: ModelCard, s: TTASettings) -> di
         "heads_before": heads0,
         "heads_after": heads_best if not kept else heads0,
         "guided": s.guided,
-        "g2p_ratios": {k: round(v, 6) for k, v in top},
+        "g2p_ratios": {k: round(v, 6) for k, v in ranked},
+        "moved_layers": sorted(groups),
         "kept_source": kept,
         "guard": reason,
     }
