@@ -10,6 +10,7 @@ is segmented with the adapted weights. Sets:
       offset of the stain concentrations, a colour gamma per channel and a Gaussian blur (see ``shift``);
   (c) the DSB 2018 H&E subset (other labs and scanners; first ``--dsb-limit`` images);
   (d) CRCHisto validation (colorectal, 20x; detection F1 only, points).
+(The per-image development benchmark over real shifts, which chose the default, is ``tta_dev.py``.)
 Then the ablation on shift 3 and DSB: G2P guidance on vs off (uniform step sizes) x the number of crops K,
 alignment at the encoder only, BN-affine parameters only, no gate, and the session-1 form (pooled Gaussian
 KL at all layers, BN affine only, no gate). Last, the cost on a real-tissue slide (``cost``).
@@ -151,9 +152,9 @@ def main() -> None:
     net, card = load_model(resolve_model(args.model))
     mon = load_dataset("monuseg-test")
     sets: dict[str, list[Sample]] = {"monuseg-test": mon}
-    for st in [int(x) for x in args.strengths.split(",") if x]:
-        sets[f"monuseg-shift{st}"] = [
-            Sample(name=s.name, image=shift(s.image, st, seed=1000 * st + i), inst=s.inst, mpp=s.mpp, source=s.source)
+    for k in [int(x) for x in args.strengths.split(",") if x]:
+        sets[f"monuseg-shift{k}"] = [
+            Sample(name=s.name, image=shift(s.image, k, seed=1000 * k + i), inst=s.inst, mpp=s.mpp, source=s.source)
             for i, s in enumerate(mon)
         ]
     sets["dsb"] = load_dataset("dsb")[: args.dsb_limit]

@@ -13,7 +13,8 @@ image is segmented. Sets (all real images; the MoNuSeg variants are transformati
   dsb              DSB 2018 H&E subset (other labs and scanners; PQ);
   crchisto-val     CRCHisto validation (colorectal, 20x; per-image detection F1, points).
 Every adapted model is also segmented without the plausibility guard, and the guard's census ratios are
-recorded, so one run gives each method with and without the guard (``+guard``). Images are taken round-robin
+recorded, so one run gives each method with and without the guard (``+guard``); ``g2p-top+guard`` is the
+shipped default (``--tta auto``). Images are taken round-robin
 over the sets and the JSON is rewritten after every image, so a run cut short still covers every set.
 """
 

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from histoseg.cli.main import main
-from histoseg.metrics import match_points
 from histoseg.models import resolve_model
 
 from .conftest import make_demo_slide
@@ -80,14 +79,14 @@ def test_adapt_writes_weights_that_segment_reuses(
 
 def test_default_adaptation_does_not_depend_on_region_size(shared_data: Path, tmp_path: Path) -> None:
     """The default (``--tta auto``) on a real slide at two region sizes: the same crops and the same adaptation
-    (weights hash, losses, decision), and the nuclei agree as closely as ``--tta none``'s do between region
-    sizes (fp32 tiling alone moves ~0.3% of them; issue 11 measured 20% agreement with the old sampler)."""
+    (weights hash, losses, decision), and the identical instance set (issue 11 measured 20% agreement with the
+    old sampler; tissue is decided per fixed cell, so ``--tta none`` is exact too)."""
     slide = shared_data / "slides" / "aperio-cmu1-small" / "CMU-1-Small-Region.svs"
     runs = []
     for size in (512, 1024):
         out = tmp_path / str(size)
         args = ["segment", str(slide), "-o", str(out), "--region-size", str(size), "--precision", "fp32",
-                "--formats", "parquet"]
+                "--formats", "parquet", "--no-report"]
         assert main(args) == 0
         prov = json.loads((out / "CMU-1-Small-Region" / "provenance.json").read_text())
         t = pq.read_table(out / "CMU-1-Small-Region" / "CMU-1-Small-Region.nuclei.parquet")
@@ -98,8 +97,8 @@ def test_default_adaptation_does_not_depend_on_region_size(shared_data: Path, tm
     for key in ("weights_sha256", "kept_source", "guard", "loss_before", "loss_after", "shift_score", "census"):
         assert a.get(key) == b.get(key), key
     assert len(xa) > 1000
-    matched = match_points(xa, xb, 2.0)  # centroids within 2 px (1 µm)
-    assert matched.tp >= 0.99 * max(len(xa), len(xb))
+    # the same nuclei: centroids equal up to float summation order (a region's origin enters the sum)
+    assert {tuple(c) for c in np.round(xa, 6)} == {tuple(c) for c in np.round(xb, 6)}
 
 
 def test_crops_come_from_the_tissue_grid(shared_data: Path) -> None:

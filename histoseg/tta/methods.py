@@ -63,8 +63,10 @@ class TTASettings:
     guided: bool = True  # g2p: per-layer steps from the gradient-to-parameter ratio (False: uniform)
     loss: str = "z"  # g2p alignment: "z" (slide-standardised, with tolerance) or "kl" (pooled Gaussian KL)
     tolerance: float = 2.0  # g2p "z": deviations within this many source-slide SDs are not penalised
-    params: str = "all"  # g2p: which layers move: "all" conv and BN layers, the "top" G2P-ratio layers only,
-    # "bn" (BatchNorm affine only) or "bnstats" (BatchNorm statistics re-estimated, then affine only)
+    # g2p: which layers move: the "top" G2P-ratio layers only (default: no development image loses > 0.02 PQ,
+    # benchmarks/tta_dev.py), "all" conv and BN layers, "bn" (BatchNorm affine only) or "bnstats" (BatchNorm
+    # statistics re-estimated, then affine only)
+    params: str = "top"
     top: float = 0.25  # g2p params="top": fraction of the layers (highest ratio at the source weights) that move
     layers: str = "all"  # g2p: statistics aligned at "all" BN layers, or at the "encoder" ones only
     gate: float = 1.0  # g2p: adapt only when the encoder's initial alignment loss (shift score) exceeds this
