@@ -33,7 +33,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from classical import DEFAULT, classical_instances
+try:  # python -m benchmarks.accuracy, or imported from the package
+    from benchmarks.classical import DEFAULT, classical_instances
+except ModuleNotFoundError:  # python benchmarks/accuracy.py: this folder is sys.path[0]
+    from classical import DEFAULT, classical_instances
 
 from histoseg.models import registered_models
 from histoseg.training.evaluate import evaluate, score_dataset

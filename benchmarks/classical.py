@@ -1,6 +1,6 @@
 """Classical nuclei segmentation baseline: hematoxylin, smoothing, Otsu, distance-transform watershed.
 
-    from classical import classical_instances          # benchmarks/ on sys.path
+    from benchmarks.classical import classical_instances  # from the repository root
     labels = classical_instances(rgb, mpp)             # (H, W) int32, 0 background
 
     python benchmarks/classical.py --tune [--limit N]  # re-run the parameter search (MoNuSeg training)
@@ -171,7 +171,7 @@ def _score(samples, params: ClassicalParams) -> dict[str, float]:
 
 def tune(limit: int | None = None) -> ClassicalParams:
     """Coordinate search maximising mean AJI on MoNuSeg *training* images with instance labels."""
-    from histoseg.training.datasets import load_monuseg
+    from histoseg.datasets import load_monuseg
 
     samples = [s for s in load_monuseg("train", None) if s.inst is not None][: limit or None]
     print(f"tuning on {len(samples)} MoNuSeg training images with instance labels")

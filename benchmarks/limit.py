@@ -24,10 +24,10 @@ from histoseg.inference.precision import resolve_precision
 from histoseg.inference.predict import run_network
 from histoseg.models import NucleiNet, load_model, resolve_model
 
-try:  # run as a script: benchmarks/ is on sys.path
-    from precision import cpu_line
-except ImportError:  # pragma: no cover - imported as benchmarks.limit
+try:  # python -m benchmarks.limit, or imported from the package
     from benchmarks.precision import cpu_line
+except ModuleNotFoundError:  # python benchmarks/limit.py: this folder is sys.path[0]
+    from precision import cpu_line
 
 
 def count_macs(net: NucleiNet, size: int) -> dict[str, float]:

@@ -69,7 +69,10 @@ def main() -> None:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             conv(x)
 
-    from _common import cmu1_pixels  # benchmarks/ is on sys.path when run as a script
+    try:  # python -m benchmarks.precision, or imported from the package
+        from benchmarks._common import cmu1_pixels
+    except ModuleNotFoundError:  # python benchmarks/precision.py: this folder is sys.path[0]
+        from _common import cmu1_pixels
 
     tissue, mpp0 = cmu1_pixels()
     art = resolve_model("default")

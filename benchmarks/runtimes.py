@@ -17,19 +17,19 @@ import cv2
 import numpy as np
 import torch
 
+from histoseg.datasets import Sample
 from histoseg.inference import NetworkPredictor
 from histoseg.inference.runtime import available
 from histoseg.models import resolve_model
 from histoseg.postprocess import WatershedParams, separate_instances
-from histoseg.training.datasets import Sample
 from histoseg.training.evaluate import score_dataset
 
-try:  # run as a script: benchmarks/ is on sys.path
-    from _common import cmu1_pixels
-    from precision import cpu_line
-except ImportError:  # pragma: no cover
+try:  # python -m benchmarks.runtimes, or imported from the package
     from benchmarks._common import cmu1_pixels
     from benchmarks.precision import cpu_line
+except ModuleNotFoundError:  # python benchmarks/runtimes.py: this folder is sys.path[0]
+    from _common import cmu1_pixels
+    from precision import cpu_line
 
 
 def accuracy(pred: NetworkPredictor, limit: int) -> dict[str, float]:

@@ -28,7 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from _common import build_tissue_slide
+
+try:  # python -m benchmarks.scaling, or imported from the package
+    from benchmarks._common import build_tissue_slide
+except ModuleNotFoundError:  # python benchmarks/scaling.py: this folder is sys.path[0]
+    from _common import build_tissue_slide
 
 
 @dataclass

@@ -18,7 +18,10 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import PeakRSS, build_tissue_slide
+try:  # python -m benchmarks.throughput, or imported from the package
+    from benchmarks._common import PeakRSS, build_tissue_slide
+except ModuleNotFoundError:  # python benchmarks/throughput.py: this folder is sys.path[0]
+    from _common import PeakRSS, build_tissue_slide
 
 from histoseg.cli.main import main as cli
 

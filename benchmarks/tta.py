@@ -31,9 +31,9 @@ import cv2
 import numpy as np
 import torch
 
+from histoseg.datasets import Sample
 from histoseg.metrics import DetectionTally, centroids, evaluate_instances, match_points, mean_over_images
 from histoseg.models import load_model, resolve_model
-from histoseg.training.datasets import Sample
 from histoseg.training.evaluate import RADIUS_UM, load_dataset, predict_native
 from histoseg.tta import TTASettings, adapt
 
@@ -109,7 +109,10 @@ def cost(size: int, settings: TTASettings, workdir: Path) -> dict[str, float]:
     Segmentation with ``--tta none`` against the adaptation itself (crop sampling + ``adapt``), both with
     the gate as configured and forced (gate and tolerance 0: the full ``steps`` always run, the worst case).
     """
-    from _common import build_tissue_slide
+    try:  # python -m benchmarks.tta, or imported from the package
+        from benchmarks._common import build_tissue_slide
+    except ModuleNotFoundError:  # python benchmarks/tta.py: this folder is sys.path[0]
+        from _common import build_tissue_slide
 
     from histoseg.config import SegmentConfig
     from histoseg.distributed import InProcessRunner

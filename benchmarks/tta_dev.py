@@ -30,9 +30,9 @@ import cv2
 import numpy as np
 import torch
 
+from histoseg.datasets import Sample
 from histoseg.metrics import centroids, evaluate_instances, match_points
 from histoseg.models import load_model, resolve_model
-from histoseg.training.datasets import Sample
 from histoseg.training.evaluate import RADIUS_UM, load_dataset, predict_native
 from histoseg.tta import TTASettings, adapt
 from histoseg.tta import guard as plausibility

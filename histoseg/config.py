@@ -14,8 +14,6 @@ from typing import Any, Literal, get_args
 
 from histoseg.errors import ConfigError
 
-ALL_FORMATS = ("geojson", "zarr", "parquet")
-
 
 def data_dir() -> Path:
     """Folder of the shared slides and nuclei datasets (may not exist; callers check)."""
@@ -28,21 +26,42 @@ def data_dir() -> Path:
     return Path.cwd().parent / "shared" / "data"
 
 
-TTA_CHOICES = ("auto", "none", "bn", "tent", "g2p")
 # bounds that keep every size derived from the options allocatable (a region is held as float32 maps)
 MIN_REGION_SIZE, MAX_REGION_SIZE = 64, 8192
 MAX_WORKERS = 1024
 MAX_TTA_REGIONS, MAX_TTA_STEPS = 64, 1000
 
 Precision = Literal["auto", "bf16", "fp32"]
-PRECISION_CHOICES: tuple[str, ...] = get_args(Precision)
+PRECISION_CHOICES: tuple[Precision, ...] = get_args(Precision)
 """``--precision``: ``auto`` (default) is bf16 where the device computes it natively, else fp32
 (``histoseg.inference.precision``)."""
 
 Runtime = Literal["torch", "openvino", "onnxruntime"]
-RUNTIME_CHOICES: tuple[str, ...] = get_args(Runtime)
+RUNTIME_CHOICES: tuple[Runtime, ...] = get_args(Runtime)
 """``--runtime``: the CPU engine of the network (``histoseg.inference.runtime``); torch is the default because
 it is the only one whose arithmetic does not depend on the input shape (results independent of region size)."""
+
+Backend = Literal["auto", "tiffslide", "openslide", "image", "omezarr"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
+"""``--backend``: the slide reader; ``auto`` picks one from the path and the file signature (``histoseg.io.open``)."""
+
+TtaMethod = Literal["auto", "none", "bn", "tent", "g2p"]
+TTA_CHOICES: tuple[TtaMethod, ...] = get_args(TtaMethod)
+"""``--tta``: per-slide adaptation; ``auto`` is g2p where the model card has per-slide source statistics, else none
+(``histoseg.tta``)."""
+
+OutputFormat = Literal["geojson", "zarr", "parquet"]
+ALL_FORMATS: tuple[OutputFormat, ...] = get_args(OutputFormat)
+"""``--formats``: QuPath GeoJSON, OME-Zarr labels, Parquet measurements; all three by default."""
+
+SlideStatus = Literal["ok", "skipped", "failed"]
+"""Outcome of one slide in a batch: segmented now, already done with the same settings, or failed."""
+
+ClusterKind = Literal["local", "slurm", "pbs", "lsf"]
+CLUSTER_KINDS: tuple[ClusterKind, ...] = get_args(ClusterKind)
+"""``--cluster``: local processes or a job queue (``histoseg.distributed.cluster``)."""
+LOCAL_CLUSTER: ClusterKind = "local"
+"""The default ``--cluster``: worker processes on this machine (the other kinds are job queues)."""
 
 
 @dataclass(frozen=True)
@@ -53,19 +72,19 @@ class SegmentConfig:
     slide_mpp: float | None = None
     region_size: int = 1024  # core size in processing pixels; also the Zarr chunk size
     workers: int = 1
-    formats: tuple[str, ...] = ALL_FORMATS
+    formats: tuple[OutputFormat, ...] = ALL_FORMATS
     geojson_gzip: bool = False
     overwrite: bool = False
     device: str = "cpu"
-    backend: str = "auto"  # auto | tiffslide | openslide | image | omezarr
+    backend: Backend = "auto"
     strict_halo: bool = False
     tissue_threshold: float | None = None  # None: Otsu on saturation
     min_tissue_fraction: float = 0.01  # of each 32-px tissue cell of the plane (tiling.TISSUE_CELL)
     np_threshold: float | None = None  # None: the model card's tuned value
     min_nucleus_area_um2: float = 3.0
-    precision: str = "auto"  # network arithmetic: auto (bf16 only where native, else fp32) | bf16 | fp32
-    runtime: str = "torch"  # network engine: torch | openvino | onnxruntime (2.6-3x faster, shape-dependent)
-    tta: str = "auto"  # per-slide adaptation: auto (g2p where the model supports it) | none | bn | tent | g2p
+    precision: Precision = "auto"  # network arithmetic: auto (bf16 only where native, else fp32) | bf16 | fp32
+    runtime: Runtime = "torch"  # network engine: torch | openvino | onnxruntime (2.6-3x faster, shape-dependent)
+    tta: TtaMethod = "auto"  # per-slide adaptation: auto (g2p where the model supports it) | none | bn | tent | g2p
     tta_regions: int = 4  # K tissue crops sampled for adaptation (the shift benchmark's K)
     tta_steps: int = 10
     keep_adapted: bool = False  # keep OUT/<stem>/<stem>.adapted.safetensors after _SUCCESS (an intermediate)
@@ -105,8 +124,8 @@ class SegmentConfig:
         ):
             if value is not None and not (math.isfinite(value) and lo <= value <= hi):
                 raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value}")
-        if self.backend not in ("auto", "tiffslide", "openslide", "image", "omezarr"):
-            raise ConfigError(f"unknown backend {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -7,13 +7,14 @@ Coordinate conventions, fixed once here:
   level-0 ``[j * scale, (j + 1) * scale) x [i * scale, (i + 1) * scale)`` where ``scale = mpp / mpp0``.
 * boxes are half-open ``[x, x + w) x [y, y + h)``; arrays are indexed ``[y, x]``.
 
-Class ids, fixed once here (:meth:`InstanceTable.class_name` / :meth:`InstanceTable.class_color`): id ``0``
+Class ids, fixed once here (:meth:`PlaneInfo.class_name` / :meth:`PlaneInfo.class_color`): id ``0``
 is background / unclassified; id ``k >= 1`` is entry ``k - 1`` of the model card's class list (the card
 numbers its classes from 1), so ``class_names`` and ``class_colors`` never contain the background.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,48 +102,19 @@ class Region:
         return f"r{self.row:05d}_c{self.col:05d}"
 
 
-@dataclass
-class RegionPrediction:
-    """Dense network outputs over a region's ``read`` box at processing resolution.
+@dataclass(frozen=True)
+class PlaneInfo:
+    """What every nucleus of one slide shares: the model card's classes and the processing plane.
 
-    ``np_prob``: (H, W) float32 nucleus probability; ``hv``: (2, H, W) float32 horizontal/vertical maps in
-    [-1, 1]; ``tp_prob``: (C, H, W) float32 type probabilities (C includes background at 0) or None.
+    Decided once per slide by the plan and carried by its task spec, so region tasks do not recompute it
+    and region files do not store it.
     """
 
-    region: Region
-    np_prob: np.ndarray
-    hv: np.ndarray
-    tp_prob: np.ndarray | None
-
-
-@dataclass
-class InstanceTable:
-    """Owned nuclei of a slide (or of one region before stitching), column-wise.
-
-    Geometry is kept twice on purpose: ``polygons`` in level-0 pixels for GeoJSON/Parquet, and
-    ``masks`` (boolean crops at processing resolution, origin ``mask_offsets`` as (y, x) plane pixels)
-    for the exact label raster.
-    """
-
-    ids: np.ndarray  # (N,) uint32, 1-based global ids (0 until stitched)
-    anchors: np.ndarray  # (N, 2) int64 (y, x) plane pixels: floor of the plane centroid
-    centroids: np.ndarray  # (N, 2) float64 (x, y) level-0 pixels
-    bboxes: np.ndarray  # (N, 4) float64 (x0, y0, x1, y1) level-0 pixels
-    class_ids: np.ndarray  # (N,) uint8: 0 = unclassified, k >= 1 = class_names[k - 1] (see class_name)
-    probabilities: np.ndarray  # (N,) float32: mean probability of the assigned type (or NP)
-    polygons: list[np.ndarray]  # (K, 2) float64 (x, y) level-0, not repeated closing vertex
-    masks: list[np.ndarray]  # bool crops at processing resolution
-    mask_offsets: np.ndarray  # (N, 2) int64 (y, x) plane pixels
-    measurements: dict[str, np.ndarray]  # name -> (N,) float64 (area_um2, perimeter_um, ...)
     class_names: tuple[str, ...]
     class_colors: tuple[tuple[int, int, int], ...]
     mpp0: float  # level-0 microns per pixel
     scale: float  # level-0 pixels per processing-plane pixel
     plane_shape: tuple[int, int]  # (H, W) of the processing plane
-    edge_touching: int = 0  # owned instances that touched the halo edge (stitching rule 4)
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
 
     @property
     def mpp(self) -> float:
@@ -168,6 +140,92 @@ class InstanceTable:
             return r, g, b
         return UNKNOWN_CLASS_COLOR
 
+
+@dataclass(frozen=True)
+class Column:
+    """One per-nucleus column of :class:`InstanceTable`: attribute name, dtype and the shape of one
+    nucleus's value (``None``: varies between nuclei). Fixed-shape columns are one array whose first axis
+    is the nucleus; varying-shape ("list") columns are a list of arrays, one per nucleus."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...] = ()
+
+    @property
+    def is_list(self) -> bool:
+        return None in self.shape
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("ids", "uint32"),  # 1-based global ids (0 until stitched)
+    Column("anchors", "int64", (2,)),  # (y, x) plane pixels: floor of the plane centroid
+    Column("centroids", "float64", (2,)),  # (x, y) level-0 pixels
+    Column("bboxes", "float64", (4,)),  # (x0, y0, x1, y1) level-0 pixels
+    Column("class_ids", "uint8"),  # 0 = unclassified, k >= 1 = class_names[k - 1] (see class_name)
+    Column("probabilities", "float32"),  # mean probability of the assigned type (or NP)
+    Column("polygons", "float64", (None, 2)),  # (x, y) level-0, no repeated closing vertex
+    Column("masks", "bool", (None, None)),  # crops at processing resolution
+    Column("mask_offsets", "int64", (2,)),  # (y, x) plane pixels of each mask's [0, 0]
+)
+"""The one definition of the per-nucleus columns; empty/take/concat and the array codec derive from it.
+Measurements (name -> (N,) float64) are per-nucleus too but named at run time (``InstanceTable.measurements``)."""
+
+
+@dataclass
+class InstanceTable:
+    """Owned nuclei of a slide (or of one region before stitching), column-wise (:data:`COLUMNS`).
+
+    Geometry is kept twice on purpose: ``polygons`` in level-0 pixels for GeoJSON/Parquet, and
+    ``masks`` (boolean crops at processing resolution, origin ``mask_offsets`` as (y, x) plane pixels)
+    for the exact label raster.
+    """
+
+    ids: np.ndarray
+    anchors: np.ndarray
+    centroids: np.ndarray
+    bboxes: np.ndarray
+    class_ids: np.ndarray
+    probabilities: np.ndarray
+    polygons: list[np.ndarray]
+    masks: list[np.ndarray]
+    mask_offsets: np.ndarray
+    measurements: dict[str, np.ndarray]  # name -> (N,) float64 (area_um2, perimeter_um, ...)
+    plane: PlaneInfo
+    edge_touching: int = 0  # owned instances that touched the halo edge (stitching rule 4)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.plane.class_names
+
+    @property
+    def class_colors(self) -> tuple[tuple[int, int, int], ...]:
+        return self.plane.class_colors
+
+    @property
+    def mpp0(self) -> float:
+        return self.plane.mpp0
+
+    @property
+    def scale(self) -> float:
+        return self.plane.scale
+
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        return self.plane.plane_shape
+
+    @property
+    def mpp(self) -> float:
+        return self.plane.mpp
+
+    def class_name(self, cid: int) -> str:
+        return self.plane.class_name(cid)
+
+    def class_color(self, cid: int) -> tuple[int, int, int]:
+        return self.plane.class_color(cid)
+
     def class_id_range(self) -> range:
         """Every class id a raster of this table can hold: 0 (background), the card's classes, and any
         larger id present in ``class_ids``."""
@@ -175,31 +233,70 @@ class InstanceTable:
         return range(top + 1)
 
     @staticmethod
-    def empty(
-        class_names: tuple[str, ...],
-        class_colors: tuple[tuple[int, int, int], ...],
-        mpp0: float,
-        scale: float,
-        plane_shape: tuple[int, int],
-        measurement_names: tuple[str, ...] = (),
-    ) -> InstanceTable:
-        return InstanceTable(
-            ids=np.zeros(0, np.uint32),
-            anchors=np.zeros((0, 2), np.int64),
-            centroids=np.zeros((0, 2), np.float64),
-            bboxes=np.zeros((0, 4), np.float64),
-            class_ids=np.zeros(0, np.uint8),
-            probabilities=np.zeros(0, np.float32),
-            polygons=[],
-            masks=[],
-            mask_offsets=np.zeros((0, 2), np.int64),
-            measurements={k: np.zeros(0, np.float64) for k in measurement_names},
-            class_names=class_names,
-            class_colors=class_colors,
-            mpp0=mpp0,
-            scale=scale,
-            plane_shape=plane_shape,
-        )
+    def empty(plane: PlaneInfo, measurement_names: tuple[str, ...] = ()) -> InstanceTable:
+        """A table without nuclei (every column of :data:`COLUMNS` with its dtype)."""
+        cols: dict[str, Any] = {c.name: [] if c.is_list else np.zeros((0, *c.shape), c.dtype) for c in COLUMNS}
+        return InstanceTable(**cols, measurements={k: np.zeros(0, np.float64) for k in measurement_names}, plane=plane)
 
+    def take(self, idx: np.ndarray) -> InstanceTable:
+        """Rows ``idx`` of this table (a new table; same plane and ``edge_touching``)."""
+        rows = [int(i) for i in idx]
+        cols: dict[str, Any] = {}
+        for c in COLUMNS:
+            v = getattr(self, c.name)
+            cols[c.name] = [v[i] for i in rows] if c.is_list else v[idx]
+        meas = {k: v[idx] for k, v in self.measurements.items()}
+        return InstanceTable(**cols, measurements=meas, plane=self.plane, edge_touching=self.edge_touching)
 
-JSONDict = dict[str, Any]
+    @staticmethod
+    def concat(tables: Sequence[InstanceTable]) -> InstanceTable:
+        """Rows of ``tables`` in order; plane and measurement names of the first, ``edge_touching`` summed."""
+        first = tables[0]
+        cols: dict[str, Any] = {}
+        for c in COLUMNS:
+            parts = [getattr(t, c.name) for t in tables]
+            cols[c.name] = [x for p in parts for x in p] if c.is_list else np.concatenate(parts)
+        meas = {k: np.concatenate([t.measurements[k] for t in tables]) for k in first.measurements}
+        edge = sum(t.edge_touching for t in tables)
+        return InstanceTable(**cols, measurements=meas, plane=first.plane, edge_touching=edge)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (no objects, no plane) that :meth:`from_arrays` turns back into an equal table.
+
+        A list column ``c`` becomes ``c__shapes`` (N, ndim) and ``c__data``, the items' values raveled
+        and concatenated (bool: bit-packed, with ``c__size`` the bit count)."""
+        out: dict[str, np.ndarray] = {}
+        for c in COLUMNS:
+            v = getattr(self, c.name)
+            if not c.is_list:
+                out[c.name] = v
+                continue
+            out[f"{c.name}__shapes"] = np.array([a.shape for a in v], np.int64).reshape(len(v), len(c.shape))
+            flat = np.concatenate([np.asarray(a, c.dtype).ravel() for a in v]) if v else np.zeros(0, c.dtype)
+            out[f"{c.name}__data"] = np.packbits(flat) if c.dtype == "bool" else flat
+            out[f"{c.name}__size"] = np.asarray(flat.size, np.int64)
+        out["measurement_names"] = np.array(list(self.measurements), dtype=str)
+        for i, m in enumerate(self.measurements.values()):
+            out[f"measurement_{i}"] = m
+        out["edge_touching"] = np.asarray(self.edge_touching, np.int64)
+        return out
+
+    @staticmethod
+    def from_arrays(a: Mapping[str, np.ndarray], plane: PlaneInfo) -> InstanceTable:
+        """The table :meth:`to_arrays` encoded (``a``: a mapping of arrays, e.g. an ``NpzFile``) in ``plane``."""
+        cols: dict[str, Any] = {}
+        for c in COLUMNS:
+            if not c.is_list:
+                cols[c.name] = a[c.name]
+                continue
+            shapes = a[f"{c.name}__shapes"]
+            flat = a[f"{c.name}__data"]
+            if c.dtype == "bool":
+                flat = np.unpackbits(flat, count=int(a[f"{c.name}__size"])).astype(bool)
+            bounds = np.concatenate([[0], np.cumsum(np.prod(shapes, axis=1))]).astype(np.int64)
+            cols[c.name] = [
+                flat[bounds[i] : bounds[i + 1]].reshape([int(d) for d in shapes[i]]) for i in range(len(shapes))
+            ]
+        names = [str(n) for n in a["measurement_names"]]
+        meas = {n: a[f"measurement_{i}"] for i, n in enumerate(names)}
+        return InstanceTable(**cols, measurements=meas, plane=plane, edge_touching=int(a["edge_touching"]))

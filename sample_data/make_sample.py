@@ -23,8 +23,9 @@ How the picture is made (all sizes at 0.25 µm/px), one sibling module per step:
 3. ``synth_render.py`` -- *render* in row strips: Beer-Lambert H&E composition, textures, blur and noise
    from seeded noise tiles, so the pixels do not depend on the strip height.
 
-The siblings are imported by plain name: running this file puts its folder first on ``sys.path``; code that
-imports it as a module must put ``sample_data/`` on ``sys.path`` first.
+``sample_data`` is a package: import ``sample_data.make_sample`` from the repository root, or run this file
+(``python sample_data/make_sample.py`` or ``python -m sample_data.make_sample``); run as a file, the siblings
+are imported by plain name from this folder (the first entry of ``sys.path``).
 """
 
 from __future__ import annotations
@@ -38,9 +39,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from synth_common import CLASS_NAMES, MAGNIFICATION, MPP
-from synth_render import E_VEC, H_VEC, RowSource, render
-from synth_scene import Scene, build_scene
+
+try:  # imported from the package (python -m sample_data.make_sample, tests)
+    from sample_data.synth_common import CLASS_NAMES, MAGNIFICATION, MPP
+    from sample_data.synth_render import E_VEC, H_VEC, RowSource, render
+    from sample_data.synth_scene import Scene, build_scene
+except ModuleNotFoundError:  # run as python sample_data/make_sample.py: this folder is sys.path[0]
+    from synth_common import CLASS_NAMES, MAGNIFICATION, MPP
+    from synth_render import E_VEC, H_VEC, RowSource, render
+    from synth_scene import Scene, build_scene
 
 GENERATOR_VERSION = 1
 DEFAULT_SIZE = 4096

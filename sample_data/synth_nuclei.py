@@ -12,7 +12,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-from synth_common import C_STROMA, EPI, LR, LYM, STR, Star, rand_star
+
+try:  # imported from the package (python -m sample_data.make_sample, tests)
+    from sample_data.synth_common import C_STROMA, EPI, LR, LYM, STR, Star, rand_star
+except ModuleNotFoundError:  # run as python sample_data/make_sample.py: this folder is sys.path[0]
+    from synth_common import C_STROMA, EPI, LR, LYM, STR, Star, rand_star
 
 
 class Placer:

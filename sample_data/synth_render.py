@@ -12,8 +12,13 @@ import math
 
 import cv2
 import numpy as np
-from synth_common import C_CYTO, C_STROMA, LR, gauss, gauss_unit
-from synth_scene import Scene
+
+try:  # imported from the package (python -m sample_data.make_sample, tests)
+    from sample_data.synth_common import C_CYTO, C_STROMA, LR, gauss, gauss_unit
+    from sample_data.synth_scene import Scene
+except ModuleNotFoundError:  # run as python sample_data/make_sample.py: this folder is sys.path[0]
+    from synth_common import C_CYTO, C_STROMA, LR, gauss, gauss_unit
+    from synth_scene import Scene
 
 from histoseg.types import Box
 

@@ -13,23 +13,43 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
-from synth_common import (
-    C_CYTO,
-    C_LUMEN,
-    C_RBC,
-    C_RBC_PALE,
-    C_VESSEL,
-    EPI,
-    LR,
-    LYM,
-    OTH,
-    STR,
-    Star,
-    rand_star,
-    sample_lr,
-    smooth_noise,
-)
-from synth_nuclei import Placer
+
+try:  # imported from the package (python -m sample_data.make_sample, tests)
+    from sample_data.synth_common import (
+        C_CYTO,
+        C_LUMEN,
+        C_RBC,
+        C_RBC_PALE,
+        C_VESSEL,
+        EPI,
+        LR,
+        LYM,
+        OTH,
+        STR,
+        Star,
+        rand_star,
+        sample_lr,
+        smooth_noise,
+    )
+    from sample_data.synth_nuclei import Placer
+except ModuleNotFoundError:  # run as python sample_data/make_sample.py: this folder is sys.path[0]
+    from synth_common import (
+        C_CYTO,
+        C_LUMEN,
+        C_RBC,
+        C_RBC_PALE,
+        C_VESSEL,
+        EPI,
+        LR,
+        LYM,
+        OTH,
+        STR,
+        Star,
+        rand_star,
+        sample_lr,
+        smooth_noise,
+    )
+    from synth_nuclei import Placer
 
 
 @dataclass

@@ -1,32 +1,11 @@
-"""The classical baseline (``benchmarks/classical.py``) on hand-built images with known answers.
-
-``benchmarks/`` is not a package (its scripts import each other as top-level modules, with the script's
-folder on ``sys.path[0]``), so the module is loaded here from its file path with importlib, without
-touching ``sys.path``.
-"""
+"""The classical baseline (``benchmarks/classical.py``) on hand-built images with known answers."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "classical.py"
-
-
-def _load_classical():
-    spec = importlib.util.spec_from_file_location("histoseg_bench_classical", _PATH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(mod)
-    return mod
-
-
-classical = _load_classical()
+from benchmarks import classical
 
 PINK = (235, 170, 205)  # eosin-stained background: hematoxylin OD about 0
 PURPLE = (75, 45, 125)  # hematoxylin-stained nucleus: OD about 1.5

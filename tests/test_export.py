@@ -33,7 +33,7 @@ from histoseg.export import (
     write_provenance,
     write_success,
 )
-from histoseg.types import InstanceTable
+from histoseg.types import InstanceTable, PlaneInfo
 
 PLANE = (150, 200)  # (H, W) processing plane
 SCALE = 2.0  # level-0 px per plane px
@@ -105,11 +105,8 @@ def _make_table() -> InstanceTable:
         masks=masks,
         mask_offsets=np.array(offsets, np.int64),
         measurements=meas,
-        class_names=("tumor", "lymphocyte"),  # as the model card lists them: class id k is entry k - 1
-        class_colors=((200, 0, 0), (0, 0, 220)),
-        mpp0=MPP0,
-        scale=SCALE,
-        plane_shape=PLANE,
+        # class names as the model card lists them: class id k is entry k - 1
+        plane=PlaneInfo(("tumor", "lymphocyte"), ((200, 0, 0), (0, 0, 220)), MPP0, SCALE, PLANE),
     )
 
 
@@ -331,7 +328,7 @@ def test_id_sets_agree(table: InstanceTable, tmp_path: Path) -> None:
 
 
 def test_empty_table(tmp_path: Path) -> None:
-    t = InstanceTable.empty(("tumor",), ((255, 0, 0),), 0.25, 2.0, (70, 90), ("area_um2",))
+    t = InstanceTable.empty(PlaneInfo(("tumor",), ((255, 0, 0),), 0.25, 2.0, (70, 90)), ("area_um2",))
     assert write_geojson(t, tmp_path / "e.geojson", slide_key="k") == 0
     assert _strict_loads((tmp_path / "e.geojson").read_text())["features"] == []
     write_parquet(t, tmp_path / "e.parquet")

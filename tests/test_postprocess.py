@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from histoseg.datasets import load_monuseg
 from histoseg.metrics import aji
 from histoseg.postprocess import hematoxylin, instance_centroids, separate_instances
-from histoseg.training.datasets import load_monuseg
 from histoseg.training.targets import hv_maps
 
 

@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -17,26 +14,11 @@ from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 
 from histoseg.types import Box
+from sample_data import make_sample as ms
+from sample_data import synth_common as common
 
 SIZE = 1024
 SEED = 0
-SCRIPT = Path(__file__).resolve().parent.parent / "sample_data" / "make_sample.py"
-
-
-def _load() -> ModuleType:
-    # the script imports its sibling modules (synth_*.py) by plain name, as when run from its own folder
-    if str(SCRIPT.parent) not in sys.path:
-        sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("histoseg_make_sample", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ms = _load()
-common = importlib.import_module("synth_common")  # the compartment codes (loaded by make_sample above)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from histoseg.datasets import load_monuseg
 from histoseg.metrics import evaluate_instances
 from histoseg.models import load_model, registered_models, resolve_model
-from histoseg.training.datasets import load_monuseg
 from histoseg.training.evaluate import RADIUS_UM, predict_native
 
 

@@ -13,12 +13,14 @@ from histoseg.errors import HaloTooSmallError
 from histoseg.metrics import aji
 from histoseg.pipeline import segment_slide
 from histoseg.pipeline.slide import run_regions_table
-from histoseg.types import InstanceTable
+from histoseg.stitching import stitch
+from histoseg.types import COLUMNS, Box, InstanceTable, PlaneInfo, Region
 
 from .oracle import OraclePredictor
 from .synthetic import random_nuclei, write_slide
 
 MPP = 0.5
+PLANE = PlaneInfo(("tumor",), ((255, 0, 0),), 0.25, 2.0, (64, 64))
 
 
 def _instance_set(t: InstanceTable) -> set[frozenset[tuple[int, int]]]:
@@ -104,3 +106,44 @@ def test_dask_workers_give_the_same_table(slide: tuple[Path, np.ndarray]) -> Non
     np.testing.assert_array_equal(ref.ids, got.ids)
     np.testing.assert_array_equal(ref.centroids, got.centroids)
     assert _instance_set(ref) == _instance_set(got)
+
+
+def _table(anchors: list[tuple[int, int]], edge: int = 0) -> InstanceTable:
+    """A region table whose nucleus k is a (k+1) x 1 mask at its anchor; measurement ``m`` = anchor x."""
+    n = len(anchors)
+    a = np.array(anchors, np.int64).reshape(n, 2)
+    return InstanceTable(
+        ids=np.zeros(n, np.uint32),
+        anchors=a,
+        centroids=a[:, ::-1] * 2.0 + 1.0,
+        bboxes=np.zeros((n, 4)),
+        class_ids=np.ones(n, np.uint8),
+        probabilities=np.full(n, 0.5, np.float32),
+        polygons=[np.full((4, 2), float(k)) for k in range(n)],
+        masks=[np.ones((k + 1, 1), bool) for k in range(n)],
+        mask_offsets=a.copy(),
+        measurements={"m": a[:, 1].astype(np.float64)},
+        plane=PLANE,
+        edge_touching=edge,
+    )
+
+
+def test_stitch_ranks_by_region_then_anchor_and_keeps_dtypes() -> None:
+    template = InstanceTable.empty(PLANE, ("m",))
+    assert [(getattr(template, c.name).dtype, len(getattr(template, c.name))) for c in COLUMNS if not c.is_list] == [
+        (np.dtype(c.dtype), 0) for c in COLUMNS if not c.is_list
+    ]
+    right = (Region(0, 1, Box(32, 0, 32, 64), 8), _table([(20, 40), (3, 50)], edge=2))
+    left = (Region(0, 0, Box(0, 0, 32, 64), 8), _table([(10, 9), (10, 2), (1, 30)], edge=1))
+    out = stitch([right, left], template)  # arrival order does not matter, raster order of regions does
+    assert out.ids.tolist() == [1, 2, 3, 4, 5]
+    assert out.anchors.tolist() == [[1, 30], [10, 2], [10, 9], [3, 50], [20, 40]]
+    assert out.measurements["m"].tolist() == [30.0, 2.0, 9.0, 50.0, 40.0]
+    assert [m.shape[0] for m in out.masks] == [3, 2, 1, 2, 1]  # masks travel with their rows
+    assert [float(p[0, 0]) for p in out.polygons] == [2.0, 1.0, 0.0, 1.0, 0.0]
+    assert out.edge_touching == 3 and out.plane == PLANE
+    for c in COLUMNS:
+        if not c.is_list:
+            assert getattr(out, c.name).dtype == np.dtype(c.dtype), c.name
+    none = stitch([(left[0], left[1].take(np.zeros(0, np.int64)))], template)
+    assert len(none) == 0 and list(none.measurements) == ["m"] and none.edge_touching == 1

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from histoseg.datasets import Sample, load_crchisto, load_dsb, load_monuseg
 from histoseg.errors import DatasetError
 from histoseg.training.augment import FLAG_KEYS, Augmenter, make_targets, random_crop_batch
-from histoseg.training.datasets import Sample, load_crchisto, load_dsb, load_monuseg
 from histoseg.training.targets import hv_maps, np_target, type_target
 
 

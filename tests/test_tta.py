@@ -11,10 +11,10 @@ import torch
 
 from histoseg.errors import ConfigError
 from histoseg.models import ModelCard, NetConfig, NucleiNet
+from histoseg.models.bnstats import bn_layers, capture_bn_inputs
 from histoseg.training.stats import feature_statistics
 from histoseg.tta import TTASettings, adapt
-from histoseg.tta.methods import ENCODER_PREFIXES, AlignmentLoss
-from histoseg.tta.stats import bn_layers, capture_bn_inputs
+from histoseg.tta.g2p import ENCODER_PREFIXES, AlignmentLoss
 
 from .synthetic import random_nuclei, render
 

@@ -22,7 +22,7 @@ from shapely.geometry import Polygon, shape
 from histoseg.cli.main import main
 from histoseg.models import resolve_model
 from histoseg.postprocess.instances import pixel_outline, solid_mask
-from histoseg.types import InstanceTable
+from histoseg.types import InstanceTable, PlaneInfo
 from tests.test_export import check_qupath_feature
 
 STEM = "CMU-1-Small-Region"
@@ -40,7 +40,7 @@ def run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _card_table() -> InstanceTable:
     card = resolve_model("default").card()
-    return InstanceTable.empty(card.class_names, card.class_colors, 1.0, 1.0, (1, 1))
+    return InstanceTable.empty(PlaneInfo(card.class_names, card.class_colors, 1.0, 1.0, (1, 1)))
 
 
 # -- the outline rule on hand-built masks --------------------------------------------------------------

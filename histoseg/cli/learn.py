@@ -53,37 +53,31 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_adapt(args: argparse.Namespace) -> int:
-    """Plan the slide as ``segment`` would, adapt, and write the adapted artifact to ``--output``."""
+    """Plan the slide as ``segment`` would and adapt with the same function (``pipeline.adapt.adapt_slide``:
+    same crops, single-threaded), then keep the adapted artifact at ``--output``."""
     from histoseg.config import SegmentConfig
     from histoseg.errors import ConfigError
-    from histoseg.pipeline.adapt import adapt_to_slide, sample_crops
+    from histoseg.inference import NetworkPredictor
+    from histoseg.pipeline.adapt import adapt_slide
     from histoseg.pipeline.plan import default_predictor, plan_slide
-    from histoseg.tta import TTASettings
 
     out = Path(args.output)
     if out.suffix != ".safetensors":
         raise ConfigError("--output must end in .safetensors (the card is written beside it as .json)")
     if args.tta in ("none", "auto"):
         raise ConfigError("histoseg adapt needs a method: --tta bn|tent|g2p")
-    config = SegmentConfig(model=args.model, slide_mpp=args.slide_mpp, backend=args.backend)
+    config = SegmentConfig(model=args.model, slide_mpp=args.slide_mpp, backend=args.backend, tta=args.tta,
+                           tta_regions=args.tta_regions, tta_steps=args.tta_steps)
     predictor = default_predictor(config)
-    source = getattr(predictor, "artifact", None)
-    if source is not None:
-        check_not_a_model_source(out, source)  # never the model being adapted, never a shipped one
-    check_writable_target(out)
-    plan = plan_slide(args.slide, config, predictor)
-    settings = TTASettings(method=args.tta, regions=args.tta_regions, steps=args.tta_steps)
-    crops = sample_crops(plan.path, plan.tissue, plan.plane_shape, plan.card.mpp, settings, args.backend,
-                         args.slide_mpp)
-    from histoseg.inference import NetworkPredictor
-
     if not isinstance(predictor, NetworkPredictor):
         raise ConfigError("histoseg adapt needs a network model")
-    artifact = predictor.artifact
-    adapted, report = adapt_to_slide(artifact, crops, settings, out)
-    if adapted.weights == artifact.weights:
+    check_not_a_model_source(out, predictor.artifact)  # never the model being adapted, never a shipped one
+    check_writable_target(out)
+    plan = plan_slide(args.slide, config, predictor)
+    adapted, report = adapt_slide(plan, predictor, config, out)
+    if not isinstance(adapted, NetworkPredictor) or adapted.artifact.weights == predictor.artifact.weights:
         print(f"adaptation kept the source weights ({report.get('guard', '')}); nothing written")
         return 0
-    print(f"adapted weights: {adapted.weights} (sha256 {report['weights_sha256'][:16]}...); "
-          f"loss {report.get('loss_before')} -> {report.get('loss_after')}; reuse with --model {adapted.weights}")
+    print(f"adapted weights: {adapted.artifact.weights} (sha256 {report['weights_sha256'][:16]}...); "
+          f"loss {report.get('loss_before')} -> {report.get('loss_after')}; reuse with --model {out}")
     return 0

@@ -16,7 +16,16 @@ from typing import Any
 
 from histoseg import __version__
 from histoseg.cli.report import add_report_parser, run_report
-from histoseg.config import PRECISION_CHOICES, RUNTIME_CHOICES, SegmentConfig
+from histoseg.config import (
+    ALL_FORMATS,
+    BACKENDS,
+    CLUSTER_KINDS,
+    LOCAL_CLUSTER,
+    PRECISION_CHOICES,
+    RUNTIME_CHOICES,
+    TTA_CHOICES,
+    SegmentConfig,
+)
 from histoseg.errors import HistosegError
 
 log = logging.getLogger("histoseg")
@@ -68,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="show a slide's metadata (vendor, levels, mpp, bounds offset)")
     info.add_argument("slide")
-    info.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image", "omezarr"])
+    info.add_argument("--backend", default=SegmentConfig.backend, choices=list(BACKENDS))
     info.add_argument("--json", action="store_true", help="print JSON")
 
     seg = sub.add_parser(
@@ -86,15 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="µm per pixel of level 0, for slides without (or with wrong) metadata; default: the slide's own",
     )
-    seg.add_argument("--model", default="default", help="registered model name or path to .safetensors")
-    seg.add_argument("--region-size", type=int, default=1024,
+    seg.add_argument("--model", default=SegmentConfig.model, help="registered model name or path to .safetensors")
+    seg.add_argument("--region-size", type=int, default=SegmentConfig.region_size,
                      help="region core size in processing px (performance only: results do not depend on it)")
-    seg.add_argument("--formats", default="geojson,zarr,parquet", help="comma list of geojson,zarr,parquet")
+    seg.add_argument("--formats", default=",".join(SegmentConfig.formats),
+                     help=f"comma list of {','.join(ALL_FORMATS)}")
     seg.add_argument("--geojson-gzip", action="store_true", help="write .geojson.gz")
     seg.add_argument("--overwrite", action="store_true", help="redo slides that already have _SUCCESS")
     seg.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cpu, cuda with --gpus")
-    seg.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image", "omezarr"],
-                     help="slide reader")
+    seg.add_argument("--backend", default=SegmentConfig.backend, choices=list(BACKENDS), help="slide reader")
     seg.add_argument(
         "--strict-halo", action="store_true", help="fail when a nucleus touches a region's halo edge instead of warning"
     )
@@ -114,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     ad = sub.add_parser("adapt", help="adapt the model to one slide and save the adapted weights")
     ad.add_argument("slide")
     ad.add_argument("--output", required=True, help="adapted weights (.safetensors; the card is written beside)")
-    ad.add_argument("--model", default="default", help="registered model name or path to .safetensors")
+    ad.add_argument("--model", default=SegmentConfig.model, help="registered model name or path to .safetensors")
     ad.add_argument("--slide-mpp", type=_positive_float, default=None)
-    ad.add_argument("--backend", default="auto", choices=["auto", "tiffslide", "openslide", "image", "omezarr"])
+    ad.add_argument("--backend", default=SegmentConfig.backend, choices=list(BACKENDS))
     _add_tta_arguments(ad, default="g2p")
 
     tr = sub.add_parser("train", help="train a model from a YAML config")
@@ -125,10 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluate a model on a public dataset")
     ev.add_argument("--dataset", required=True, choices=["monuseg-test", "dsb", "crchisto-val"])
-    ev.add_argument("--model", default="default")
+    ev.add_argument("--model", default=SegmentConfig.model)
     ev.add_argument("--limit", type=int, default=None, help="first N images only")
     ev.add_argument("--json", default=None, help="also write the results as JSON to this file")
-    ev.add_argument("--precision", default="auto", choices=list(PRECISION_CHOICES),
+    ev.add_argument("--precision", default=SegmentConfig.precision, choices=list(PRECISION_CHOICES),
                     help="network arithmetic (auto: bf16 only where native)")
 
     sub.add_parser("models", help="list registered models")
@@ -137,8 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_tta_arguments(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    from histoseg.config import TTA_CHOICES, SegmentConfig
-
     g = p.add_argument_group("per-slide test-time adaptation")
     g.add_argument("--tta", default=default or SegmentConfig.tta, choices=list(TTA_CHOICES),
                    help="adaptation method run once per slide before its regions; auto: g2p for a network model "
@@ -151,7 +158,7 @@ def _add_cluster_arguments(seg: argparse.ArgumentParser) -> None:
     """Where region tasks run (histoseg.distributed.ClusterSpec); job-queue flags override --cluster-config."""
     g = seg.add_argument_group("where to run (Dask)")
     g.add_argument(
-        "--cluster", default="local", choices=["local", "slurm", "pbs", "lsf"], help="local processes or a job queue"
+        "--cluster", default=LOCAL_CLUSTER, choices=list(CLUSTER_KINDS), help="local processes or a job queue"
     )
     g.add_argument("--workers", type=int, default=None, help="local worker processes (default 1: in this process)")
     g.add_argument("--gpus", default=None, metavar="all|IDS", help="local: one worker per GPU, e.g. all or 0,1")

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from histoseg.config import CLUSTER_KINDS, LOCAL_CLUSTER, ClusterKind
 from histoseg.distributed.runner import DaskRunner, LazyRunner, TaskRunner, log_dashboard, make_runner
 from histoseg.errors import ConfigError, HistosegError
 
 log = logging.getLogger(__name__)
 
-LOCAL = "local"
-JOBQUEUE_KINDS = ("slurm", "pbs", "lsf")
-CLUSTER_KINDS = (LOCAL, *JOBQUEUE_KINDS)
+JOBQUEUE_KINDS: tuple[ClusterKind, ...] = tuple(k for k in CLUSTER_KINDS if k != LOCAL_CLUSTER)
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class ClusterSpec:
     (one core per job, one single-threaded worker per core).
     """
 
-    kind: str = LOCAL
+    kind: ClusterKind = LOCAL_CLUSTER
     workers: int = 1
     gpus: str | None = None  # "all" or "0,1" (indices into the visible devices)
     scheduler: str | None = None  # address of a running Dask scheduler
@@ -72,18 +71,18 @@ class ClusterSpec:
         if self.gpus is not None:
             parse_gpu_request(self.gpus)
         if self.scheduler is not None:
-            if self.kind != LOCAL:
+            if self.kind != LOCAL_CLUSTER:
                 raise ConfigError(f"--scheduler connects to a running cluster: drop --cluster {self.kind}")
             if self.gpus is not None:
                 raise ConfigError("--gpus starts local GPU workers: it cannot be combined with --scheduler")
-        if self.gpus is not None and self.kind != LOCAL:
+        if self.gpus is not None and self.kind != LOCAL_CLUSTER:
             raise ConfigError(
                 f"--gpus is for --cluster local; for GPU jobs on {self.kind} ask the queue for them, "
                 "e.g. --job-extra=--gres=gpu:1 (SLURM), and pass --device cuda"
             )
         if self.gpus is not None and self.workers != 1:
             raise ConfigError("--gpus starts one worker per GPU: drop --workers")
-        if self.kind == LOCAL:
+        if self.kind == LOCAL_CLUSTER:
             given = [flag for flag, value in self._jobqueue_flags().items() if value]
             if given:
                 raise ConfigError(

@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -24,8 +24,14 @@ __all__ = ["SUCCESS_NAME", "jsonable", "write_provenance", "write_success"]
 SUCCESS_NAME = "_SUCCESS"
 
 
+@overload
+def jsonable(value: Mapping[Any, Any]) -> dict[str, Any]: ...
+@overload
+def jsonable(value: Any) -> Any: ...
+
+
 def jsonable(value: Any) -> Any:
-    """Convert ``value`` recursively into plain JSON types, NaN/Inf as strings."""
+    """Convert ``value`` recursively into plain JSON types, NaN/Inf as strings (a mapping stays a ``dict``)."""
     if value is None or isinstance(value, (bool, str, int)) and not isinstance(value, np.generic):
         return value
     if isinstance(value, float):

@@ -81,7 +81,8 @@ def _block_mean(a: np.ndarray) -> np.ndarray:
     if h % 2 or w % 2:
         a = np.pad(a, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge")
     s = a.reshape(c, a.shape[1] // 2, 2, a.shape[2] // 2, 2).astype(np.uint16).sum(axis=(2, 4))
-    return ((s + 2) // 4).astype(np.uint8)
+    half: np.ndarray = ((s + 2) // 4).astype(np.uint8)
+    return half
 
 
 def _multiscales(n_levels: int, level0_px: float, table: InstanceTable) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 
 from histoseg.inference.runtime import Engine, compile_engine
 from histoseg.models import ModelArtifact, ModelCard, NucleiNet, load_model
-from histoseg.models.network import STRIDE
+from histoseg.models.inputs import pad_to_stride, to_input
 from histoseg.types import Region
 
 _CACHE: OrderedDict[tuple[str, str], tuple[NucleiNet, ModelCard]] = OrderedDict()
@@ -108,6 +108,10 @@ class NetworkPredictor:
     bf16: bool = False
     runtime: str = "torch"  # torch | openvino | onnxruntime (resolved by ``inference.runtime``)
 
+    def with_artifact(self, artifact: ModelArtifact) -> NetworkPredictor:
+        """The same predictor (device, precision, runtime) over other weights, e.g. a slide's adapted ones."""
+        return replace(self, artifact=artifact)
+
     def card(self) -> ModelCard:
         """The card alone (no weights are loaded, nothing is moved to the device: planning a slide on a
         submit host without a GPU must work)."""
@@ -123,23 +127,6 @@ class NetworkPredictor:
         return run_network(net, card, image, device=self.device, bf16=self.bf16)
 
 
-def pad_to_stride(image: np.ndarray) -> np.ndarray:
-    """RGB padded with white at the bottom and right to a multiple of the network stride."""
-    h, w = image.shape[:2]
-    ph, pw = (-h) % STRIDE, (-w) % STRIDE
-    if ph or pw:
-        return np.pad(image[..., :3], ((0, ph), (0, pw), (0, 0)), constant_values=255)
-    return image
-
-
-def to_tensor(image: np.ndarray, card: ModelCard) -> torch.Tensor:
-    """(H, W, 3) uint8 -> normalised (1, 3, H, W) float32."""
-    x = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(card.mean).view(3, 1, 1)
-    std = torch.tensor(card.std).view(3, 1, 1)
-    return ((x - mean) / std).unsqueeze(0)
-
-
 def _softmax0(logits: np.ndarray) -> np.ndarray:
     """Softmax over axis 0 of (C, H, W) logits, float32."""
     z = logits - logits.max(axis=0, keepdims=True)
@@ -150,7 +137,7 @@ def _softmax0(logits: np.ndarray) -> np.ndarray:
 def run_engine(engine: Engine, card: ModelCard, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``run_network`` through a compiled engine (OpenVINO, ONNX Runtime): same padding, inputs and outputs."""
     h, w = image.shape[:2]
-    out = engine(to_tensor(pad_to_stride(image), card).numpy())
+    out = engine(to_input(pad_to_stride(image), card).numpy())
     np_prob = _softmax0(out["np"][0].astype(np.float32))[1, :h, :w]
     hv = out["hv"][0, :, :h, :w]  # the network applies tanh itself
     tp = _softmax0(out["tp"][0].astype(np.float32))[:, :h, :w] if "tp" in out else None
@@ -163,7 +150,7 @@ def run_network(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One forward pass over the whole image (padded with white to the network stride, then cropped)."""
     h, w = image.shape[:2]
-    x = to_tensor(pad_to_stride(image), card).to(device)
+    x = to_input(pad_to_stride(image), card).to(device)
     if device.startswith("cuda"):
         x = x.to(memory_format=torch.channels_last)
     dev_type = "cuda" if device.startswith("cuda") else "cpu"

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from histoseg.config import BACKENDS
 from histoseg.errors import (
     ConfigError,
     CorruptSlideError,
@@ -23,7 +24,6 @@ from histoseg.errors import (
 from histoseg.io.base import SlideReader
 from histoseg.types import Box
 
-BACKENDS = ("auto", "tiffslide", "openslide", "image", "omezarr")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 SLIDE_SUFFIXES = (
     ".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs", ".vms", ".vmu", ".svslide", ".qptiff", ".dcm",
@@ -121,7 +121,7 @@ def _auto_order(path: Path, magic: bytes) -> list[str]:
 def open_slide(path: str | os.PathLike[str], backend: str = "auto", mpp: float | None = None) -> SlideReader:
     """Open a slide, a plain image or an OME-Zarr folder for reading.
 
-    ``backend``: ``auto`` | ``tiffslide`` | ``openslide`` | ``image`` | ``omezarr``. ``mpp`` (µm per
+    ``backend``: one of :data:`histoseg.config.BACKENDS` (any other string raises ConfigError). ``mpp`` (µm per
     level-0 pixel) overrides the metadata (``meta.mpp_source == "user"``); without either, ``meta.mpp`` is
     None and physical-unit reads raise MissingMppError naming ``--slide-mpp``.
     """

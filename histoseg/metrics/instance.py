@@ -151,12 +151,14 @@ class OverlapTable:
     @property
     def unions(self) -> np.ndarray:
         """Union area of each listed pair."""
-        return self.true_areas[self.true_idx] + self.pred_areas[self.pred_idx] - self.inter
+        unions: np.ndarray = self.true_areas[self.true_idx] + self.pred_areas[self.pred_idx] - self.inter
+        return unions
 
     @property
     def iou(self) -> np.ndarray:
         """IoU of each listed pair (all > 0)."""
-        return self.inter / self.unions
+        iou: np.ndarray = self.inter / self.unions
+        return iou
 
     def dice(self) -> float:
         """Binary Dice ``2|T ∩ P| / (|T| + |P|)``."""
@@ -205,7 +207,8 @@ class OverlapTable:
             self.n_pred,
             cardinality_first=cardinality_first,
         )
-        return candidates[picked]
+        chosen: np.ndarray = candidates[picked]
+        return chosen
 
     def panoptic_quality(self, iou_threshold: float = 0.5) -> PQResult:
         """Panoptic quality; a pair matches when ``IoU > iou_threshold`` (strict).

@@ -79,7 +79,8 @@ class Head(nn.Module):
         x = self.refine(d2)
         x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
         x = self.full(torch.cat([x, skip], dim=1))
-        return self.out(x)
+        out: torch.Tensor = self.out(x)
+        return out
 
 
 class NucleiNet(nn.Module):

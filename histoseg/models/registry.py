@@ -10,7 +10,6 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -125,7 +124,3 @@ def check_not_a_model_source(target: str | Path, *sources: ModelArtifact) -> Non
         raise ConfigError(f"--output {target} is the model being adapted; write the adapted model to another file")
     if out.parent == WEIGHTS_DIR.resolve():
         raise ConfigError(f"--output {target} is inside histoseg's shipped models ({WEIGHTS_DIR}); choose another path")
-
-
-def state_dict_of(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in net.state_dict().items()}

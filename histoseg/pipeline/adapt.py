@@ -9,19 +9,27 @@ that artifact like any model.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import replace
+import logging
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from histoseg.config import SegmentConfig
+from histoseg.errors import ConfigError
+from histoseg.inference import DensePredictor, NetworkPredictor
 from histoseg.io import open_slide
 from histoseg.models import ModelArtifact, load_model, save_model
 from histoseg.models.network import STRIDE
+from histoseg.pipeline.plan import SlidePlan
 from histoseg.tiling.regions import _tissue_fraction
-from histoseg.tta import TTASettings, adapt
+from histoseg.tta import TTASettings, adapt, has_slide_statistics
 from histoseg.types import Box
+
+log = logging.getLogger(__name__)
 
 # candidate cells by tissue cover, most preferred first: interior tissue before tissue edges (fibres, debris)
 _COVER_LEVELS = (0.9, 0.5, 0.0)
@@ -90,5 +98,52 @@ def adapt_to_slide(
     return new, report
 
 
-def settings_key(settings: TTASettings) -> str:
-    return hashlib.sha256(repr(sorted(settings.__dict__.items())).encode()).hexdigest()[:12]
+def adapt_stage_text(plan: SlidePlan, predictor: DensePredictor, config: SegmentConfig) -> str:
+    """What the adaptation stage will do, for a progress display (``auto`` resolved as ``_adapt`` does)."""
+    method = tta_method(plan, predictor, config)
+    if method == "none":
+        return "planning regions"
+    return f"adapting to the slide ({method}, {config.tta_regions} crops, up to {config.tta_steps} steps)"
+
+
+def tta_method(plan: SlidePlan, predictor: DensePredictor, config: SegmentConfig) -> str:
+    """``--tta`` with ``auto`` resolved: g2p for a network model whose card has per-slide statistics."""
+    if config.tta != "auto":
+        return config.tta
+    network = isinstance(predictor, NetworkPredictor)
+    return "g2p" if network and has_slide_statistics(plan.card.source_stats) else "none"
+
+
+def adapt_slide(
+    plan: SlidePlan, predictor: DensePredictor, config: SegmentConfig, target: Path
+) -> tuple[DensePredictor, dict[str, Any]]:
+    """Adapt the network to this slide once, before its regions run (``--tta``); workers then load the
+    adapted artifact like any model. ``segment`` and ``histoseg adapt`` both call this. Runs single-threaded
+    so the weights do not depend on the machine's thread count (outputs must not depend on the workers)."""
+    method = tta_method(plan, predictor, config)
+    if method == "none":
+        return predictor, {"method": "none", "requested": config.tta}
+    if not isinstance(predictor, NetworkPredictor):
+        raise ConfigError("--tta needs a network model (a registered name or a .safetensors path)")
+    artifact = predictor.artifact
+    settings = TTASettings(method=method, regions=config.tta_regions, steps=config.tta_steps)
+    t0 = time.perf_counter()
+    crops = sample_crops(
+        plan.path, plan.tissue, plan.plane_shape, plan.card.mpp, settings, config.backend, config.slide_mpp
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        adapted, report = adapt_to_slide(artifact, crops, settings, target)
+    finally:
+        torch.set_num_threads(threads)
+    report["seconds_total"] = time.perf_counter() - t0
+    report["settings"] = asdict(settings)
+    report["requested"] = config.tta
+    report["source_weights_sha256"] = artifact.sha256()
+    log.info(
+        "%s: adapted with %s in %.1f s (loss %s -> %s%s)",
+        plan.path.name, method, report["seconds_total"], report.get("loss_before"), report.get("loss_after"),
+        ", source kept: " + report.get("guard", "") if report.get("kept_source") else "",
+    )
+    return predictor.with_artifact(adapted), report

@@ -23,7 +23,7 @@ from histoseg.models.network import STRIDE
 from histoseg.pipeline.tasks import SlideTaskSpec
 from histoseg.postprocess import WatershedParams
 from histoseg.tiling import plan_regions, tissue_cells, tissue_mask
-from histoseg.types import InstanceTable, Region, SlideMeta
+from histoseg.types import InstanceTable, PlaneInfo, Region, SlideMeta
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ def plan_slide(path: str | Path, config: SegmentConfig, predictor: DensePredicto
             )
         thumb, _ = reader.thumbnail(2048)
         meta = reader.meta
+        mpp0 = float(meta.mpp) if meta.mpp else card.mpp / scale
     finally:
         reader.close()
     mask = tissue_mask(thumb, config.tissue_threshold)
@@ -101,7 +102,7 @@ def plan_slide(path: str | Path, config: SegmentConfig, predictor: DensePredicto
         backend=config.backend,
         slide_mpp=config.slide_mpp,
         mpp=card.mpp,
-        plane_shape=plane_shape,
+        plane=PlaneInfo(card.class_names, card.class_colors, mpp0, scale, plane_shape),
         params=params,
         strict_halo=config.strict_halo,
     )

@@ -8,8 +8,9 @@ Layout (inside the slide's output folder, removed once ``_SUCCESS`` is written):
 The folder name has no leading dot on purpose: dot-entries of the output folder are stale temporaries
 of atomic writes and are deleted when a slide starts.
 
-A region file is plain ``.npz`` (read with ``allow_pickle=False``): ragged polygons and masks are
-concatenated with per-item lengths/shapes, measurements are columns. Each file carries the settings
+A region file is plain ``.npz`` (read with ``allow_pickle=False``) of :meth:`InstanceTable.to_arrays`: ragged
+polygons and masks are concatenated with per-item shapes, measurements are columns; the slide-level
+context (:class:`~histoseg.types.PlaneInfo`) is not stored but given on load. Each file carries the settings
 fingerprint and its region's geometry; a file whose fingerprint, geometry or content does not match is
 ignored and deleted, so results of other settings (another slide file, model, device, mpp, halo, region
 size, post-processing or histoseg version) are never reused. Files are written atomically (temporary
@@ -36,13 +37,13 @@ from histoseg.export.provenance import jsonable
 from histoseg.inference import DensePredictor
 from histoseg.models import ModelArtifact, ModelCard
 from histoseg.pipeline.tasks import SlideTaskSpec
-from histoseg.types import InstanceTable, Region
+from histoseg.types import InstanceTable, PlaneInfo, Region
 
 log = logging.getLogger(__name__)
 
 FULL_HASH_LIMIT = 512 << 20  # slides above this size get a partial fingerprint (documented in provenance)
 STORE_DIR = "_regions"
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: generic column codec (InstanceTable.to_arrays), no slide-level context per file
 SETTINGS_NAME = "settings.json"
 
 __all__ = [
@@ -51,8 +52,6 @@ __all__ = [
     "predictor_identity",
     "resume_settings",
     "slide_fingerprint",
-    "table_from_arrays",
-    "table_to_arrays",
 ]
 
 
@@ -147,7 +146,7 @@ def resume_settings(
             "card_sha256": settings_hash(jsonable(card.to_dict())),
             "processing": {
                 "mpp": spec.mpp,
-                "plane_shape": list(spec.plane_shape),
+                "plane_shape": list(spec.plane.plane_shape),
                 "halo": halo,
                 "region_size": region_size,
                 "backend": spec.backend,
@@ -164,72 +163,6 @@ def settings_hash(settings: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of ``settings``."""
     text = json.dumps(settings, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-# ------------------------------------------------------------------------------------------ npz codec
-
-
-def table_to_arrays(table: InstanceTable) -> dict[str, np.ndarray]:
-    """Plain arrays (no objects) that :func:`table_from_arrays` turns back into an equal table."""
-    polys = table.polygons
-    masks = table.masks
-    flat = np.concatenate([m.ravel() for m in masks]) if masks else np.zeros(0, bool)
-    out: dict[str, np.ndarray] = {
-        "ids": table.ids,
-        "anchors": table.anchors,
-        "centroids": table.centroids,
-        "bboxes": table.bboxes,
-        "class_ids": table.class_ids,
-        "probabilities": table.probabilities,
-        "mask_offsets": table.mask_offsets,
-        "poly_lengths": np.array([len(p) for p in polys], np.int64),
-        "poly_xy": np.concatenate(polys) if polys else np.zeros((0, 2), np.float64),
-        "mask_shapes": np.array([m.shape for m in masks], np.int64).reshape(len(masks), 2),
-        "mask_bits": np.packbits(flat.astype(bool)),
-        "mask_bit_count": np.asarray(flat.size, np.int64),
-        "measurement_names": np.array(list(table.measurements), dtype=str),
-        "class_names": np.array(table.class_names, dtype=str),
-        "class_colors": np.array(table.class_colors, np.int64).reshape(len(table.class_colors), 3),
-        "mpp0": np.asarray(table.mpp0, np.float64),
-        "scale": np.asarray(table.scale, np.float64),
-        "plane_shape": np.array(table.plane_shape, np.int64),
-        "edge_touching": np.asarray(table.edge_touching, np.int64),
-    }
-    for i, v in enumerate(table.measurements.values()):
-        out[f"measurement_{i}"] = v
-    return out
-
-
-def table_from_arrays(a: Any) -> InstanceTable:
-    """The table encoded by :func:`table_to_arrays` (``a``: a mapping of arrays, e.g. an ``NpzFile``)."""
-    lengths = a["poly_lengths"]
-    xy = a["poly_xy"]
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
-    polygons = [xy[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
-    shapes = a["mask_shapes"]
-    flat = np.unpackbits(a["mask_bits"], count=int(a["mask_bit_count"])).astype(bool)
-    sizes = shapes[:, 0] * shapes[:, 1]
-    mb = np.concatenate([[0], np.cumsum(sizes)])
-    masks = [flat[mb[i] : mb[i + 1]].reshape(int(shapes[i, 0]), int(shapes[i, 1])) for i in range(len(shapes))]
-    names = [str(n) for n in a["measurement_names"]]
-    return InstanceTable(
-        ids=a["ids"],
-        anchors=a["anchors"],
-        centroids=a["centroids"],
-        bboxes=a["bboxes"],
-        class_ids=a["class_ids"],
-        probabilities=a["probabilities"],
-        polygons=polygons,
-        masks=masks,
-        mask_offsets=a["mask_offsets"],
-        measurements={n: a[f"measurement_{i}"] for i, n in enumerate(names)},
-        class_names=tuple(str(n) for n in a["class_names"]),
-        class_colors=tuple((int(r), int(g), int(b)) for r, g, b in a["class_colors"]),
-        mpp0=float(a["mpp0"]),
-        scale=float(a["scale"]),
-        plane_shape=(int(a["plane_shape"][0]), int(a["plane_shape"][1])),
-        edge_touching=int(a["edge_touching"]),
-    )
 
 
 def _region_arrays(region: Region) -> np.ndarray:
@@ -271,9 +204,6 @@ class RegionStore:
         """Delete the store of ``out_dir`` if there is one."""
         shutil.rmtree(Path(out_dir) / STORE_DIR, ignore_errors=True)
 
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
     def _stored_key(self) -> str | None:
         p = self.folder / SETTINGS_NAME
         if not self.folder.exists():
@@ -288,7 +218,7 @@ class RegionStore:
 
     def save(self, region: Region, table: InstanceTable) -> None:
         """Write ``region``'s owned-instance table atomically (raises OutputError)."""
-        arrays: dict[str, Any] = dict(table_to_arrays(table))
+        arrays: dict[str, Any] = table.to_arrays()
         arrays["_fingerprint"] = np.array(self.key)
         arrays["_region"] = _region_arrays(region)
         with atomic_file(self.path(region)) as tmp, open(tmp, "wb") as f:
@@ -296,15 +226,16 @@ class RegionStore:
             f.flush()
             os.fsync(f.fileno())
 
-    def load(self, region: Region) -> InstanceTable | None:
-        """The stored table of ``region``, or None (missing, foreign or unreadable: then it is deleted)."""
+    def load(self, region: Region, plane: PlaneInfo) -> InstanceTable | None:
+        """The stored table of ``region`` in the slide's ``plane``, or None (missing, foreign or unreadable: then
+        it is deleted). The plane is not stored: the settings fingerprint already pins it."""
         p = self.path(region)
         if not p.exists():
             return None
         try:
             with np.load(p, allow_pickle=False) as z:
                 ok = str(z["_fingerprint"]) == self.key and np.array_equal(z["_region"], _region_arrays(region))
-                table = table_from_arrays(z) if ok else None
+                table = InstanceTable.from_arrays(z, plane) if ok else None
         except Exception as exc:  # noqa: BLE001 - any damage means: compute the region again
             log.warning("ignoring unreadable region file %s: %s", p, exc)
             table = None
@@ -312,11 +243,11 @@ class RegionStore:
             p.unlink(missing_ok=True)
         return table
 
-    def load_many(self, regions: Sequence[Region]) -> dict[str, InstanceTable]:
+    def load_many(self, regions: Sequence[Region], plane: PlaneInfo) -> dict[str, InstanceTable]:
         """Stored tables of those ``regions`` that are finished, by region key."""
         out: dict[str, InstanceTable] = {}
         for r in regions:
-            t = self.load(r)
+            t = self.load(r, plane)
             if t is not None:
                 out[r.key] = t
         return out

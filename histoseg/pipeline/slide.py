@@ -13,17 +13,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import torch
 
-from histoseg.config import SegmentConfig
+from histoseg.config import SegmentConfig, SlideStatus
 from histoseg.distributed import TaskRunner
-from histoseg.errors import ConfigError, OutputError
+from histoseg.errors import OutputError
 from histoseg.export import (
     SlideImage,
     atomic_file,
@@ -34,18 +33,17 @@ from histoseg.export import (
     write_success,
 )
 from histoseg.export.atomic import remove_stale_temporaries
-from histoseg.inference import DensePredictor, NetworkPredictor
+from histoseg.inference import DensePredictor
 from histoseg.pipeline import folder as outdir
-from histoseg.pipeline.adapt import adapt_to_slide, sample_crops
+from histoseg.pipeline.adapt import adapt_slide, adapt_stage_text
 from histoseg.pipeline.plan import PlanOutcome, SlidePlan, default_predictor, plan_slide
 from histoseg.pipeline.record import provenance_record
 from histoseg.pipeline.resume import RegionStore, resume_settings, slide_fingerprint
 from histoseg.pipeline.tasks import RegionResult, run_region
 from histoseg.postprocess import MEASUREMENTS
 from histoseg.report import report_after_slide
-from histoseg.stitching import in_tissue, stitch, take
+from histoseg.stitching import in_tissue, stitch
 from histoseg.tiling import TISSUE_CELL
-from histoseg.tta import TTASettings, has_slide_statistics
 from histoseg.types import InstanceTable, Region
 
 log = logging.getLogger(__name__)
@@ -60,7 +58,7 @@ class SlideReport:
     """One row of the batch summary."""
 
     slide: str
-    status: str  # ok | skipped | failed
+    status: SlideStatus
     nuclei: int = 0
     seconds: float = 0.0
     message: str = ""
@@ -85,7 +83,7 @@ def run_plan(
     """
     total = len(plan.regions)
     t0 = time.perf_counter()
-    reused = store.load_many(plan.regions) if store is not None else {}
+    reused = store.load_many(plan.regions, plan.spec.plane) if store is not None else {}
     parts: list[tuple[Region, InstanceTable]] = [(r, reused[r.key]) for r in plan.regions if r.key in reused]
     todo = [r for r in plan.regions if r.key not in reused]
     if reused:
@@ -103,13 +101,10 @@ def run_plan(
     timings = _sum_timings(results)
     timings["regions_wall"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mpp0 = float(plan.meta.mpp) if plan.meta.mpp else plan.card.mpp / plan.scale
-    template = InstanceTable.empty(
-        plan.card.class_names, plan.card.class_colors, mpp0, plan.scale, plan.plane_shape, MEASUREMENTS
-    )
+    template = InstanceTable.empty(plan.spec.plane, MEASUREMENTS)
     owned = parts + [(r.region, r.table) for r in results]
     # a nucleus counts only when its anchor lies in a tissue cell: a grid fixed by the slide, not the regions
-    owned = [(r, take(t, np.flatnonzero(in_tissue(t.anchors, plan.cells, TISSUE_CELL)))) for r, t in owned]
+    owned = [(r, t.take(np.flatnonzero(in_tissue(t.anchors, plan.cells, TISSUE_CELL)))) for r, t in owned]
     table = stitch(owned, template)
     timings["stitch"] = time.perf_counter() - t0
     if table.edge_touching:
@@ -190,8 +185,8 @@ def _segment_locked(
     (out_dir / SUCCESS).unlink(missing_ok=True)
     remove_stale_temporaries(out_dir)  # only the atomic writers' own temporaries, by their exact names
     if on_stage is not None:
-        on_stage(_adapt_stage_text(plan, predictor, config))
-    predictor, adaptation = _adapt(plan, predictor, config, out_dir / f"{stem}.adapted.safetensors")
+        on_stage(adapt_stage_text(plan, predictor, config))
+    predictor, adaptation = adapt_slide(plan, predictor, config, out_dir / f"{stem}.adapted.safetensors")
     if on_stage is not None:
         on_stage("regions")
     ok, png = cv2.imencode(".png", (plan.tissue * 255).astype(np.uint8))
@@ -238,57 +233,6 @@ def _segment_locked(
         timings=timings,
         regions_reused=outcome.regions_reused,
     )
-
-
-def _adapt_stage_text(plan: SlidePlan, predictor: DensePredictor, config: SegmentConfig) -> str:
-    """What the adaptation stage will do, for a progress display (``auto`` resolved as ``_adapt`` does)."""
-    method = _tta_method(plan, predictor, config)
-    if method == "none":
-        return "planning regions"
-    return f"adapting to the slide ({method}, {config.tta_regions} crops, up to {config.tta_steps} steps)"
-
-
-def _tta_method(plan: SlidePlan, predictor: DensePredictor, config: SegmentConfig) -> str:
-    """``--tta`` with ``auto`` resolved: g2p for a network model whose card has per-slide statistics."""
-    if config.tta != "auto":
-        return config.tta
-    network = isinstance(predictor, NetworkPredictor)
-    return "g2p" if network and has_slide_statistics(plan.card.source_stats) else "none"
-
-
-def _adapt(
-    plan: SlidePlan, predictor: DensePredictor, config: SegmentConfig, target: Path
-) -> tuple[DensePredictor, dict[str, Any]]:
-    """Adapt the network to this slide once, before its regions run (``--tta``); workers then load the
-    adapted artifact like any model. Runs single-threaded so the weights do not depend on the machine's
-    thread count (outputs must not depend on the number of workers)."""
-    artifact = getattr(predictor, "artifact", None)
-    method = _tta_method(plan, predictor, config)
-    if method == "none":
-        return predictor, {"method": "none", "requested": config.tta}
-    if not isinstance(predictor, NetworkPredictor) or artifact is None:
-        raise ConfigError("--tta needs a network model (a registered name or a .safetensors path)")
-    settings = TTASettings(method=method, regions=config.tta_regions, steps=config.tta_steps)
-    t0 = time.perf_counter()
-    crops = sample_crops(
-        plan.path, plan.tissue, plan.plane_shape, plan.card.mpp, settings, config.backend, config.slide_mpp
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        adapted, report = adapt_to_slide(artifact, crops, settings, target)
-    finally:
-        torch.set_num_threads(threads)
-    report["seconds_total"] = time.perf_counter() - t0
-    report["settings"] = asdict(settings)
-    report["requested"] = config.tta
-    report["source_weights_sha256"] = artifact.sha256()
-    log.info(
-        "%s: adapted with %s in %.1f s (loss %s -> %s%s)",
-        plan.path.name, method, report["seconds_total"], report.get("loss_before"), report.get("loss_after"),
-        ", source kept: " + report.get("guard", "") if report.get("kept_source") else "",
-    )
-    return replace(predictor, artifact=adapted), report
 
 
 def _open_store(

@@ -17,7 +17,7 @@ from histoseg.inference import DensePredictor
 from histoseg.io import SlideReader, open_slide
 from histoseg.postprocess import WatershedParams, instance_centroids, measure_instances, separate_instances
 from histoseg.stitching import owned_mask, touches_halo_edge
-from histoseg.types import InstanceTable, Region
+from histoseg.types import InstanceTable, PlaneInfo, Region
 
 _READERS: dict[tuple[object, ...], SlideReader] = {}
 _LOCK = threading.Lock()
@@ -31,7 +31,7 @@ class SlideTaskSpec:
     backend: str
     slide_mpp: float | None
     mpp: float  # processing mpp (the model's)
-    plane_shape: tuple[int, int]
+    plane: PlaneInfo  # classes, scales and plane shape: the same for every region
     params: WatershedParams
     strict_halo: bool = False
 
@@ -76,24 +76,9 @@ def run_region(region: Region, spec: SlideTaskSpec, predictor: DensePredictor) -
     ids, cyx, slices = instance_centroids(labels)
     own = owned_mask(cyx + np.array([rb.y, rb.x]), region) if len(ids) else np.zeros(0, bool)
     keep, keep_c = ids[own], cyx[own]
-    edge = touches_halo_edge(slices, keep, labels.shape, region, spec.plane_shape)
-    card = predictor.card()
-    scale = reader.plane_scale(spec.mpp)
-    mpp0 = float(reader.meta.mpp) if reader.meta.mpp else spec.mpp / scale
+    edge = touches_halo_edge(slices, keep, labels.shape, region, spec.plane.plane_shape)
     table = measure_instances(
-        labels,
-        keep,
-        keep_c,
-        slices,
-        origin_yx=(rb.y, rb.x),
-        image=image,
-        np_prob=np_prob,
-        tp_prob=tp,
-        class_names=card.class_names,
-        class_colors=card.class_colors,
-        mpp0=mpp0,
-        scale=scale,
-        plane_shape=spec.plane_shape,
+        labels, keep, keep_c, slices, origin_yx=(rb.y, rb.x), image=image, np_prob=np_prob, tp_prob=tp, plane=spec.plane
     )
     table.edge_touching = int(edge.sum())
     if spec.strict_halo and table.edge_touching:

@@ -17,7 +17,7 @@ from scipy import ndimage as ndi
 from skimage.measure import perimeter as sk_perimeter
 from skimage.measure import regionprops
 
-from histoseg.types import InstanceTable
+from histoseg.types import InstanceTable, PlaneInfo
 
 MEASUREMENTS = ("area_um2", "perimeter_um", "eccentricity", "solidity", "mean_hematoxylin")
 
@@ -111,7 +111,7 @@ def pixel_outline(mask: np.ndarray) -> np.ndarray:
     if len(ring) != start.size:
         raise ValueError("pixel_outline needs a 4-connected mask without holes (use solid_mask)")
     keys = np.asarray(ring, dtype=np.int64)
-    pts = np.stack([keys % stride, keys // stride], axis=1).astype(np.float64) - 1.0
+    pts: np.ndarray = np.stack([keys % stride, keys // stride], axis=1).astype(np.float64) - 1.0
     d_in = pts - np.roll(pts, 1, axis=0)
     d_out = np.roll(pts, -1, axis=0) - pts
     corner = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0] != 0
@@ -132,20 +132,16 @@ def measure_instances(
     image: np.ndarray,
     np_prob: np.ndarray,
     tp_prob: np.ndarray | None,
-    class_names: tuple[str, ...],
-    class_colors: tuple[tuple[int, int, int], ...],
-    mpp0: float,
-    scale: float,
-    plane_shape: tuple[int, int],
+    plane: PlaneInfo,
 ) -> InstanceTable:
     """Measure the instances ``keep`` (label ids) of ``labels`` whose pixel [0, 0] is plane ``origin_yx``.
 
     ``centroids_yx`` are local (label-image) centroids aligned with ``keep``.
     """
-    mpp = mpp0 * scale
+    mpp, scale = plane.mpp, plane.scale
     oy, ox = origin_yx
     n = len(keep)
-    table = InstanceTable.empty(class_names, class_colors, mpp0, scale, plane_shape, MEASUREMENTS)
+    table = InstanceTable.empty(plane, MEASUREMENTS)
     if n == 0:
         return table
     hem = hematoxylin(image)

@@ -100,7 +100,8 @@ def separate_instances(
 
 def _disk(r: int) -> np.ndarray:
     y, x = np.ogrid[-r : r + 1, -r : r + 1]
-    return (x * x + y * y) <= r * r
+    disk: np.ndarray = (x * x + y * y) <= r * r
+    return disk
 
 
 def _remove_small(lab: np.ndarray, min_px: int) -> np.ndarray:
@@ -120,4 +121,5 @@ def _relabel_sequential(lab: np.ndarray) -> np.ndarray:
     ids = ids[ids > 0]
     lut = np.zeros(int(lab.max()) + 1, np.int32)
     lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
-    return lut[lab]
+    out: np.ndarray = lut[lab]
+    return out

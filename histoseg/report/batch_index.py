@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 import histoseg
+from histoseg.config import SlideStatus
 from histoseg.errors import HistosegError
 from histoseg.export.atomic import atomic_file
 from histoseg.io import open_slide
@@ -54,7 +55,7 @@ class SlideResult(Protocol):
     """What the index needs of a batch's per-slide result (``histoseg.pipeline.SlideReport``)."""
 
     slide: str
-    status: str
+    status: SlideStatus
     message: str
     seconds: float
     output: str | None

@@ -69,7 +69,8 @@ class SlideOutputs:
 
     @property
     def slide_path(self) -> str | None:
-        return self.provenance.get("slide", {}).get("path")
+        path: str | None = self.provenance.get("slide", {}).get("path")
+        return path
 
     @property
     def dimensions(self) -> tuple[int, int]:

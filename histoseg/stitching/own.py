@@ -17,7 +17,8 @@ def owned_mask(centroids_yx_plane: np.ndarray, region: Region) -> np.ndarray:
         return np.zeros(0, bool)
     a = np.floor(centroids_yx_plane).astype(np.int64)
     c = region.core
-    return (a[:, 0] >= c.y) & (a[:, 0] < c.y1) & (a[:, 1] >= c.x) & (a[:, 1] < c.x1)
+    owned: np.ndarray = (a[:, 0] >= c.y) & (a[:, 0] < c.y1) & (a[:, 1] >= c.x) & (a[:, 1] < c.x1)
+    return owned
 
 
 def in_tissue(anchors_yx: np.ndarray, cells: np.ndarray, cell: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from skimage.color import hed_from_rgb, rgb_from_hed
 
-from histoseg.training.datasets import Sample, resize_image, resize_labels, scale_points
+from histoseg.datasets import Sample, resize_image, resize_labels, scale_points
 from histoseg.training.targets import hv_maps, np_target
 
 FLAG_KEYS = ("has_inst", "has_semantic", "has_np", "has_types", "has_points")
@@ -166,7 +166,8 @@ class Augmenter:
         rgb = (rgb - mean) * c + mean + b
         if blur:
             rgb = cv2.GaussianBlur(rgb, (0, 0), sigmaX=sigma, sigmaY=sigma)
-        return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+        out: np.ndarray = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+        return out
 
 
 # ------------------------------------------------------------------------------------------------- batch

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from histoseg.datasets import Sample, load_monuseg
 from histoseg.errors import DatasetError
 from histoseg.training.augment import Augmenter, Batch, random_crop_batch
 from histoseg.training.config import TrainConfig
-from histoseg.training.datasets import Sample, load_monuseg
 
 
 @dataclass

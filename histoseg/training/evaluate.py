@@ -15,10 +15,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from histoseg.datasets import Sample, load_crchisto, load_dsb, load_monuseg
 from histoseg.errors import ConfigError
 from histoseg.metrics import DetectionTally, centroids, evaluate_instances, match_points, mean_over_images
 from histoseg.models import load_model, resolve_model
-from histoseg.training.datasets import Sample, load_crchisto, load_dsb, load_monuseg
 from histoseg.training.validate import predict_instances
 
 RADIUS_UM = {"monuseg-test": 3.0, "dsb": 3.0, "crchisto-val": 3.3}

@@ -18,11 +18,10 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from torch import nn
 
-from histoseg.inference.predict import to_tensor
 from histoseg.models import ModelCard, NucleiNet
-from histoseg.models.network import STRIDE
+from histoseg.models.bnstats import capture_bn_inputs
+from histoseg.models.inputs import pad_to_stride, to_input
 
 _EPS = 1e-5
 
@@ -35,49 +34,33 @@ def _r(t: torch.Tensor) -> list[float]:
 def feature_statistics(
     net: NucleiNet, card: ModelCard, images: Iterable[np.ndarray], device: str = "cpu"
 ) -> dict[str, dict[str, list[float]]]:
-    """Per-BN-layer input statistics over ``images`` (RGB uint8 at the card's mpp): pooled and per image."""
-    sums: dict[str, list[torch.Tensor]] = {}
-    per_image: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    hooks = []
+    """Per-BN-layer input statistics over ``images`` (RGB uint8 at the card's mpp): pooled and per image.
 
-    def make_hook(name: str):  # type: ignore[no-untyped-def]
-        def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-            x = inp[0].detach().double()
-            s = x.sum(dim=(0, 2, 3))
-            s2 = (x * x).sum(dim=(0, 2, 3))
-            n = torch.tensor(float(x.shape[0] * x.shape[2] * x.shape[3]), dtype=torch.float64)
-            per_image.setdefault(name, []).append((s / n, (s2 / n - (s / n) ** 2).clamp_min(0)))
-            if name in sums:
-                sums[name][0] += s
-                sums[name][1] += s2
-                sums[name][2] += n
-            else:
-                sums[name] = [s, s2, n]
-
-        return hook
-
-    for name, m in net.named_modules():
-        if isinstance(m, nn.BatchNorm2d):
-            hooks.append(m.register_forward_hook(make_hook(name)))
+    Images are padded and normalised exactly as inference feeds them (``models.inputs``) and the statistics
+    come from the same hook adaptation uses (``models.bnstats``), in float64."""
+    per_image: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     was_training = net.training
     net.eval()
     try:
-        for img in images:
-            h, w = img.shape[:2]
-            ph, pw = (-h) % STRIDE, (-w) % STRIDE
-            if ph or pw:
-                img = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-            net(to_tensor(img, card).to(device))
+        with capture_bn_inputs(net, dtype=torch.float64, detach=True) as store:
+            for img in images:
+                padded = pad_to_stride(img)
+                net(to_input(padded, card).to(device))
+                # every BN input's pixel count is proportional to the input's: the pooled statistics' weight
+                n = float(padded.shape[0] * padded.shape[1])
+                for name, (mean, var) in store.items():
+                    per_image.setdefault(name, []).append((mean.cpu(), var.cpu(), n))
     finally:
-        for hk in hooks:
-            hk.remove()
         net.train(was_training)
     out: dict[str, dict[str, list[float]]] = {}
-    for name, (s, s2, n) in sums.items():
-        mean = s / n
-        var = (s2 / n - mean * mean).clamp_min(0)
-        means = torch.stack([m for m, _ in per_image[name]])
-        logvars = torch.log(torch.stack([v for _, v in per_image[name]]) + _EPS)
+    for name, rows in per_image.items():
+        means = torch.stack([m for m, _, _ in rows])
+        variances = torch.stack([v for _, v, _ in rows])
+        weights = torch.tensor([n for _, _, n in rows], dtype=torch.float64).view(-1, 1)
+        total = weights.sum()
+        mean = (weights * means).sum(0) / total
+        var = ((weights * (variances + means * means)).sum(0) / total - mean * mean).clamp_min(0)
+        logvars = torch.log(variances + _EPS)
         out[name] = {
             "mean": _r(mean),
             "var": _r(var),

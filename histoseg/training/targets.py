@@ -72,4 +72,5 @@ def type_target(inst: np.ndarray, inst_types: Mapping[int, int] | np.ndarray) ->
             if 0 < i <= max_id:
                 lut[i] = t
     lut[0] = 0
-    return lut[labels]
+    out: np.ndarray = lut[labels]
+    return out

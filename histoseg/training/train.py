@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from histoseg.inference.precision import resolve_precision
 from histoseg.models import ModelCard, NetConfig, NucleiNet, receptive_radius, save_model
+from histoseg.models.inputs import normalise
 from histoseg.training.augment import Batch
 from histoseg.training.config import TrainConfig
 from histoseg.training.data import TrainingData
@@ -39,10 +40,8 @@ def _seed_all(seed: int) -> None:
 
 
 def _collate(b: Batch, card: ModelCard) -> dict[str, torch.Tensor]:
-    mean = torch.tensor(card.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(card.std, dtype=torch.float32).view(1, 3, 1, 1)
     return {
-        "image": (torch.from_numpy(b.image) - mean) / std,
+        "image": normalise(torch.from_numpy(b.image), card),
         "np": torch.from_numpy(b.np_map.astype(np.int64)),
         "hv": torch.from_numpy(b.hv),
         "has_np": torch.from_numpy(b.flags["has_np"]),

@@ -1,41 +1,9 @@
-"""Feature statistics of BatchNorm inputs, captured with hooks, differentiable when asked.
-
-The source statistics (recorded at training time in the model card) and the target statistics (from the
-slide being adapted) are the same quantity: per-channel mean and variance of each BN layer's input.
-"""
+"""Distances between BatchNorm-input statistics (captured by :mod:`histoseg.models.bnstats`, the one hook
+shared with training) of the slide being adapted and the source statistics recorded in the model card."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
-from torch import nn
-
-
-def bn_layers(net: nn.Module) -> dict[str, nn.BatchNorm2d]:
-    return {name: m for name, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
-
-
-@contextmanager
-def capture_bn_inputs(net: nn.Module) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Within the context, each forward stores ``name -> (mean, var)`` of every BN input (keeps grad)."""
-    store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = []
-    for name, m in bn_layers(net).items():
-
-        def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor, name: str = name) -> None:
-            x = inp[0].float()
-            mean = x.mean(dim=(0, 2, 3))
-            var = x.var(dim=(0, 2, 3), unbiased=False)
-            store[name] = (mean, var)
-
-        hooks.append(m.register_forward_hook(hook))
-    try:
-        yield store
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def gaussian_kl(

@@ -1,0 +1,56 @@
+"""Settings and result of per-slide adaptation: the one definition of the methods and their knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from histoseg.errors import ConfigError
+
+METHODS = ("none", "bn", "tent", "g2p")
+PARAMS = ("all", "top", "bn", "bnstats")  # g2p: which layers may move
+
+
+@dataclass(frozen=True)
+class TTASettings:
+    method: str = "g2p"
+    regions: int = 4  # K tissue crops sampled from the slide
+    steps: int = 10
+    crop: int = 256
+    lr: float = 0.002  # g2p: relative step (fraction of a layer's norm, scaled by its ratio)
+    tent_lr: float = 0.001  # tent: Adam learning rate
+    guided: bool = True  # g2p: per-layer steps from the gradient-to-parameter ratio (False: uniform)
+    loss: str = "z"  # g2p alignment: "z" (slide-standardised, with tolerance) or "kl" (pooled Gaussian KL)
+    tolerance: float = 2.0  # g2p "z": deviations within this many source-slide SDs are not penalised
+    # g2p: which layers move: the "top" G2P-ratio layers only (default: no development image loses > 0.02 PQ,
+    # benchmarks/tta_dev.py), "all" conv and BN layers, "bn" (BatchNorm affine only) or "bnstats" (BatchNorm
+    # statistics re-estimated, then affine only)
+    params: str = "top"
+    top: float = 0.25  # g2p params="top": fraction of the layers (highest ratio at the source weights) that move
+    layers: str = "all"  # g2p: statistics aligned at "all" BN layers, or at the "encoder" ones only
+    gate: float = 1.0  # g2p: adapt only when the encoder's initial alignment loss (shift score) exceeds this
+    guard: bool = True  # keep the source unless the adapted model's census on the crops is plausible
+    count_bounds: tuple[float, float] = (0.8, 1.25)  # guard: allowed ratio of nuclei found (adapted / source)
+    area_bounds: tuple[float, float] = (0.8, 1.25)  # guard: allowed ratio of their median area
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown adaptation method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.regions < 1 or self.steps < 0:
+            raise ConfigError("--tta-regions must be >= 1 and --tta-steps >= 0")
+        if (self.loss not in ("z", "kl") or self.params not in PARAMS or self.layers not in ("encoder", "all")
+                or self.tolerance < 0 or self.gate < 0 or not 0 < self.top <= 1):
+            raise ConfigError(f"invalid g2p settings: loss={self.loss!r}, params={self.params!r}, "
+                              f"layers={self.layers!r}, tolerance={self.tolerance}, gate={self.gate}, top={self.top}")
+        for lo, hi in (self.count_bounds, self.area_bounds):
+            if not 0 < lo <= 1 <= hi:
+                raise ConfigError(f"guard bounds must bracket 1: {self.count_bounds}, {self.area_bounds}")
+
+
+@dataclass
+class AdaptResult:
+    state: dict[str, torch.Tensor] | None  # None: source weights kept
+    report: dict[str, Any] = field(default_factory=dict)
