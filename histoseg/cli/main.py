@@ -7,10 +7,12 @@ past failed slides, prints a summary table and exits 1 if any slide failed.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -214,6 +216,25 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:
         for name, level in _QUIET.items():
             logging.getLogger(name).setLevel(level)
+        _quiet_abandoned_coroutines()
+
+
+def _quiet_abandoned_coroutines() -> None:
+    """A read that fails inside zarr's async chunk fetch (a corrupt tile) leaves its sibling coroutines
+    unawaited; at exit Python prints a warning and a 15-line traceback for each ("coroutine ... was never
+    awaited", "Event loop is closed"), burying the one error line. Those go to the debug log instead; any
+    other unraisable exception is still printed."""
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+    default_hook = sys.unraisablehook
+
+    def hook(info: Any) -> None:
+        obj, exc = info.object, info.exc_value
+        if inspect.iscoroutine(obj) or (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)):
+            log.debug("ignored after an aborted read: %r in %r", exc, obj)
+            return
+        default_hook(info)
+
+    sys.unraisablehook = hook
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -120,6 +120,9 @@ def cluster_kwargs(spec: ClusterSpec, default_log_directory: str | Path | None =
     if extra:
         kw["job_extra_directives"] = extra
     exports = [f"export {k}={v}" for k, v in SINGLE_THREAD_ENV.items()]
+    # job workers log to their own files (OUT/_cluster_logs): keep Dask's INFO there even when the submitting
+    # CLI quietened its own terminal through the environment (which batch systems pass on to the jobs)
+    exports.append("export DASK_LOGGING__DISTRIBUTED=info")
     kw["job_script_prologue"] = exports + list(_as_list(kw.get("job_script_prologue"), "job-script-prologue"))
     return kw
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from histoseg.errors import ConfigError, ModelError
+from histoseg.errors import ConfigError, ModelError, OutputError
 from histoseg.export.atomic import atomic_file
 from histoseg.models.card import ModelCard
 from histoseg.models.network import NucleiNet
@@ -107,7 +107,10 @@ def save_model(net: NucleiNet, card: ModelCard, weights_path: str | Path, half: 
     # one metadata key: safetensors orders metadata keys differently in each process, and the artifact's hash
     # (its identity for resuming and provenance) must not depend on the process that wrote it
     with atomic_file(wp) as tmp:  # a full disk or a kill never leaves half a weights file
-        save_file(state, str(tmp), metadata={"format": "histoseg-nucleinet"})
+        try:
+            save_file(state, str(tmp), metadata={"format": "histoseg-nucleinet"})
+        except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors
+            raise OutputError(f"cannot write model weights {wp}: {exc}") from exc
     card.save(wp.with_suffix(".json"))
     return ModelArtifact(weights=wp.resolve(), card_path=wp.with_suffix(".json").resolve())
 

@@ -27,7 +27,8 @@ import histoseg
 from histoseg.config import SegmentConfig
 from histoseg.errors import HistosegError, OutputError
 from histoseg.export.provenance import SUCCESS_NAME
-from histoseg.pipeline.resume import STORE_DIR, settings_hash, slide_fingerprint
+from histoseg.pipeline.identity import settings_hash, slide_fingerprint
+from histoseg.pipeline.resume import STORE_DIR
 
 try:  # POSIX; elsewhere runs are not locked (documented in the README)
     import fcntl

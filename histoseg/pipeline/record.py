@@ -9,7 +9,7 @@ from typing import Any
 
 import histoseg
 from histoseg.config import SegmentConfig
-from histoseg.inference import DensePredictor
+from histoseg.inference import DensePredictor, NetworkPredictor
 from histoseg.inference.precision import resolve_precision
 from histoseg.inference.runtime import resolve_runtime
 from histoseg.pipeline.plan import PlanOutcome, SlidePlan
@@ -18,7 +18,7 @@ from histoseg.pipeline.plan import PlanOutcome, SlidePlan
 def _precision_record(predictor: DensePredictor, config: SegmentConfig) -> dict[str, str]:
     """The arithmetic the network ran in and why (``--precision auto`` asks the device)."""
     choice = resolve_precision(config.precision, config.device)
-    used = "bf16" if getattr(predictor, "bf16", False) else "fp32"
+    used = "bf16" if isinstance(predictor, NetworkPredictor) and predictor.bf16 else "fp32"
     if used != choice.precision:  # a caller-supplied predictor decided for itself
         return {"precision": used, "requested": config.precision, "reason": "set by the predictor"}
     return choice.to_dict()
@@ -26,7 +26,7 @@ def _precision_record(predictor: DensePredictor, config: SegmentConfig) -> dict[
 
 def _runtime_record(predictor: DensePredictor, config: SegmentConfig) -> dict[str, str]:
     """The engine that ran the network and why (``--runtime auto`` takes the fastest installed)."""
-    used = str(getattr(predictor, "runtime", "custom predictor"))
+    used = predictor.runtime if isinstance(predictor, NetworkPredictor) else "custom predictor"
     choice = resolve_runtime(config.runtime, config.device)
     if used != choice.runtime:
         return {"runtime": used, "requested": config.runtime, "reason": "set by the predictor"}
@@ -41,7 +41,7 @@ def provenance_record(
     outcome: PlanOutcome,
 ) -> dict[str, Any]:
     table, timings = outcome.table, outcome.timings
-    art = getattr(predictor, "artifact", None)
+    art = predictor.artifact if isinstance(predictor, NetworkPredictor) else None
     meta, card, path = plan.meta, plan.card, plan.path
     return {
         "histoseg_version": histoseg.__version__,

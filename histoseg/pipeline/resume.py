@@ -20,7 +20,6 @@ sibling, fsync, rename), so a kill leaves either a complete region file or none.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -35,13 +34,13 @@ import histoseg
 from histoseg.export import atomic_file
 from histoseg.export.provenance import jsonable
 from histoseg.inference import DensePredictor
-from histoseg.models import ModelArtifact, ModelCard
+from histoseg.models import ModelCard
+from histoseg.pipeline.identity import predictor_identity, settings_hash
 from histoseg.pipeline.tasks import SlideTaskSpec
 from histoseg.types import InstanceTable, PlaneInfo, Region
 
 log = logging.getLogger(__name__)
 
-FULL_HASH_LIMIT = 512 << 20  # slides above this size get a partial fingerprint (documented in provenance)
 STORE_DIR = "_regions"
 STORE_FORMAT = 2  # 2: generic column codec (InstanceTable.to_arrays), no slide-level context per file
 SETTINGS_NAME = "settings.json"
@@ -49,73 +48,11 @@ SETTINGS_NAME = "settings.json"
 __all__ = [
     "STORE_DIR",
     "RegionStore",
-    "predictor_identity",
     "resume_settings",
-    "slide_fingerprint",
 ]
 
 
 # --------------------------------------------------------------------------------------------- settings
-
-
-def slide_fingerprint(path: str | Path) -> dict[str, Any]:
-    """SHA-256 of the slide file (whole file up to 512 MB; beyond, size + first/last 64 MB).
-
-    A folder slide (``.ome.zarr``) hashes the relative path and content of every file, in sorted order
-    (beyond 512 MB in all: relative paths and sizes only).
-    """
-    p = Path(path)
-    if p.is_dir():
-        return _folder_fingerprint(p)
-    size = p.stat().st_size
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        if size <= FULL_HASH_LIMIT:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-            kind = "sha256"
-        else:
-            h.update(str(size).encode())
-            h.update(f.read(64 << 20))
-            f.seek(size - (64 << 20))
-            h.update(f.read(64 << 20))
-            kind = "sha256-partial(size,first64MB,last64MB)"
-    return {"kind": kind, "hex": h.hexdigest(), "size": size}
-
-
-def _folder_fingerprint(folder: Path) -> dict[str, Any]:
-    files = sorted(f for f in folder.rglob("*") if f.is_file())
-    sizes = [f.stat().st_size for f in files]
-    whole = sum(sizes) <= FULL_HASH_LIMIT
-    h = hashlib.sha256()
-    for f, size in zip(files, sizes, strict=True):
-        h.update(f"{f.relative_to(folder).as_posix()}\0{size}\0".encode())
-        if whole:
-            h.update(f.read_bytes())
-    kind = "sha256-folder" if whole else "sha256-folder-partial(names,sizes)"
-    return {"kind": kind, "hex": h.hexdigest(), "size": sum(sizes)}
-
-
-def predictor_identity(predictor: DensePredictor) -> dict[str, Any] | None:
-    """What identifies a predictor's outputs, or None when nothing does (then nothing is reused).
-
-    A predictor may define ``fingerprint() -> str``; a ``NetworkPredictor`` is identified by the SHA-256
-    of its weights and card, its device, ``bf16`` and its runtime (all change the numbers).
-    """
-    custom = getattr(predictor, "fingerprint", None)
-    if callable(custom):
-        return {"kind": type(predictor).__qualname__, "fingerprint": str(custom())}
-    art = getattr(predictor, "artifact", None)
-    if isinstance(art, ModelArtifact):
-        return {
-            "kind": "network",
-            "weights_sha256": art.sha256(),
-            "card_sha256": hashlib.sha256(art.card_path.read_bytes()).hexdigest(),
-            "device": str(getattr(predictor, "device", "cpu")),
-            "bf16": bool(getattr(predictor, "bf16", False)),
-            "runtime": str(getattr(predictor, "runtime", "torch")),
-        }
-    return None
 
 
 def resume_settings(
@@ -157,12 +94,6 @@ def resume_settings(
             "config": cfg,
         }
     )
-
-
-def settings_hash(settings: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of ``settings``."""
-    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _region_arrays(region: Region) -> np.ndarray:

@@ -36,9 +36,10 @@ from histoseg.export.atomic import remove_stale_temporaries
 from histoseg.inference import DensePredictor
 from histoseg.pipeline import folder as outdir
 from histoseg.pipeline.adapt import adapt_slide, adapt_stage_text
+from histoseg.pipeline.identity import slide_fingerprint
 from histoseg.pipeline.plan import PlanOutcome, SlidePlan, default_predictor, plan_slide
 from histoseg.pipeline.record import provenance_record
-from histoseg.pipeline.resume import RegionStore, resume_settings, slide_fingerprint
+from histoseg.pipeline.resume import RegionStore, resume_settings
 from histoseg.pipeline.tasks import RegionResult, run_region
 from histoseg.postprocess import MEASUREMENTS
 from histoseg.report import report_after_slide
