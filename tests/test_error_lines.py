@@ -61,3 +61,27 @@ def test_disk_full_while_saving_adapted_weights_is_one_line(tmp_path: Path) -> N
     assert len(lines) == 1 and lines[0].startswith("histoseg: error:"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "w.safetensors").exists()  # nothing half-written left under the final name
+
+
+def test_unreadable_weights_are_one_error_for_the_batch(tmp_path: Path) -> None:
+    """Truncated weights beside a valid card: one line, exit 1, and no slide folder made (not one failure per
+    slide with empty folders, as before)."""
+    import cv2
+
+    from histoseg.models import resolve_model
+
+    art = resolve_model("default")
+    shutil.copy(art.card_path, tmp_path / "bad.json")
+    (tmp_path / "bad.safetensors").write_bytes(art.weights.read_bytes()[:100_000])
+    img = np.full((256, 256, 3), (230, 170, 200), np.uint8)
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(tmp_path / name), img)
+    proc = subprocess.run(
+        [*CLI, "segment", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o", str(tmp_path / "out"),
+         "--slide-mpp", "0.5", "--model", str(tmp_path / "bad.safetensors"), "--tta", "none"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if " INFO " not in line]
+    assert len(lines) == 1 and lines[0].startswith("histoseg: error: cannot read weights"), proc.stderr
+    assert not (tmp_path / "out").exists()

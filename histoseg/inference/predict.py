@@ -108,6 +108,11 @@ class NetworkPredictor:
     bf16: bool = False
     runtime: str = "torch"  # torch | openvino | onnxruntime (resolved by ``inference.runtime``)
 
+    def check(self) -> None:
+        """Load the weights once on the CPU (ModelError when they are unreadable or do not fit the card), so a
+        bad model fails a batch up front instead of every slide in its workers."""
+        load_model(self.artifact, "cpu")
+
     def with_artifact(self, artifact: ModelArtifact) -> NetworkPredictor:
         """The same predictor (device, precision, runtime) over other weights, e.g. a slide's adapted ones."""
         return replace(self, artifact=artifact)

@@ -8,6 +8,7 @@ resamples identically.
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from types import TracebackType
@@ -211,6 +212,31 @@ class SlideReader(ABC):
         if inside is not None:
             out[inside.y - box.y : inside.y1 - box.y, inside.x - box.x : inside.x1 - box.x] = fetch(inside)
         return out
+
+
+MAX_TAG_MPP = 10.0  # µm/px: larger values recovered from TIFF resolution tags are screen DPI, not microscopy
+
+
+def tiff_tag_mpp(path: str | os.PathLike[str]) -> float | None:
+    """µm per pixel from a TIFF's first-page resolution tags (inch or centimetre units), the way tiffslide
+    reads them; None without usable tags or above ``MAX_TAG_MPP`` (the 72/96 dpi of image editors)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            tags = tf.pages.first.tags
+            xres, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
+            if xres is None or unit is None:
+                return None
+            num, den = xres.value
+            per_unit = num / den if den else 0.0
+            unit_um = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+    except Exception:
+        return None
+    if not unit_um or per_unit <= 0:
+        return None
+    mpp = unit_um / per_unit
+    return mpp if math.isfinite(mpp) and 0 < mpp <= MAX_TAG_MPP else None
 
 
 def resolve_mpp(metadata_mpp: float | None, user_mpp: float | None) -> tuple[float | None, str]:

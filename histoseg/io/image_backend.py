@@ -1,7 +1,9 @@
 """Plain images (PNG, JPEG, BMP, single-page TIFF) as one-level slides, decoded once into memory.
 
-Such files carry no trustworthy physical pixel size (DPI tags describe screens or printers), so ``mpp``
-is None unless the user gives it (``--slide-mpp``). Alpha is composited over white, gray becomes RGB and
+PNG, JPEG and BMP carry no trustworthy physical pixel size (DPI tags describe screens or printers), so
+``mpp`` is None unless the user gives it (``--slide-mpp``). A plain TIFF's resolution tags are read as
+tiffslide reads them for larger TIFFs (inch/centimetre units, at most ``MAX_TAG_MPP`` µm/px), so a TIFF's
+pixel size never depends on which backend its size selects. Alpha is composited over white, gray becomes RGB and
 16-bit samples are reduced to their high byte.
 """
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from histoseg.errors import CorruptSlideError, ImplausibleSlideError, UnsupportedImageError
-from histoseg.io.base import SlideReader, resolve_mpp
+from histoseg.io.base import SlideReader, resolve_mpp, tiff_tag_mpp
 from histoseg.io.limits import check_expansion, check_tiff_pages
 from histoseg.io.resample import U8, to_rgb
 from histoseg.types import Box, SlideMeta
@@ -91,7 +93,7 @@ class ImageReader(SlideReader):
         self._rgb = to_rgb(a)
         self._rgb.flags.writeable = False
         h, w = self._rgb.shape[:2]
-        use_mpp, source = resolve_mpp(None, mpp)
+        use_mpp, source = resolve_mpp(tiff_tag_mpp(self._path) if _is_tiff(self._path) else None, mpp)
         self.meta = SlideMeta(
             path=self._path,
             backend="image",

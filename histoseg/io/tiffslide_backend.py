@@ -16,12 +16,10 @@ from typing import Any
 import numpy as np
 
 from histoseg.errors import CorruptSlideError, ImplausibleSlideError, UnsupportedImageError
-from histoseg.io.base import SlideReader, as_float, resolve_mpp, select_properties
+from histoseg.io.base import MAX_TAG_MPP, SlideReader, as_float, resolve_mpp, select_properties
 from histoseg.io.limits import check_tiff_pages
 from histoseg.io.resample import U8, to_rgb
 from histoseg.types import Box, SlideMeta
-
-MAX_TAG_MPP = 10.0  # µm/px: larger values recovered from TIFF resolution tags are screen DPI, not microscopy
 
 
 def _level0_location(lx: int, ds: float) -> int:

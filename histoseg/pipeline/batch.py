@@ -15,7 +15,7 @@ from pathlib import Path
 from histoseg.config import SegmentConfig
 from histoseg.distributed import ClusterSpec, TaskRunner, open_runner
 from histoseg.errors import HistosegError, SlideNotFoundError
-from histoseg.inference import DensePredictor
+from histoseg.inference import DensePredictor, NetworkPredictor
 from histoseg.io.open import IMAGE_SUFFIXES
 from histoseg.io.open import SLIDE_SUFFIXES as IO_SLIDE_SUFFIXES
 from histoseg.pipeline.folder import LOCK_NAME, output_name
@@ -111,8 +111,11 @@ def segment_batch(
     no job) and closed at the end. Job-queue logs default to ``OUT/_cluster_logs``.
     """
     slides = discover(inputs)
-    # a wrong --model is one error for the whole batch, not one per slide
+    # a wrong --model, or weights that cannot be loaded, is one error for the whole batch, raised before any
+    # slide folder is made, not one per slide
     predictor = predictor or default_predictor(config)
+    if isinstance(predictor, NetworkPredictor):
+        predictor.check()
     stems: dict[str, Path] = {}
     own_runner = runner is None
     spec = cluster if cluster is not None else ClusterSpec(workers=config.workers)
