@@ -61,14 +61,16 @@ def shift(image: np.ndarray, strength: int, seed: int) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def _crops(image: np.ndarray, k: int, crop: int, seed: int) -> list[np.ndarray]:
+def crops_of(image: np.ndarray, k: int, crop: int, seed: int) -> list[np.ndarray]:
+    """K seeded crops of one evaluation image (reflect-padded when the image is smaller than a crop); shared with
+    ``tta_dev.py``."""
     h, w = image.shape[:2]
     if h < crop or w < crop:
         image = np.pad(image, ((0, max(0, crop - h)), (0, max(0, crop - w)), (0, 0)), mode="reflect")
         h, w = image.shape[:2]
     rng = np.random.default_rng(seed)
-    return [image[y : y + crop, x : x + crop] for y, x in zip(rng.integers(0, h - crop + 1, k),
-                                                               rng.integers(0, w - crop + 1, k), strict=True)]
+    ys, xs = rng.integers(0, h - crop + 1, k), rng.integers(0, w - crop + 1, k)
+    return [image[y : y + crop, x : x + crop] for y, x in zip(ys, xs, strict=True)]
 
 
 def run_set(name: str, samples: list[Sample], net: Any, card: Any, settings: TTASettings) -> dict[str, Any]:
@@ -80,7 +82,7 @@ def run_set(name: str, samples: list[Sample], net: Any, card: Any, settings: TTA
         img_m = cv2.resize(s.image, (max(16, round(s.image.shape[1] * f)), max(16, round(s.image.shape[0] * f))),
                            interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
         t0 = time.perf_counter()
-        res = adapt(net, card, _crops(img_m, settings.regions, settings.crop, seed=i), settings)
+        res = adapt(net, card, crops_of(img_m, settings.regions, settings.crop, seed=i), settings)
         adapt_s += time.perf_counter() - t0
         use = net
         if res.state is not None:

@@ -37,6 +37,11 @@ from histoseg.training.evaluate import RADIUS_UM, load_dataset, predict_native
 from histoseg.tta import TTASettings, adapt
 from histoseg.tta import guard as plausibility
 
+try:  # python -m benchmarks.tta_dev
+    from benchmarks.tta import crops_of
+except ModuleNotFoundError:  # python benchmarks/tta_dev.py: this folder is sys.path[0]
+    from tta import crops_of  # type: ignore[no-redef]
+
 _HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 _HED = _HED / np.linalg.norm(_HED, axis=1, keepdims=True)
 
@@ -110,17 +115,6 @@ def build_sets(per_set: int, dsb_limit: int) -> dict[str, list[tuple[Sample, flo
     sets["dsb"] = [(s, s.mpp) for s in load_dataset("dsb")[:dsb_limit]]
     sets["crchisto-val"] = [(s, s.mpp) for s in load_dataset("crchisto-val")]
     return sets
-
-
-def crops_of(image: np.ndarray, k: int, crop: int, seed: int) -> list[np.ndarray]:
-    """K seeded crops (reflect-padded when the image is smaller than a crop)."""
-    h, w = image.shape[:2]
-    if h < crop or w < crop:
-        image = np.pad(image, ((0, max(0, crop - h)), (0, max(0, crop - w)), (0, 0)), mode="reflect")
-        h, w = image.shape[:2]
-    rng = np.random.default_rng(seed)
-    ys, xs = rng.integers(0, h - crop + 1, k), rng.integers(0, w - crop + 1, k)
-    return [image[y : y + crop, x : x + crop] for y, x in zip(ys, xs, strict=True)]
 
 
 def score(set_name: str, s: Sample, true_mpp: float, pred: np.ndarray) -> float:

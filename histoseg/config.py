@@ -83,7 +83,7 @@ class SegmentConfig:
     np_threshold: float | None = None  # None: the model card's tuned value
     min_nucleus_area_um2: float = 3.0
     precision: Precision = "auto"  # network arithmetic: auto (bf16 only where native, else fp32) | bf16 | fp32
-    runtime: Runtime = "torch"  # network engine: torch | openvino | onnxruntime (2.6-3x faster, shape-dependent)
+    runtime: Runtime = "torch"  # network engine: torch | openvino | onnxruntime (faster, shape-dependent)
     tta: TtaMethod = "auto"  # per-slide adaptation: auto (g2p where the model supports it) | none | bn | tent | g2p
     tta_regions: int = 4  # K tissue crops sampled for adaptation (the shift benchmark's K)
     tta_steps: int = 10
@@ -117,10 +117,10 @@ class SegmentConfig:
                 f"{MAX_TTA_STEPS}, got {self.tta_regions} and {self.tta_steps}"
             )
         for name, value, lo, hi in (
-            ("--tissue-threshold", self.tissue_threshold, 0.0, 255.0),  # saturation, 0..255
-            ("--min-tissue-fraction", self.min_tissue_fraction, 0.0, 1.0),
-            ("--np-threshold", self.np_threshold, 0.0, 1.0),
-            ("--min-nucleus-area", self.min_nucleus_area_um2, 0.0, 1e4),
+            ("tissue_threshold", self.tissue_threshold, 0.0, 255.0),  # saturation, 0..255 (Python API only)
+            ("min_tissue_fraction", self.min_tissue_fraction, 0.0, 1.0),
+            ("np_threshold", self.np_threshold, 0.0, 1.0),
+            ("min_nucleus_area_um2", self.min_nucleus_area_um2, 0.0, 1e4),
         ):
             if value is not None and not (math.isfinite(value) and lo <= value <= hi):
                 raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value}")

@@ -1,8 +1,9 @@
 """Which engine runs the network on a CPU: PyTorch eager (default), OpenVINO or ONNX Runtime.
 
-Measured on the 2-core AMD EPYC development machine, one thread, 512² input, fp32 (``python
-benchmarks/runtimes.py``): OpenVINO and ONNX Runtime run the shipped network 2.6-3x faster than PyTorch
-eager with outputs equal to ~1e-5. They are opt-in (``--runtime openvino``, ``pip install 'histoseg[fast]'``)
+Measured with ``python benchmarks/runtimes.py`` (one thread, 1024² real-tissue region, fp32) on the AMD EPYC
+development machine (AVX-512, native bf16): OpenVINO 2.40x and ONNX Runtime 2.46x the speed of PyTorch eager,
+maps equal to 3e-6, the same MoNuSeg-test PQ/AJI. On an AVX2-only CPU the ratio was not measured.
+They are opt-in (``--runtime openvino``, ``pip install 'histoseg[fast]'``)
 and not the default because their arithmetic depends on the input *shape*: on CMU-1-Small-Region, OpenVINO
 finds 2 of 3234 nuclei at other positions with ``--region-size 512`` than with 1024, where PyTorch eager gives
 identical instance sets (and histoseg promises results independent of the region size).

@@ -50,13 +50,21 @@ class SlidePlan:
     path: Path
     meta: SlideMeta
     card: ModelCard
-    scale: float
-    plane_shape: tuple[int, int]
     tissue: np.ndarray
     halo: int
     regions: list[Region]
-    spec: SlideTaskSpec
+    spec: SlideTaskSpec  # carries the slide-level context (``spec.plane``: scale, plane shape, classes)
     cells: np.ndarray  # tissue cells (tiling.TISSUE_CELL px) of the plane: which nuclei count
+
+    @property
+    def scale(self) -> float:
+        """Level-0 pixels per processing-plane pixel."""
+        return self.spec.plane.scale
+
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        """(H, W) of the processing plane."""
+        return self.spec.plane.plane_shape
 
 
 def plan_slide(path: str | Path, config: SegmentConfig, predictor: DensePredictor) -> SlidePlan:
@@ -106,7 +114,7 @@ def plan_slide(path: str | Path, config: SegmentConfig, predictor: DensePredicto
         params=params,
         strict_halo=config.strict_halo,
     )
-    return SlidePlan(path, meta, card, scale, plane_shape, mask, halo, regions, spec, cells)
+    return SlidePlan(path, meta, card, mask, halo, regions, spec, cells)
 
 
 @dataclass
