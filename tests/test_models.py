@@ -400,9 +400,17 @@ def test_weights_of_another_width_raise_model_error(tmp_path: Path) -> None:
         load_model(resolve_model(str(art.weights)))
 
 
+def test_a_type_head_needs_one_card_class_per_type(tmp_path: Path) -> None:
+    art = save_model(_random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
+    _card(net=NetConfig(width=8, n_types=3)).save(art.card_path)  # 3 types, 1 class
+    with pytest.raises(ModelError, match="n_types is 3 but the card lists 1 classes"):
+        load_model(resolve_model(str(art.weights)))
+
+
 def test_weights_without_the_type_head_raise_model_error(tmp_path: Path) -> None:
     art = save_model(_random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
-    _card(net=NetConfig(width=8, n_types=3)).save(art.card_path)
+    typed = _card(net=NetConfig(width=8, n_types=3), class_names=("A", "B", "C"), class_colors=((1, 2, 3),) * 3)
+    typed.save(art.card_path)
     with pytest.raises(ModelError, match="do not match"):
         load_model(resolve_model(str(art.weights)))
 

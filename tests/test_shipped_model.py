@@ -38,3 +38,20 @@ def test_default_reaches_card_figures_on_two_monuseg_test_images(shared_data: Pa
         assert got["pq"] == pytest.approx(want["pq"], abs=0.02), s.name
         assert got["aji"] == pytest.approx(want["aji"], abs=0.02), s.name
         assert got["dice"] == pytest.approx(want["dice"], abs=0.02), s.name
+
+
+def test_default_is_typed_and_reaches_its_card_typing_on_crchisto_validation(shared_data: Path) -> None:
+    """The shipped model types nuclei (issue 14): its card lists the types, the datasets and their licences,
+    and the shipped file reproduces the card's CRCHisto-validation figures (all 10 images, never trained on)."""
+    from histoseg.training.evaluate import score_typing
+
+    net, card = load_model(resolve_model("default"))
+    assert card.net.n_types == len(card.class_names) >= 2
+    assert "research use" in card.license and "CRCHisto" in card.training["data"]
+    datasets = {d["name"]: d for d in card.training["config"]["datasets"]}
+    assert set(datasets) == {"monuseg", "crchisto"} and datasets["crchisto"]["labels"] == "points"
+    want = card.metrics["crchisto_typing"]
+    got = score_typing(net, card)
+    assert got["det_f1"] == pytest.approx(want["det_f1"], abs=0.01)
+    assert got["weighted_f1"] == pytest.approx(want["weighted_f1"], abs=0.01)
+    assert got["weighted_f1"] > 0.5  # far above chance (about 0.3 for four unbalanced classes)

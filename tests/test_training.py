@@ -5,13 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from histoseg.cli.main import main
+from histoseg.datasets import Sample
+from histoseg.inference import run_network
 from histoseg.models import load_model, resolve_model
 from histoseg.training.config import TrainConfig
-from histoseg.training.losses import hv_loss, np_loss, total_loss
+from histoseg.training.data import TrainingSource
+from histoseg.training.labels import CRCHISTO_TO_TYPES, DatasetSpec
+from histoseg.training.losses import hv_loss, np_loss
+from histoseg.training.objective import Stage, batch_loss
+from histoseg.training.points import PointSupervision
+from histoseg.training.targets import hv_maps
 from histoseg.training.train import train
 
 
@@ -28,14 +36,30 @@ def test_losses_prefer_the_truth_and_skip_missing_labels() -> None:
     none = torch.tensor([False, False])
     assert float(np_loss(bad, tgt, none)) == 0.0 and float(hv_loss(hv * 0, hv, tgt, none)) == 0.0
     # a semantic-only sample contributes to NP but not to HV
-    batch = {"np": tgt, "hv": hv, "has_np": valid, "has_inst": torch.tensor([True, False])}
-    _, terms = total_loss({"np": good, "hv": hv.clone()}, batch)
+    inst = tgt[0].numpy().astype(np.int32)
+    white = np.full((16, 16, 3), 200, np.uint8)
+    s_inst = Sample(name="i", image=white, inst=inst, mpp=0.5)
+    s_sem = Sample(name="s", image=white, semantic=inst > 0, mpp=0.5)
+    src = TrainingSource(DatasetSpec(name="monuseg"), [s_inst, s_sem], np.full(1, -1, np.int64))
+    true_hv = torch.from_numpy(hv_maps(inst))
+    out = {"np": good, "hv": torch.stack([true_hv, -true_hv])}  # the semantic crop's HV is wrong: not counted
+    crops = [(s_inst, 0), (s_sem, 0)]
+    _, terms = batch_loss(out, torch.zeros(2, 3, 16, 16), crops, [src], PointSupervision(0.5), Stage())
     assert terms["hv"] == pytest.approx(0.0, abs=1e-7) and set(terms) == {"np", "hv"}
 
 
 def test_tiny_training_run_resumes_and_records_statistics(tmp_path: Path, shared_data: Path) -> None:
-    cfg = TrainConfig(name="tiny", output=str(tmp_path / "run"), width=8, crop=64, batch_size=2,
-                      iterations=4, val_every=2, warmup=1, threads=1)
+    cfg = TrainConfig(
+        name="tiny",
+        output=str(tmp_path / "run"),
+        width=8,
+        crop=64,
+        batch_size=2,
+        iterations=4,
+        val_every=2,
+        warmup=1,
+        threads=1,
+    )
     train(cfg, progress=False)
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in log] == [2, 4] and all("pq" in r for r in log)
@@ -53,11 +77,60 @@ def test_tiny_training_run_resumes_and_records_statistics(tmp_path: Path, shared
     assert [r["iteration"] for r in log] == [2, 4, 6]
 
 
-def test_evaluate_command_writes_table_and_json(tmp_path: Path, shared_data: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+TYPES = ["Epithelial", "Fibroblast", "Inflammatory", "Other"]
+CRC_CLASSES = dict(CRCHISTO_TO_TYPES)
+
+
+def test_typed_training_from_masks_and_points_with_relations(tmp_path: Path, shared_data: Path) -> None:
+    """MoNuSeg masks + CRCHisto points (random walk) in one batch stream; stage 2 measures the relations."""
+    cfg = TrainConfig.from_dict(dict(
+        name="typed", output=str(tmp_path / "typed"), width=8, crop=64, batch_size=4, iterations=4, val_every=2,
+        warmup=1, threads=1, types=TYPES, relation_from=2,
+        datasets=[{"name": "monuseg", "labels": "instances", "share": 0.5},
+                  {"name": "crchisto", "labels": "points", "share": 0.5, "classes": CRC_CLASSES}],
+    ))  # fmt: skip
+    artifact = train(cfg, progress=False)
+    net, card = load_model(resolve_model(str(artifact)))
+    assert card.net.n_types == 4 and card.class_names == tuple(TYPES) and len(set(card.class_colors)) == 4
+    assert "research use" in card.license and "CC BY-NC-SA 4.0" in card.license
+    relations = card.training["relations"]["0"]["nucleus"]  # MoNuSeg (source 0) has no types: one soft row
+    assert len(relations) == 4 and all(0.0 <= v <= 1.0 for v in relations)
+    log = [json.loads(x) for x in (tmp_path / "typed" / "log.jsonl").read_text().splitlines()]
+    assert any("relations" in r for r in log) and all("tp" in r for r in log if "pq" in r)
+    image = np.full((64, 64, 3), 220, np.uint8)
+    _, _, tp = run_network(net, card, image)
+    assert tp is not None and tp.shape == (4, 64, 64) and 0.0 <= tp.min() and tp.max() <= 1.0
+
+
+def test_evaluate_command_writes_table_and_json(
+    tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "ev.json"
     assert main(["evaluate", "--dataset", "crchisto-val", "--limit", "2", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "detection F1" in text and "radius 3.3" in text
     res = json.loads(out.read_text())
     assert len(res["images"]) == 2 and 0.0 <= res["mean"]["det_f1"] <= 1.0
+    if resolve_model("default").card().net.n_types:  # a typed model is also scored on the CRCHisto classes
+        assert "weighted F1" in text and 0.0 <= res["typing"]["weighted_f1"] <= 1.0
+        assert set(res["typing"]["per_class_f1"]) == {"epithelial", "fibroblast", "inflammatory", "others"}
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")))
+def test_shipped_training_configs_are_valid(path: Path) -> None:
+    cfg = TrainConfig.load(path)
+    assert cfg.name == path.stem or path.stem.startswith(("small", "base"))
+    if path.stem == "default":  # the shipped recipe: typed, starting from stage A (configs/base.yaml)
+        assert cfg.types and cfg.init == "runs/base/base.safetensors" and cfg.relation_from < cfg.iterations
+        assert {d["name"] for d in cfg.datasets} == {"monuseg", "crchisto"}
+
+
+def test_training_config_errors_name_the_key() -> None:
+    from histoseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="datasets"):
+        TrainConfig.from_dict({"datasets": []})
+    with pytest.raises(ConfigError, match="not in types"):
+        TrainConfig.from_dict({"types": ["A"], "datasets": [{"name": "crchisto", "classes": {"others": "B"}}]})
+    with pytest.raises(ConfigError, match="distinct"):
+        TrainConfig.from_dict({"types": ["A", "A"]})

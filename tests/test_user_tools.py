@@ -173,4 +173,6 @@ def test_geojson_features_pass_qupath_rules_with_card_classes(run: Path) -> None
         assert {"Nucleus: Area µm^2", "Nucleus: Perimeter µm", "Detection probability"} <= set(meas)
         ratios.append(poly.area * mpp0**2 / meas["Nucleus: Area µm^2"])
     assert np.allclose(ratios, 1.0, rtol=1e-9, atol=0), (min(ratios), max(ratios))
+    if card.net.n_types:  # a typed model: real tissue shows several of its types, each in its own colour
+        assert len({f["properties"]["classification"]["name"] for f in feats}) >= 3
     assert not any(math.isnan(r) for r in ratios)

@@ -22,6 +22,30 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_finetune(args: argparse.Namespace) -> int:
+    from histoseg.errors import ConfigError
+    from histoseg.models.registry import resolve_model
+    from histoseg.training.finetune import FinetuneSettings, finetune
+
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        raise ConfigError("--output must end in .safetensors (the card is written beside it as .json)")
+    if args.iterations < 1:
+        raise ConfigError("--iterations must be >= 1")
+    check_not_a_model_source(out, resolve_model(args.model))
+    check_writable_target(out)
+    path = finetune(
+        args.points,
+        args.slides,
+        out,
+        model=args.model,
+        slide_mpp=args.slide_mpp,
+        settings=FinetuneSettings(iterations=args.iterations, seed=args.seed),
+    )
+    print(f"fine-tuned model written: {path} (card: {path.with_suffix('.json')}); use it with --model {path}")
+    return 0
+
+
 _COLUMNS = ("dice", "aji", "aji_plus", "dq", "sq", "pq", "det_f1")
 
 
@@ -46,6 +70,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         f"precision {mean['det_precision']:.4f}  recall {mean['det_recall']:.4f}  "
         f"[{args.dataset}, model {res['model']} at {res['model_mpp']} µm/px, {res['seconds']:.1f} s]"
     )
+    ty = res.get("typing")
+    if ty:
+        per = ", ".join(f"{k} {v:.4f}" for k, v in ty["per_class_f1"].items())
+        print(f"types (Sirinukunwattana et al. 2016, radius {ty['radius_um']} µm): weighted F1 {ty['weighted_f1']:.4f}"
+              f"; per class: {per}")
     if args.json:
         with atomic_file(args.json) as tmp:
             tmp.write_text(json.dumps(res, indent=1) + "\n")
@@ -66,8 +95,14 @@ def run_adapt(args: argparse.Namespace) -> int:
         raise ConfigError("--output must end in .safetensors (the card is written beside it as .json)")
     if args.tta in ("none", "auto"):
         raise ConfigError("histoseg adapt needs a method: --tta bn|tent|g2p")
-    config = SegmentConfig(model=args.model, slide_mpp=args.slide_mpp, backend=args.backend, tta=args.tta,
-                           tta_regions=args.tta_regions, tta_steps=args.tta_steps)
+    config = SegmentConfig(
+        model=args.model,
+        slide_mpp=args.slide_mpp,
+        backend=args.backend,
+        tta=args.tta,
+        tta_regions=args.tta_regions,
+        tta_steps=args.tta_steps,
+    )
     predictor = default_predictor(config)
     if not isinstance(predictor, NetworkPredictor):
         raise ConfigError("histoseg adapt needs a network model")
@@ -78,6 +113,8 @@ def run_adapt(args: argparse.Namespace) -> int:
     if not isinstance(adapted, NetworkPredictor) or adapted.artifact.weights == predictor.artifact.weights:
         print(f"adaptation kept the source weights ({report.get('guard', '')}); nothing written")
         return 0
-    print(f"adapted weights: {adapted.artifact.weights} (sha256 {report['weights_sha256'][:16]}...); "
-          f"loss {report.get('loss_before')} -> {report.get('loss_after')}; reuse with --model {out}")
+    print(
+        f"adapted weights: {adapted.artifact.weights} (sha256 {report['weights_sha256'][:16]}...); "
+        f"loss {report.get('loss_before')} -> {report.get('loss_after')}; reuse with --model {out}"
+    )
     return 0

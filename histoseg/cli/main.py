@@ -134,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True)
     tr.add_argument("--iterations", type=int, default=None, help="override the config's iterations")
 
+    ft = sub.add_parser("finetune", help="fine-tune a model from point clicks exported by QuPath (GeoJSON)")
+    ft.add_argument("slides", nargs="+", help="the slides the points were clicked on (one points file each)")
+    ft.add_argument("--points", nargs="+", required=True,
+                    help="QuPath GeoJSON exports of Point/MultiPoint annotations with classes, one per slide, in order")
+    ft.add_argument("--output", required=True, help="fine-tuned weights (.safetensors; the card is written beside)")
+    ft.add_argument("--model", default=SegmentConfig.model, help="model to start from (name or .safetensors path)")
+    ft.add_argument("--slide-mpp", type=_positive_float, default=None)
+    ft.add_argument("--iterations", type=int, default=200, help="optimiser steps (batch of 4 crops of 256 px)")
+    ft.add_argument("--seed", type=int, default=0)
+
     ev = sub.add_parser("evaluate", help="evaluate a model on a public dataset")
     ev.add_argument("--dataset", required=True, choices=["monuseg-test", "dsb", "crchisto-val"])
     ev.add_argument("--model", default=SegmentConfig.model)
@@ -255,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from histoseg.cli.learn import run_train
 
             return run_train(args)
+        if args.command == "finetune":
+            from histoseg.cli.learn import run_finetune
+
+            return run_finetune(args)
         if args.command == "evaluate":
             from histoseg.cli.learn import run_evaluate
 

@@ -139,13 +139,19 @@ def _softmax0(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=0, keepdims=True)  # type: ignore[no-any-return]
 
 
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Per-class probabilities of the type head (independent sigmoids), float32, contiguous."""
+    out: np.ndarray = (1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))).astype(np.float32)
+    return np.ascontiguousarray(out)
+
+
 def run_engine(engine: Engine, card: ModelCard, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``run_network`` through a compiled engine (OpenVINO, ONNX Runtime): same padding, inputs and outputs."""
     h, w = image.shape[:2]
     out = engine(to_input(pad_to_stride(image), card).numpy())
     np_prob = _softmax0(out["np"][0].astype(np.float32))[1, :h, :w]
     hv = out["hv"][0, :, :h, :w]  # the network applies tanh itself
-    tp = _softmax0(out["tp"][0].astype(np.float32))[:, :h, :w] if "tp" in out else None
+    tp = _sigmoid(out["tp"][0, :, :h, :w].astype(np.float32)) if "tp" in out else None
     return np.ascontiguousarray(np_prob), np.ascontiguousarray(hv, dtype=np.float32), tp
 
 
@@ -165,5 +171,5 @@ def run_network(
     hv = out["hv"].float()[0, :, :h, :w].cpu().numpy()
     tp = None
     if "tp" in out:
-        tp = torch.softmax(out["tp"].float(), dim=1)[0, :, :h, :w].cpu().numpy()
+        tp = torch.sigmoid(out["tp"].float())[0, :, :h, :w].cpu().numpy()
     return np_prob.astype(np.float32), hv.astype(np.float32), tp

@@ -5,6 +5,12 @@ Definitions: ``docs/metrics.md``. Importing this package has no side effects.
 
 from __future__ import annotations
 
+from histoseg.metrics.classification import (
+    ClassCounts,
+    ClassificationResult,
+    ClassificationTally,
+    classification_f1,
+)
 from histoseg.metrics.detection import (
     DetectionTally,
     PointMatch,
@@ -29,6 +35,9 @@ from histoseg.metrics.summary import DETECTION_KEYS, SEGMENTATION_KEYS, evaluate
 __all__ = [
     "DETECTION_KEYS",
     "SEGMENTATION_KEYS",
+    "ClassCounts",
+    "ClassificationResult",
+    "ClassificationTally",
     "DetectionTally",
     "OverlapTable",
     "PQResult",
@@ -37,6 +46,7 @@ __all__ = [
     "aji_plus",
     "as_label_map",
     "centroids",
+    "classification_f1",
     "detection_counts",
     "detection_f1",
     "dice",

@@ -114,6 +114,10 @@ class ModelCard:
             )
         except ValueError as exc:
             raise ModelError(f"malformed model card: {exc}") from exc
+        if net.n_types and net.n_types != len(parsed):
+            raise _bad(
+                "architecture.n_types", f"is {net.n_types} but the card lists {len(parsed)} classes (one per type)"
+            )
         return ModelCard(
             name=_text(d, "name"),
             description=str(d.get("description", "")),

@@ -136,7 +136,10 @@ def measure_instances(
 ) -> InstanceTable:
     """Measure the instances ``keep`` (label ids) of ``labels`` whose pixel [0, 0] is plane ``origin_yx``.
 
-    ``centroids_yx`` are local (label-image) centroids aligned with ``keep``.
+    ``centroids_yx`` are local (label-image) centroids aligned with ``keep``. With a type map ``tp_prob``
+    ((C, H, W) independent per-class probabilities, no background channel) a nucleus gets the class with
+    the highest mean probability over its mask, and that mean as its probability; without one it is class
+    1 with its mean nucleus probability.
     """
     mpp, scale = plane.mpp, plane.scale
     oy, ox = origin_yx
@@ -160,12 +163,11 @@ def measure_instances(
         y0, x0 = sl[0].start, sl[1].start
         offsets[i] = (oy + y0, ox + x0)
         masks.append(mask)
-        if tp_prob is not None and tp_prob.shape[0] > 1:
-            crop = tp_prob[:, sl[0], sl[1]][:, mask]  # (C, k)
-            votes = np.bincount(np.argmax(crop[1:], axis=0), minlength=crop.shape[0] - 1)
-            c = int(np.argmax(votes))
+        if tp_prob is not None:
+            mean_tp = tp_prob[:, sl[0], sl[1]][:, mask].mean(axis=1)  # (C,) mean per-class probability
+            c = int(np.argmax(mean_tp))
             cls_ids[i] = c + 1
-            probs[i] = float(crop[c + 1].mean())
+            probs[i] = float(mean_tp[c])
         else:
             cls_ids[i] = 1
             probs[i] = float(np_prob[sl][mask].mean())

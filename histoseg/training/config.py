@@ -34,7 +34,15 @@ class TrainConfig:
     threads: int = 2
     device: str = "cpu"
     precision: str = "auto"  # auto: bf16 autocast where native (~5-10x faster steps there), else fp32; bf16 | fp32
-    init: str | None = None  # optional safetensors to start from
+    init: str | None = None  # optional safetensors to start from (same architecture; a type head may be new)
+    # the datasets and the labels each carries (histoseg.training.labels.DatasetSpec): name monuseg|crchisto,
+    # labels instances|points, classes {dataset class: type}, share (of each batch), propagation randomwalk|voronoi
+    datasets: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "monuseg", "labels": "instances"}])
+    types: list[str] = field(default_factory=list)  # unified nucleus types of the type head; empty: untyped model
+    type_weight: float = 1.0  # weight of the type head's class-independent BCE
+    relation_from: int = 0  # iteration at which stage 2 (class-relational soft targets) starts; 0: never
+    relation_weight: float = 0.1  # weight of the relational soft targets (stage 2)
+    affinity_lr: float = 1e-3  # learning rate of the random walk's affinity branch
 
     @staticmethod
     def load(path: str | Path) -> TrainConfig:
@@ -57,6 +65,14 @@ class TrainConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {cfg.precision!r}")
         if cfg.crop % 32 or cfg.crop < 64:
             raise ConfigError("crop must be a multiple of 32 and >= 64")
+        if not isinstance(cfg.datasets, list) or not cfg.datasets or not all(isinstance(d, dict) for d in cfg.datasets):
+            raise ConfigError("datasets must be a non-empty list of entries (name, labels, classes, share)")
+        if len(set(cfg.types)) != len(cfg.types) or not all(isinstance(t, str) and t for t in cfg.types):
+            raise ConfigError("types must be a list of distinct, non-empty names")
+        from histoseg.training.labels import DatasetSpec
+
+        for d in cfg.datasets:
+            DatasetSpec.from_dict(d, cfg.types)  # every entry checked before hours of training
         return cfg
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,11 +14,14 @@ from typing import Any
 
 import cv2
 import numpy as np
+from scipy import ndimage
 
-from histoseg.datasets import Sample, load_crchisto, load_dsb, load_monuseg
+from histoseg.datasets import CRCHISTO_CLASSES, Sample, load_crchisto, load_dsb, load_monuseg
 from histoseg.errors import ConfigError
+from histoseg.inference import run_network
 from histoseg.metrics import DetectionTally, centroids, evaluate_instances, match_points, mean_over_images
 from histoseg.models import load_model, resolve_model
+from histoseg.postprocess import WatershedParams, separate_instances
 from histoseg.training.validate import predict_instances
 
 RADIUS_UM = {"monuseg-test": 3.0, "dsb": 3.0, "crchisto-val": 3.3}
@@ -51,9 +54,7 @@ def predict_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> np.nda
     return pred
 
 
-def score_dataset(
-    dataset: str, predict: Callable[[Sample], np.ndarray], limit: int | None = None
-) -> dict[str, Any]:
+def score_dataset(dataset: str, predict: Callable[[Sample], np.ndarray], limit: int | None = None) -> dict[str, Any]:
     """Score any predictor (sample -> instance map on the sample's native grid) on a named dataset.
 
     Instance sets: per-image Dice/AJI/AJI+/DQ/SQ/PQ and detection counts, averaged (detection pooled);
@@ -106,4 +107,64 @@ def evaluate(dataset: str, model: str = "default", limit: int | None = None, bf1
     """Per-image rows and the mean (segmentation) / pooled (detection) summary of a model."""
     net, card = load_model(resolve_model(model))
     res = score_dataset(dataset, lambda s: predict_native(net, card, s, bf16), limit)
+    if dataset == "crchisto-val" and card.net.n_types:
+        res["typing"] = score_typing(net, card, limit, bf16)
     return {**res, "model": card.name, "model_mpp": card.mpp}
+
+
+def predict_typed_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids (x, y) on the sample's native grid and the model's type per nucleus (1-based card class).
+
+    Types follow the pipeline's rule (:func:`histoseg.postprocess.measure_instances`): the class with the
+    highest mean probability over the nucleus's mask."""
+    h, w = s.image.shape[:2]
+    f = s.mpp / card.mpp
+    img = s.image
+    if abs(f - 1.0) > 1e-3:
+        size = (max(16, int(round(w * f))), max(16, int(round(h * f))))
+        img = cv2.resize(s.image, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+    np_prob, hv, tp = run_network(net, card, img, bf16=bf16)
+    params = WatershedParams(**card.postprocess) if card.postprocess else WatershedParams()
+    inst = separate_instances(np_prob, hv, card.mpp, params)
+    ids = np.unique(inst)
+    ids = ids[ids > 0]
+    if not len(ids):
+        return np.zeros((0, 2)), np.zeros(0, np.int64)
+    cyx = np.asarray(ndimage.center_of_mass(np.ones_like(inst), inst, ids), dtype=np.float64).reshape(-1, 2)
+    xy = (cyx[:, ::-1] + 0.5) * (w / img.shape[1], h / img.shape[0]) - 0.5
+    if tp is None:
+        return xy, np.ones(len(ids), np.int64)
+    means = np.stack([ndimage.mean(tp[c], inst, ids) for c in range(tp.shape[0])], axis=1)
+    return xy, np.argmax(means, axis=1).astype(np.int64) + 1
+
+
+def score_typing(net: Any, card: Any, limit: int | None = None, bf16: bool = False) -> dict[str, Any]:
+    """Detection and classification F1 on CRCHisto validation (Sirinukunwattana et al. 2016 protocol:
+    centroids matched within 6 px at 20x, i.e. 3.3 µm; classes scored on the detected nuclei). The model's
+    types are compared with CRCHisto's classes by name (``labels.CRCHISTO_TO_TYPES``); a type with no
+    CRCHisto counterpart counts as "no class"."""
+    from histoseg.metrics import ClassificationTally
+    from histoseg.training.labels import CRCHISTO_TO_TYPES
+
+    to_crc = {t: CRCHISTO_CLASSES.index(c) + 1 for c, t in CRCHISTO_TO_TYPES.items()}
+    lut = np.array([0] + [to_crc.get(n, 0) for n in card.class_names], dtype=np.int64)
+    tally = ClassificationTally(classes=tuple(range(1, len(CRCHISTO_CLASSES) + 1)))
+    samples = load_crchisto("validation", None)[: limit or None]
+    radius = RADIUS_UM["crchisto-val"]
+    for s in samples:
+        xy, cls = predict_typed_native(net, card, s, bf16)
+        if s.points is None or s.point_classes is None:
+            continue
+        tally.add(s.points, s.point_classes, xy, lut[cls], radius / s.mpp)
+    r = tally.result()
+    return {
+        "radius_um": radius,
+        "n_images": len(samples),
+        "det_precision": r.detection_precision,
+        "det_recall": r.detection_recall,
+        "det_f1": r.detection_f1,
+        "weighted_f1": r.weighted_f1,
+        "accuracy": r.accuracy,
+        "per_class_f1": {CRCHISTO_CLASSES[c - 1]: v for c, v in r.per_class_f1.items()},
+        "hovernet_fc": {CRCHISTO_CLASSES[c - 1]: v for c, v in r.hovernet_fc.items()},
+    }

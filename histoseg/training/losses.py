@@ -1,4 +1,5 @@
-"""Multi-task losses (HoVer-Net): NP cross-entropy + Dice, HV MSE + gradient MSE (MSGE), TP cross-entropy.
+"""Multi-task losses (HoVer-Net): NP cross-entropy + Dice, HV MSE + gradient MSE (MSGE), and the type head's
+class-independent BCE; NP against soft targets for crops labelled by propagated points.
 
 Each term is averaged only over the samples that carry that label (``valid`` masks), so images with
 semantic-only masks train NP and nothing else.
@@ -49,20 +50,23 @@ def hv_loss(pred: torch.Tensor, target: torch.Tensor, focus: torch.Tensor, valid
     return mse + 2.0 * msge
 
 
-def tp_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over type maps (0 = background) for samples with types."""
-    if not bool(valid.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[valid], target[valid])
+def np_soft_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted cross-entropy of NP logits (B, 2, H, W) against soft nucleus targets (B, H, W) in [0, 1].
+
+    For crops labelled by propagated points: ``target`` may carry gradient (to the affinity branch of the
+    random walk), ``weight`` is the propagation's per-pixel confidence (no gradient)."""
+    logp = torch.log_softmax(logits, dim=1)
+    ce = -(target * logp[:, 1] + (1.0 - target) * logp[:, 0])
+    return (ce * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def total_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the terms present; also returns each term for logging."""
-    terms = {
-        "np": np_loss(out["np"], batch["np"], batch["has_np"]),
-        "hv": hv_loss(out["hv"], batch["hv"], batch["np"], batch["has_inst"]),
-    }
-    if "tp" in out and "tp" in batch:
-        terms["tp"] = tp_loss(out["tp"], batch["tp"], batch["has_types"])
-    loss = terms["np"] + terms["hv"] + terms.get("tp", torch.zeros(()))
-    return loss, {k: float(v.detach()) for k, v in terms.items()}
+def tp_bce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, nucleus: torch.Tensor) -> torch.Tensor:
+    """Class-independent BCE (UniSeg) of per-class type logits (B, C, H, W).
+
+    ``weight`` (B, C, H, W) is 0 wherever a class gets no gradient (a type the crop's dataset does not
+    annotate, an ignored pixel). Nucleus pixels (``nucleus`` (B, H, W) bool) and background pixels are
+    averaged separately and summed, so the few nucleus pixels are not drowned by the background."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight
+    fg = nucleus.unsqueeze(1).to(bce.dtype)
+    w_fg, w_bg = (weight * fg).sum(), (weight * (1 - fg)).sum()
+    return (bce * fg).sum() / w_fg.clamp_min(1.0) + (bce * (1 - fg)).sum() / w_bg.clamp_min(1.0)

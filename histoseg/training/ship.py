@@ -26,7 +26,10 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
     lines = [
         f"# Model card: `{card.name}`",
         "",
-        card.description or "HoVer-Net-style multi-task nuclei network (NP + HV heads), plain PyTorch.",
+        card.description
+        or "HoVer-Net-style multi-task nuclei network (NP + HV heads"
+        + (", per-class sigmoid type head" if card.net.n_types else "")
+        + "), plain PyTorch.",
         "",
         "| field | value |",
         "|---|---|",
@@ -45,15 +48,16 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
         "",
         "## Training data and licence",
         "",
-        "MoNuSeg 2018 training set (Kumar et al., IEEE TMI 2017; 30 H&E 1000x1000 tiles at 40x from TCGA, several "
-        "organs): the 13 images whose polygon annotations are available train NP and HV, the 17 others train NP "
-        f"from their binary masks; held out for validation: {', '.join(card.training.get('held_out', []))}.",
-        "MoNuSeg is licensed **CC BY-NC-SA 4.0**; these weights are derived from it and are distributed under the "
-        "same terms: **non-commercial use only, share-alike, attribution to the MoNuSeg authors**.",
-        "DSB 2018 and CRCHisto were not used for training (kept as shifted domains for evaluation).",
+        f"{card.training.get('data', 'MoNuSeg 2018 training set')}; held out for validation: "
+        f"{', '.join(card.training.get('held_out', []))}.",
         "",
-        "Recipe: `histoseg train --config configs/default.yaml` (seeded, resumable; AdamW, cosine schedule, "
-        "bfloat16 autocast on CPU). " + str(card.training.get("recipe_note", "")),
+        f"Licence: {card.license}",
+        "DSB 2018, CRCHisto validation and the MoNuSeg test images were never trained on (kept for evaluation).",
+        "",
+        *_label_space_lines(card),
+        "Recipe: `histoseg train --config configs/base.yaml` (stage A, untyped, MoNuSeg) then "
+        "`histoseg train --config configs/default.yaml` (stage B, types; seeded, resumable; AdamW, cosine "
+        "schedule, bfloat16 autocast where native). " + str(card.training.get("recipe_note", "")),
         "",
         "## Measured",
         "",
@@ -71,11 +75,51 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
         ]
     cv = m.get("crchisto_val", {}).get("mean")
     if cv:
-        lines += [f"CRCHisto validation (10 images, never trained on): detection F1 {cv['det_f1']:.3f} "
-                  f"(precision {cv['det_precision']:.3f}, recall {cv['det_recall']:.3f}; radius 3.3 µm).", ""]
+        lines += [
+            f"CRCHisto validation (10 images, never trained on): detection F1 {cv['det_f1']:.3f} "
+            f"(precision {cv['det_precision']:.3f}, recall {cv['det_recall']:.3f}; radius 3.3 µm).",
+            "",
+        ]
+    ty = m.get("crchisto_typing")
+    if ty:
+        names = list(ty["per_class_f1"])
+        lines += [
+            "CRCHisto validation, types (Sirinukunwattana et al. 2016 protocol: centroids matched within 3.3 µm, "
+            "classes scored on the detected nuclei; weighted F1 weights each class by its true nuclei):",
+            "",
+            "| detection F1 | weighted class F1 | " + " | ".join(f"F1 {n}" for n in names) + " |",
+            "|---|---|" + "---|" * len(names),
+            f"| {ty['det_f1']:.3f} | {ty['weighted_f1']:.3f} | "
+            + " | ".join(f"{ty['per_class_f1'][n]:.3f}" for n in names)
+            + " |",
+            "",
+        ]
     for k, v in (extra or {}).items():
         lines += [f"### {k}", "", str(v), ""]
     return "\n".join(lines) + "\n"
+
+
+def _label_space_lines(card: ModelCard) -> list[str]:
+    """The unified label space and how each training dataset maps into it (typed models)."""
+    if not card.net.n_types:
+        return []
+    cfg = card.training.get("config", {})
+    lines = [
+        f"Unified label space (one sigmoid per type, UniSeg): {', '.join(card.class_names)}. Per dataset:",
+        "",
+    ]
+    for d in cfg.get("datasets", []):
+        classes = d.get("classes") or {}
+        mapping = ", ".join(f"{k} -> {v}" for k, v in classes.items()) or "no types (nucleus only)"
+        lines.append(
+            f"- {d.get('name')}: {d.get('labels')}"
+            + (f" ({d.get('propagation')} propagation)" if d.get("labels") == "points" else "")
+            + f", share {d.get('share')}; classes: {mapping}"
+        )
+    rel = card.training.get("relations")
+    if rel:
+        lines += ["", f"Stage-2 class relations (mean type probabilities per dataset label): {json.dumps(rel)}"]
+    return [*lines, ""]
 
 
 def main() -> None:
@@ -100,6 +144,11 @@ def main() -> None:
             "monuseg_test": {"mean": mon["mean"], "per_image": {r["image"]: r for r in mon["images"]}},
             "crchisto_val": {"mean": crc["mean"]},
         }
+        if card.net.n_types:
+            from histoseg.training.evaluate import score_typing
+
+            shipped, _ = load_model(art)
+            card.metrics["crchisto_typing"] = score_typing(shipped, card)
         card.save(art.card_path)
     extra = {}
     if args.extra_md:

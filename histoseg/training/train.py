@@ -18,19 +18,32 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from histoseg.datasets import Sample
+from histoseg.errors import ConfigError
 from histoseg.inference.precision import resolve_precision
 from histoseg.models import ModelCard, NetConfig, NucleiNet, receptive_radius, save_model
-from histoseg.models.inputs import normalise
-from histoseg.training.augment import Batch
+from histoseg.models.inputs import to_input
 from histoseg.training.config import TrainConfig
-from histoseg.training.data import TrainingData
-from histoseg.training.losses import total_loss
+from histoseg.training.data import TrainingData, TrainingSource
+from histoseg.training.labels import type_colors
+from histoseg.training.objective import Stage, batch_loss
+from histoseg.training.points import PointSupervision
+from histoseg.training.stage2 import measure_relations
 from histoseg.training.validate import tune_postprocess, validate
 
 MONUSEG_LICENSE = (
     "Weights trained on MoNuSeg 2018 training images (Kumar et al., IEEE TMI 2017), licensed CC BY-NC-SA 4.0: "
     "the weights inherit non-commercial, share-alike terms."
 )
+CRCHISTO_LICENSE = (
+    " Also trained on CRCHisto training points (Sirinukunwattana et al., IEEE TMI 2016), released for research "
+    "use only: the weights are for non-commercial research use."
+)
+DATA_TEXT = {
+    ("monuseg", "instances"): "MoNuSeg 2018 training set (13 images with instance polygons, 17 with binary masks only)",
+    ("monuseg", "points"): "MoNuSeg 2018 training images with instance polygons, reduced to their centre points",
+    ("crchisto", "points"): "CRCHisto training set (70 images, nucleus centre points with 4 classes)",
+}
 
 
 def _seed_all(seed: int) -> None:
@@ -39,34 +52,30 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _collate(b: Batch, card: ModelCard) -> dict[str, torch.Tensor]:
-    return {
-        "image": normalise(torch.from_numpy(b.image), card),
-        "np": torch.from_numpy(b.np_map.astype(np.int64)),
-        "hv": torch.from_numpy(b.hv),
-        "has_np": torch.from_numpy(b.flags["has_np"]),
-        "has_inst": torch.from_numpy(b.flags["has_inst"]),
-    }
-
-
 def build_card(cfg: TrainConfig, mean: tuple[float, ...], std: tuple[float, ...], max_nucleus_um: float) -> ModelCard:
-    net_cfg = NetConfig(width=cfg.width, blocks=tuple(cfg.blocks), n_types=0)  # type: ignore[arg-type]
+    types = tuple(cfg.types)
+    net_cfg = NetConfig(width=cfg.width, blocks=tuple(cfg.blocks), n_types=len(types))  # type: ignore[arg-type]
+    names = {str(d.get("name")) for d in cfg.datasets}
+    data = "; ".join(
+        v
+        for (n, lab), v in DATA_TEXT.items()
+        if any(
+            d.get("name") == n and d.get("labels", "points" if n == "crchisto" else "instances") == lab
+            for d in cfg.datasets
+        )
+    )
     return ModelCard(
         name=cfg.name,
         net=net_cfg,
         mpp=cfg.mpp,
         mean=mean,  # type: ignore[arg-type]
         std=std,  # type: ignore[arg-type]
-        class_names=("Nucleus",),
-        class_colors=((200, 40, 160),),
+        class_names=types or ("Nucleus",),
+        class_colors=type_colors(types) if types else ((200, 40, 160),),
         context_radius_px=receptive_radius(net_cfg),
         max_nucleus_um=max_nucleus_um,
-        license=MONUSEG_LICENSE,
-        training={
-            "config": cfg.to_dict(),
-            "data": "MoNuSeg 2018 training set (30 images; 13 with instance polygons, 17 with binary masks only)",
-            "held_out": cfg.val_images,
-        },
+        license=MONUSEG_LICENSE + (CRCHISTO_LICENSE if "crchisto" in names else ""),
+        training={"config": cfg.to_dict(), "data": data, "held_out": cfg.val_images},
     )
 
 
@@ -83,43 +92,47 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    data = TrainingData.monuseg(cfg)
+    data = TrainingData.build(cfg)
     card = build_card(cfg, data.mean, data.std, data.max_nucleus_um)
     net = NucleiNet(card.net).to(cfg.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    dev_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    points = PointSupervision(cfg.mpp).to(cfg.device)
     bf16 = resolve_precision(cfg.precision, cfg.device).bf16
     if cfg.init:
-        from safetensors.torch import load_file
-
-        net.load_state_dict(load_file(cfg.init))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        _load_init(net, cfg.init)
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(net.parameters()), "lr_scale": 1.0},
+            {"params": list(points.parameters()), "lr_scale": cfg.affinity_lr / cfg.lr},
+        ],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
+    stage = Stage(types=data.types, type_weight=cfg.type_weight)
     start, best = 0, -1.0
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         net.load_state_dict(state["model"])
+        points.load_state_dict(state.get("points", points.state_dict()))
         opt.load_state_dict(state["optim"])
         start, best = int(state["iteration"]), float(state["best"])
         rng_state = state.get("rng")
         if rng_state is not None:
             data.rng.bit_generator.state = json.loads(rng_state)
+        stage.relations = _relations_from_json(state.get("relations", "{}"))
     log = open(out / "log.jsonl", "a")  # noqa: SIM115
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, disable=not progress)
     t0 = time.time()
     net.train()
     for it in bar:
+        if data.types and cfg.relation_from and it >= cfg.relation_from:
+            if not stage.relations:
+                stage.relations = measure_relations(net, card, data.sources, data.types, cfg.device)
+                log.write(json.dumps({"iteration": it, "relations": _relations_to_json(stage.relations)}) + "\n")
+            stage.relation_weight = cfg.relation_weight
         for g in opt.param_groups:
-            g["lr"] = _lr(cfg, it)
-        batch = _collate(data.batch(cfg.batch_size), card)
-        batch = {k: v.to(cfg.device) for k, v in batch.items()}
-        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
-            outp = net(batch["image"].contiguous(memory_format=torch.channels_last))
-        outp = {k: v.float() for k, v in outp.items()}
-        loss, terms = total_loss(outp, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-        opt.step()
+            g["lr"] = _lr(cfg, it) * g["lr_scale"]
+        loss, terms = train_step(net, points, opt, data.batch(cfg.batch_size), data.sources, card, stage, bf16)
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **{k: f"{v:.3f}" for k, v in terms.items()})
         last = it + 1 == cfg.iterations
         if (it + 1) % cfg.val_every == 0 or last:
@@ -129,24 +142,79 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             rec = {"iteration": it + 1, "loss": float(loss.detach()), **terms, **metrics, "seconds": time.time() - t0}
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            if metrics.get("pq", 0.0) > best:
-                best = metrics["pq"]
+            if metrics.get("pq", 0.0) > best or (data.types and last):
+                best = max(best, metrics.get("pq", 0.0))
                 card.metrics = {"validation": {**metrics, "iteration": it + 1}}
+                if stage.relations:
+                    card.training["relations"] = _relations_to_json(stage.relations)
                 save_model(net, card, out / f"{cfg.name}.safetensors")
             tmp = out / "checkpoint.pt.tmp"
             torch.save(
                 {
                     "model": net.state_dict(),
+                    "points": points.state_dict(),
                     "optim": opt.state_dict(),
                     "iteration": it + 1,
                     "best": best,
                     "rng": json.dumps(data.rng.bit_generator.state),
+                    "relations": json.dumps(_relations_to_json(stage.relations)),
                 },
                 tmp,
             )
             tmp.replace(ckpt)
     log.close()
     return finalize(cfg, data)
+
+
+def train_step(
+    net: NucleiNet,
+    points: PointSupervision,
+    opt: torch.optim.Optimizer,
+    crops: list[tuple[Sample, int]],
+    sources: list[TrainingSource],
+    card: ModelCard,
+    stage: Stage,
+    bf16: bool,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimiser step on a batch of crops (each with its source index); shared by train and finetune."""
+    device = next(net.parameters()).device
+    images = to_input([c.image for c, _ in crops], card).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        outp = net(images.contiguous(memory_format=torch.channels_last))
+    outp = {k: v.float() for k, v in outp.items()}
+    loss, terms = batch_loss(outp, images, crops, sources, points, stage)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+    opt.step()
+    return loss, terms
+
+
+def _load_init(net: NucleiNet, path: str) -> None:
+    """Start from ``path``'s weights; only a type head the initial model lacks may stay freshly initialised."""
+    from safetensors.torch import load_file
+
+    missing, unexpected = net.load_state_dict(load_file(path), strict=False)
+    bad = [k for k in missing if not k.startswith("tp_head.")] + list(unexpected)
+    if bad:
+        raise ConfigError(f"init weights {path} do not fit the configured architecture: {bad[:5]}")
+
+
+def _relations_to_json(rel: dict[int, dict[str, np.ndarray]]) -> dict[str, dict[str, list[float | None]]]:
+    return {
+        str(k): {lab: [None if not np.isfinite(v) else round(float(v), 5) for v in row] for lab, row in rows.items()}
+        for k, rows in rel.items()
+    }
+
+
+def _relations_from_json(text: str) -> dict[int, dict[str, np.ndarray]]:
+    raw = json.loads(text)
+    return {
+        int(k): {
+            lab: np.array([np.nan if v is None else v for v in row], dtype=np.float64) for lab, row in rows.items()
+        }
+        for k, rows in raw.items()
+    }
 
 
 def finalize(cfg: TrainConfig, data: Any) -> Path:
