@@ -125,6 +125,36 @@ def test_dataset_spec_errors() -> None:
         DatasetSpec.from_dict({"name": "monuseg", "label": "points"}, TYPES)
     with pytest.raises(ConfigError, match="name must be"):
         DatasetSpec.from_dict({"name": "kumar"}, TYPES)
+    with pytest.raises(ConfigError, match="not crchisto classes"):  # a typo would silently mask a type
+        DatasetSpec.from_dict({"name": "crchisto", "classes": {"epithelium": "Epithelial"}}, TYPES)
+    with pytest.raises(ConfigError, match="it has no classes"):
+        DatasetSpec.from_dict({"name": "monuseg", "classes": {"nucleus": "Epithelial"}}, TYPES)
     spec = DatasetSpec.from_dict({"name": "crchisto", "classes": {"others": "Inflammatory"}, "share": 0.4}, TYPES)
     assert spec.labels == "points" and spec.share == 0.4
     assert spec.class_lookup(("epithelial", "others"), TYPES).tolist() == [-1, -1, 2]
+
+
+def test_the_relation_weight_scales_the_loss_whatever_the_batch_holds() -> None:
+    """A batch of untyped nuclei with relational targets only: the loss is proportional to the weight."""
+    inst, _ = _crop()
+    untyped = np.full(3, -1, np.int64)
+    rel = {GENERIC_LABEL: np.array([0.5, 0.25, 0.125])}
+    logits = torch.zeros(1, 3, 6, 6)
+    nucleus = torch.from_numpy(inst > 0)[None]
+    losses = []
+    for w in (0.1, 1.0):
+        t, wt = type_targets(inst, untyped, np.ones(inst.shape, np.float32), np.zeros(3, bool), rel, w)
+        t[:, inst == 0] = 0.5  # background at p = 0.5: its BCE is the same for both weights
+        losses.append(tp_bce(logits, torch.from_numpy(t)[None], torch.from_numpy(wt)[None], nucleus))
+    bg = float(torch.nn.functional.binary_cross_entropy_with_logits(torch.zeros(()), torch.tensor(0.5)))
+    assert float(losses[1]) - bg == pytest.approx(10 * (float(losses[0]) - bg), rel=1e-5)
+
+
+def test_point_classes_map_to_types_and_unknown_ids_are_unknown() -> None:
+    spec = DatasetSpec(name="crchisto", labels="points", classes={"epithelial": "Epithelial", "others": "Inflammatory"})
+    src = TrainingSource(spec, [], spec.class_lookup(("epithelial", "fibroblast", "inflammatory", "others"), TYPES))
+    img = np.zeros((8, 8, 3), np.uint8)
+    crop = Sample(name="c", image=img, points=np.zeros((5, 2)), point_classes=np.array([1, 4, 0, 2, 9]), mpp=0.5)
+    assert src.instance_types(crop).tolist() == [-1, 0, 2, -1, -1, -1]
+    no_classes = Sample(name="c", image=img, points=np.zeros((3, 2)), mpp=0.5)
+    assert src.instance_types(no_classes).tolist() == [-1, -1, -1, -1]

@@ -475,3 +475,12 @@ def test_saved_artifacts_are_byte_identical_across_processes(tmp_path: Path) -> 
         subprocess.run([sys.executable, "-c", code, str(f)], check=True, capture_output=True)
     data = [f.read_bytes() for f in files]
     assert data[0] == data[1] == data[2]
+
+
+def test_a_typed_card_numbers_its_classes_one_to_n() -> None:
+    """Type channel k is class k + 1: a typed card with a gap in its class ids is refused."""
+    d = _rich_card().to_dict()
+    assert ModelCard.from_dict(d).class_names == ("Tumour", "Lymphocyte")
+    d["classes"][1]["id"] = 3
+    with pytest.raises(ModelError, match="ids 1..n"):
+        ModelCard.from_dict(d)

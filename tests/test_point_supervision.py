@@ -60,3 +60,16 @@ def test_a_crop_without_points_is_background(scene: tuple[np.ndarray, ...]) -> N
     _, image, _ = scene
     t = PointSupervision(0.5)(_input(image), image, np.zeros((0, 2)), "randomwalk")
     assert t.inst.max() == 0 and float(t.nucleus.max()) == 0.0 and t.weight.min() == 1.0
+
+
+def test_a_users_clicks_supervise_only_near_the_clicks(scene: tuple[np.ndarray, ...]) -> None:
+    """Non-exhaustive clicks (QuPath fine-tuning): far from every click nothing is learned."""
+    _, image, points = scene
+    few = points[:2]
+    t = PointSupervision(0.5)(_input(image), image, few, "randomwalk", exhaustive=False)
+    yy, xx = np.mgrid[0:128, 0:128]
+    dist = np.min([np.hypot(xx - x, yy - y) for x, y in few], axis=0)
+    assert np.all(t.weight[dist > 36.5] == 0)  # 18 µm at 0.5 µm/px
+    assert t.weight[dist < 10].mean() > 0.3
+    nothing = PointSupervision(0.5)(_input(image), image, np.zeros((0, 2)), "randomwalk", exhaustive=False)
+    assert nothing.weight.max() == 0.0

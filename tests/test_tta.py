@@ -192,7 +192,9 @@ def test_bnstats_moves_statistics_and_affine_only(shared_data: Path) -> None:
     from histoseg.training.evaluate import load_dataset
 
     net, card = load_model(resolve_model("default"))
-    img = load_dataset("dsb")[0].image[:, :, :3]
+    # an image whose shift lies beyond the source's per-image spread (the z-loss tolerates shifts within it;
+    # DSB image 0 is within the typed model's wider spread, so nothing would move there)
+    img = load_dataset("dsb")[2].image[:, :, :3]
     imgs = [np.ascontiguousarray(img[:256, :256]), np.ascontiguousarray(img[:256, -256:])]
     st = TTASettings(method="g2p", steps=2, gate=0.0, params="bnstats", guard=False)
     res = adapt(net, card, imgs, st)
@@ -242,3 +244,20 @@ def test_guard_rejects_a_real_adaptation_that_multiplies_nuclei(shared_data: Pat
     assert c["count_ratio"] > 1.25 and c["count_after"] > c["count_before"] > 20
     assert res.state is None and res.report["kept_source"]
     assert res.report["guard"].startswith("nucleus count changed implausibly")
+
+
+def test_type_distribution_reads_independent_sigmoids_over_nuclei() -> None:
+    """The type head has one sigmoid per type and no background channel: the adaptation's type entropy and
+    the guard's class mix normalise the sigmoids over the types and weight pixels by nucleus probability."""
+    from histoseg.tta.guard import heads, type_distribution
+
+    tp = torch.full((1, 3, 4, 4), -6.0)
+    tp[0, 0, :2] = 4.0  # nucleus pixels of type 0
+    tp[0, 2, 2:] = 4.0  # background pixels where type 2 fires (no nucleus there)
+    np_logits = torch.zeros(1, 2, 4, 4)
+    np_logits[0, 1, :2], np_logits[0, 0, 2:] = 8.0, 8.0
+    out = {"np": np_logits, "hv": torch.zeros(1, 2, 4, 4), "tp": tp}
+    q, w = type_distribution(out)
+    assert torch.allclose(q.sum(1), torch.ones(1, 4, 4))
+    assert float(w[0, :2].min()) > 0.99 and float(w[0, 2:].max()) < 0.01
+    assert heads(out)["tp_entropy"] < 0.2  # nuclei are all type 0; the background's type 2 does not count

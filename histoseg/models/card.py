@@ -114,6 +114,8 @@ class ModelCard:
             )
         except ValueError as exc:
             raise ModelError(f"malformed model card: {exc}") from exc
+        if net.n_types and [cid for cid, _, _ in parsed] != list(range(1, len(parsed) + 1)):
+            raise _bad("classes", "of a typed model must have ids 1..n (type channel k is class k + 1)")
         if net.n_types and net.n_types != len(parsed):
             raise _bad(
                 "architecture.n_types", f"is {net.n_types} but the card lists {len(parsed)} classes (one per type)"

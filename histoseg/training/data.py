@@ -32,12 +32,18 @@ class TrainingSource:
     class_lookup: np.ndarray  # dataset class id (0 = none) -> unified type index (-1 = none)
 
     def instance_types(self, crop: Sample) -> np.ndarray:
-        """Unified type per instance id of the crop (index 0 unused): from point classes, else unknown."""
-        if crop.point_classes is None or self.spec.labels != "points":
-            n = int(crop.inst.max()) if crop.inst is not None and crop.inst.size else 0
-            return np.full(n + 1, -1, dtype=np.int64)
-        cls = np.clip(np.asarray(crop.point_classes, dtype=np.int64), 0, len(self.class_lookup) - 1)
-        return np.concatenate([[-1], self.class_lookup[cls]]).astype(np.int64)
+        """Unified type per instance id of the crop (index 0 unused): from point classes (an id the dataset
+        does not list is "unknown", -1), else unknown."""
+        if self.spec.labels == "points":
+            n_points = 0 if crop.points is None else len(crop.points)
+            if crop.point_classes is None:
+                return np.full(n_points + 1, -1, dtype=np.int64)
+            cls = np.asarray(crop.point_classes, dtype=np.int64)
+            known = (cls >= 0) & (cls < len(self.class_lookup))
+            types = np.where(known, self.class_lookup[np.where(known, cls, 0)], -1)
+            return np.concatenate([[-1], types]).astype(np.int64)
+        n = int(crop.inst.max()) if crop.inst is not None and crop.inst.size else 0
+        return np.full(n + 1, -1, dtype=np.int64)
 
 
 def instance_points(sample: Sample) -> Sample:

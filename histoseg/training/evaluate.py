@@ -138,11 +138,13 @@ def predict_typed_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> 
     return xy, np.argmax(means, axis=1).astype(np.int64) + 1
 
 
-def score_typing(net: Any, card: Any, limit: int | None = None, bf16: bool = False) -> dict[str, Any]:
+def score_typing(
+    net: Any, card: Any, limit: int | None = None, bf16: bool = False, radius_um: float | None = None
+) -> dict[str, Any]:
     """Detection and classification F1 on CRCHisto validation (Sirinukunwattana et al. 2016 protocol:
     centroids matched within 6 px at 20x, i.e. 3.3 µm; classes scored on the detected nuclei). The model's
     types are compared with CRCHisto's classes by name (``labels.CRCHISTO_TO_TYPES``); a type with no
-    CRCHisto counterpart counts as "no class"."""
+    CRCHisto counterpart counts as "no class". ``radius_um`` overrides the matching radius."""
     from histoseg.metrics import ClassificationTally
     from histoseg.training.labels import CRCHISTO_TO_TYPES
 
@@ -150,7 +152,7 @@ def score_typing(net: Any, card: Any, limit: int | None = None, bf16: bool = Fal
     lut = np.array([0] + [to_crc.get(n, 0) for n in card.class_names], dtype=np.int64)
     tally = ClassificationTally(classes=tuple(range(1, len(CRCHISTO_CLASSES) + 1)))
     samples = load_crchisto("validation", None)[: limit or None]
-    radius = RADIUS_UM["crchisto-val"]
+    radius = RADIUS_UM["crchisto-val"] if radius_um is None else float(radius_um)
     for s in samples:
         xy, cls = predict_typed_native(net, card, s, bf16)
         if s.points is None or s.point_classes is None:

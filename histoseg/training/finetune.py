@@ -63,7 +63,7 @@ def point_windows(slide: str, ann: PointAnnotations, mpp: float, slide_mpp: floa
         s = reader.plane_scale(mpp)
         ph, pw = reader.plane_shape(mpp)
         pts = (qupath_to_pixel_centres(ann.points) + 0.5) / s - 0.5  # QuPath: pixel c spans [c, c + 1)
-        inside = (pts[:, 0] >= 0) & (pts[:, 1] >= 0) & (pts[:, 0] < pw) & (pts[:, 1] < ph)
+        inside = (pts[:, 0] >= -0.5) & (pts[:, 1] >= -0.5) & (pts[:, 0] < pw - 0.5) & (pts[:, 1] < ph - 0.5)
         if not inside.any():
             raise ConfigError(f"none of the {len(pts)} points lies inside {slide}")
         pts, cls = pts[inside], ann.class_index[inside] + 1
@@ -133,7 +133,7 @@ def finetune(
             if s.point_classes is not None:
                 s.point_classes = np.array([local.get(int(c), 0) for c in s.point_classes], dtype=np.int64)
             samples.append(s)
-    spec = DatasetSpec(name="qupath", labels="points", classes=mapping, share=1.0)
+    spec = DatasetSpec(name="qupath", labels="points", classes=mapping, share=1.0, exhaustive=False)
     source = TrainingSource(spec=spec, samples=samples, class_lookup=spec.class_lookup(names, types))
     card = _new_card(card0, types, anns, names, base.name, slides)
     net = NucleiNet(card.net).to(st.device)
@@ -217,7 +217,7 @@ def _transfer(net0: NucleiNet, net: NucleiNet, card0: ModelCard, card: ModelCard
     n_old = card0.net.n_types
     if not n_old or net.tp_head is None:
         return
-    rows = measure_relations(net0, card0, [_as_old(source)], card0.class_names)
+    rows = measure_relations(net0, card0, [_as_old(source)], card0.class_names, device=str(out_device(net)))
     out = net.tp_head.out
     for k in range(n_old, card.net.n_types):
         row = rows.get(0, {}).get(str(k))
@@ -226,10 +226,14 @@ def _transfer(net0: NucleiNet, net: NucleiNet, card0: ModelCard, card: ModelCard
         w = np.nan_to_num(row[:n_old], nan=0.0)
         if not w.sum() > 0 or not math.isfinite(float(w.sum())):
             continue
-        mix = torch.tensor(w / w.sum(), dtype=out.weight.dtype)
+        mix = torch.tensor(w / w.sum(), dtype=out.weight.dtype, device=out.weight.device)
         out.weight[k] = (mix.view(-1, 1, 1, 1) * out.weight[:n_old]).sum(0)
         if out.bias is not None:
             out.bias[k] = (mix * out.bias[:n_old]).sum()
+
+
+def out_device(net: NucleiNet) -> torch.device:
+    return next(net.parameters()).device
 
 
 def _as_old(source: TrainingSource) -> TrainingSource:

@@ -9,12 +9,15 @@ annotates and nothing else:
   at a nucleus pixel of a known type the annotated types get targets (1 for its type, 0 for the other
   annotated ones) and every other type gets no gradient at all;
 * a nucleus whose type the dataset does not give (MoNuSeg has no types at all; a few CRCHisto points have
-  no class) gets no type gradient in stage 1;
+  no class) gets no type gradient (in stage 2 too when the dataset annotates every type, as CRCHisto does:
+  its untyped points then have no relation row to learn from);
 * background pixels are "no nucleus of any type": every type's target is 0 there. Each sigmoid means
   "a nucleus of this type covers this pixel", so this is what every dataset with nucleus labels knows;
 * in stage 2 the **class relations** (:func:`relation_rows`, measured on the stage-1 model: the mean
   type probabilities over the pixels of each dataset label) become soft targets, with a small weight,
-  for the types a dataset does not annotate, so MoNuSeg's "nucleus" supervises the types softly.
+  for the types a dataset does not annotate, so MoNuSeg's "nucleus" supervises the types softly. The BCE
+  averages over the supervised pixels (not over the weights), so a relation weight of 0.1 makes a relational
+  pixel count a tenth of a hard one whatever the batch holds.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
+from histoseg.datasets import CRCHISTO_CLASSES
 from histoseg.errors import ConfigError
 
 LabelKind = Literal["instances", "points"]
@@ -32,6 +36,8 @@ LABEL_KINDS: tuple[LabelKind, ...] = ("instances", "points")
 Propagation = Literal["randomwalk", "voronoi"]
 PROPAGATIONS: tuple[Propagation, ...] = ("randomwalk", "voronoi")
 DATASET_NAMES = ("monuseg", "crchisto")
+DATASET_CLASSES: dict[str, tuple[str, ...]] = {"monuseg": (), "crchisto": CRCHISTO_CLASSES}
+"""The class names each named dataset has (the keys a ``classes:`` mapping may use)."""
 
 GENERIC_LABEL = "nucleus"
 """The dataset label of a nucleus whose type the dataset does not give (a row of the relation matrix)."""
@@ -80,6 +86,7 @@ class DatasetSpec:
     classes: Mapping[str, str] = field(default_factory=dict)
     share: float = 1.0
     propagation: Propagation = "randomwalk"
+    exhaustive: bool = True  # points: every nucleus near the points is clicked (public sets; not a user's clicks)
 
     @staticmethod
     def from_dict(d: Mapping[str, Any], types: Sequence[str]) -> DatasetSpec:
@@ -101,6 +108,11 @@ class DatasetSpec:
         classes = d.get("classes", {}) or {}
         if not isinstance(classes, Mapping):
             raise ConfigError(f"datasets entry {name}: classes must map dataset class names to types")
+        own = DATASET_CLASSES[name]
+        unknown_keys = sorted(str(k) for k in classes if k not in own)
+        if unknown_keys:
+            has = f"its classes are {', '.join(own)}" if own else "it has no classes"
+            raise ConfigError(f"datasets entry {name}: classes {unknown_keys} are not {name} classes ({has})")
         bad = sorted(str(v) for v in classes.values() if v not in types)
         if bad:
             raise ConfigError(f"datasets entry {name}: classes map to {bad}, which are not in types {list(types)}")

@@ -64,9 +64,12 @@ def tp_bce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, nuc
     """Class-independent BCE (UniSeg) of per-class type logits (B, C, H, W).
 
     ``weight`` (B, C, H, W) is 0 wherever a class gets no gradient (a type the crop's dataset does not
-    annotate, an ignored pixel). Nucleus pixels (``nucleus`` (B, H, W) bool) and background pixels are
-    averaged separately and summed, so the few nucleus pixels are not drowned by the background."""
+    annotate, an ignored pixel); a weight below 1 counts a pixel partly (uncertain propagated labels,
+    relational soft targets). Nucleus pixels (``nucleus`` (B, H, W) bool) and background pixels are averaged
+    separately, each over its supervised (weight > 0) pixel-classes, and summed, so the few nucleus pixels
+    are not drowned by the background."""
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight
     fg = nucleus.unsqueeze(1).to(bce.dtype)
-    w_fg, w_bg = (weight * fg).sum(), (weight * (1 - fg)).sum()
-    return (bce * fg).sum() / w_fg.clamp_min(1.0) + (bce * (1 - fg)).sum() / w_bg.clamp_min(1.0)
+    supervised = (weight > 0).to(bce.dtype)
+    n_fg, n_bg = (supervised * fg).sum(), (supervised * (1 - fg)).sum()
+    return (bce * fg).sum() / n_fg.clamp_min(1.0) + (bce * (1 - fg)).sum() / n_bg.clamp_min(1.0)

@@ -63,7 +63,7 @@ def batch_loss(
         spec = sources[k].spec
         if spec.labels == "points":
             pts = crop.points if crop.points is not None else np.zeros((0, 2))
-            t = points(images[i], crop.image, pts, spec.propagation)
+            t = points(images[i], crop.image, pts, spec.propagation, mpp=crop.mpp, exhaustive=spec.exhaustive)
             pt_idx.append(i)
             pt_soft.append(t.nucleus)
             pt_weight.append(t.weight)

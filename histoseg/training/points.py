@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 from torch import nn
 
 from histoseg.training.labels import Propagation
@@ -36,6 +37,9 @@ the cost."""
 BACKGROUND_DISTANCE_UM = 9.0
 """Pixels farther than this from every point are background seeds: beyond the radius of nearly every
 nucleus (MoNuSeg's 99th-percentile nucleus is ~14 µm long, i.e. 7 µm from its centre to its tip)."""
+CLICKED_AREA_UM = 2.0 * BACKGROUND_DISTANCE_UM
+"""Non-exhaustive clicks supervise only pixels this close to a click (two background distances): around a
+click its neighbours are taken as clicked too, farther away nothing is assumed."""
 
 
 @dataclass
@@ -56,9 +60,27 @@ class PointSupervision(nn.Module):
         self.affinity = AffinityNet()
 
     def forward(  # type: ignore[override]
-        self, image: torch.Tensor, rgb: np.ndarray, points_xy: np.ndarray, method: Propagation
+        self,
+        image: torch.Tensor,
+        rgb: np.ndarray,
+        points_xy: np.ndarray,
+        method: Propagation,
+        *,
+        mpp: float | None = None,
+        exhaustive: bool = True,
     ) -> PointTargets:
-        """``image`` (3, H, W) normalised network input; ``rgb`` (H, W, 3) uint8 of the same crop."""
+        """``image`` (3, H, W) normalised network input; ``rgb`` (H, W, 3) uint8 of the same crop, whose pixel
+        size is ``mpp`` (default: the model's; augmentation rescales crops). ``exhaustive=False`` (a user's
+        clicks): only pixels within :data:`CLICKED_AREA_UM` of a point are supervised, so nuclei nobody clicked
+        far from the clicks are not learned as background."""
+        t = self._targets(image, rgb, points_xy, method, self.mpp if mpp is None else float(mpp))
+        if not exhaustive:
+            t.weight = t.weight * _near_points(points_xy, t.weight.shape, CLICKED_AREA_UM / (mpp or self.mpp))
+        return t
+
+    def _targets(
+        self, image: torch.Tensor, rgb: np.ndarray, points_xy: np.ndarray, method: Propagation, mpp: float
+    ) -> PointTargets:
         h, w = rgb.shape[:2]
         pts = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
         if method == "voronoi" or len(pts) == 0:
@@ -66,12 +88,12 @@ class PointSupervision(nn.Module):
                 inst = np.zeros((h, w), np.int32)
                 weight = np.ones((h, w), np.float32)  # no point in the crop: all background, as for masks
             else:
-                lab = voronoi_kmeans_labels(rgb, pts, mpp=self.mpp)
+                lab = voronoi_kmeans_labels(rgb, pts, mpp=mpp)
                 inst, weight = lab.inst.astype(np.int32), lab.weight.astype(np.float32)
             nucleus = torch.from_numpy((inst > 0).astype(np.float32)).to(image.device)
             return PointTargets(nucleus=nucleus, weight=weight, inst=inst)
         seeds = make_seeds(
-            pts, (h, w), seed_radius=SEED_RADIUS_UM / self.mpp, background_distance=BACKGROUND_DISTANCE_UM / self.mpp
+            pts, (h, w), seed_radius=SEED_RADIUS_UM / mpp, background_distance=BACKGROUND_DISTANCE_UM / mpp
         )
         edge = self.affinity(image.unsqueeze(0).float())[0, 0]
         w_h, w_v = edge_weights(image.float(), edge)
@@ -79,3 +101,17 @@ class PointSupervision(nn.Module):
         inst, conf = pseudo_instances(probs.detach().cpu().numpy(), seeds, pts)
         nucleus = (1.0 - probs[0]).clamp(0.0, 1.0)
         return PointTargets(nucleus=nucleus, weight=conf.astype(np.float32), inst=inst.astype(np.int32))
+
+
+def _near_points(points_xy: np.ndarray, shape: tuple[int, ...], radius: float) -> np.ndarray:
+    """(H, W) float32 mask: 1 within ``radius`` pixels of a point, else 0 (all 0 without points)."""
+    h, w = int(shape[0]), int(shape[1])
+    pts = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
+    seeds = np.ones((h, w), bool)
+    ij = np.round(pts[:, ::-1]).astype(np.int64)
+    ok = (ij[:, 0] >= 0) & (ij[:, 0] < h) & (ij[:, 1] >= 0) & (ij[:, 1] < w)
+    if not ok.any():
+        return np.zeros((h, w), np.float32)
+    seeds[ij[ok, 0], ij[ok, 1]] = False
+    near: np.ndarray = (ndi.distance_transform_edt(seeds) <= radius).astype(np.float32)
+    return near

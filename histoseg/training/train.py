@@ -1,8 +1,10 @@
 """``histoseg train``: seeded, resumable multi-task training with per-interval validation.
 
-Writes ``OUTPUT/checkpoint.pt`` (weights + optimiser, loaded with ``weights_only=True``), a JSON-lines
-log, the best model by validation PQ as ``OUTPUT/<name>.safetensors`` + card, and finally the source
-feature statistics of every BatchNorm layer into that card.
+Writes ``OUTPUT/checkpoint.pt`` (weights, affinity branch, optimiser, RNG and stage-2 relations, loaded
+with ``weights_only=True``), a JSON-lines log, and the model as ``OUTPUT/<name>.safetensors`` + card: the
+best by validation PQ for an untyped model; the last iteration for a typed one (validation scores only the
+outlines, and the types keep learning after PQ peaks, in stage 2 above all). Finally the source feature
+statistics of every BatchNorm layer go into that card.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     )
     stage = Stage(types=data.types, type_weight=cfg.type_weight)
     start, best = 0, -1.0
+    relations_measured = False
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
@@ -120,14 +123,16 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         if rng_state is not None:
             data.rng.bit_generator.state = json.loads(rng_state)
         stage.relations = _relations_from_json(state.get("relations", "{}"))
+        relations_measured = bool(state.get("relations_measured", bool(stage.relations)))
     log = open(out / "log.jsonl", "a")  # noqa: SIM115
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, disable=not progress)
     t0 = time.time()
     net.train()
     for it in bar:
         if data.types and cfg.relation_from and it >= cfg.relation_from:
-            if not stage.relations:
+            if not relations_measured:  # once (also when no dataset needs a row: every type annotated)
                 stage.relations = measure_relations(net, card, data.sources, data.types, cfg.device)
+                relations_measured = True
                 log.write(json.dumps({"iteration": it, "relations": _relations_to_json(stage.relations)}) + "\n")
             stage.relation_weight = cfg.relation_weight
         for g in opt.param_groups:
@@ -158,6 +163,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
                     "best": best,
                     "rng": json.dumps(data.rng.bit_generator.state),
                     "relations": json.dumps(_relations_to_json(stage.relations)),
+                    "relations_measured": relations_measured,
                 },
                 tmp,
             )
@@ -185,16 +191,25 @@ def train_step(
     loss, terms = batch_loss(outp, images, crops, sources, points, stage)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+    torch.nn.utils.clip_grad_norm_([*net.parameters(), *points.parameters()], 5.0)
     opt.step()
     return loss, terms
 
 
 def _load_init(net: NucleiNet, path: str) -> None:
     """Start from ``path``'s weights; only a type head the initial model lacks may stay freshly initialised."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    missing, unexpected = net.load_state_dict(load_file(path), strict=False)
+    try:
+        state = load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"init weights {path} cannot be read: {exc}") from exc
+    own = net.state_dict()
+    shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if shapes:
+        raise ConfigError(f"init weights {path} do not fit the configured architecture (shapes differ: {shapes[:5]})")
+    missing, unexpected = net.load_state_dict(state, strict=False)
     bad = [k for k in missing if not k.startswith("tp_head.")] + list(unexpected)
     if bad:
         raise ConfigError(f"init weights {path} do not fit the configured architecture: {bad[:5]}")

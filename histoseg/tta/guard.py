@@ -60,16 +60,26 @@ def implausible(
 
 
 def heads(out: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Summaries of the three heads: HV spread, NP nucleus fraction, TP class-mix entropy (if present)."""
+    """Summaries of the three heads: HV spread, NP nucleus fraction, TP class-mix entropy over nuclei (if present)."""
     with torch.no_grad():
         h = {
             "hv_spread": float(out["hv"].float().std()),
             "np_fraction": float(torch.softmax(out["np"].float(), 1)[:, 1].mean()),
         }
         if "tp" in out:
-            mix = torch.softmax(out["tp"].float(), 1).mean(dim=(0, 2, 3))
+            q, w = type_distribution(out)
+            mix = (q * w.unsqueeze(1)).sum(dim=(0, 2, 3)) / w.sum().clamp_min(1e-8)
             h["tp_entropy"] = float(-(mix * torch.log(mix.clamp_min(1e-8))).sum())
     return h
+
+
+def type_distribution(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel type distribution and where it matters: the type head's independent sigmoids normalised
+    over the types (B, C, H, W), and the NP head's nucleus probability (B, H, W) as each pixel's weight (the
+    type head says nothing about background pixels, where every type is absent)."""
+    p = torch.sigmoid(out["tp"].float())
+    q = p / p.sum(1, keepdim=True).clamp_min(1e-8)
+    return q, torch.softmax(out["np"].float(), 1)[:, 1]
 
 
 def collapsed(h0: dict[str, float], h1: dict[str, float]) -> str:

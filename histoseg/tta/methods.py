@@ -87,9 +87,13 @@ def adapt(net: NucleiNet, card: ModelCard, images: Sequence[np.ndarray], setting
 
 
 def _entropy(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tent's objective: NP entropy, plus the entropy of the type distribution weighted by nucleus probability."""
     ent = _mean_entropy(out["np"])
     if "tp" in out:
-        ent = ent + _mean_entropy(out["tp"])
+        q, w = guard.type_distribution(out)
+        w = w.detach()  # where nuclei are is NP's entropy term's business, not the type term's
+        per_pixel = -(q * torch.log(q.clamp_min(1e-8))).sum(1)
+        ent = ent + (per_pixel * w).sum() / w.sum().clamp_min(1e-8)
     return ent
 
 
