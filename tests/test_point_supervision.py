@@ -73,3 +73,34 @@ def test_a_users_clicks_supervise_only_near_the_clicks(scene: tuple[np.ndarray, 
     assert t.weight[dist < 10].mean() > 0.3
     nothing = PointSupervision(0.5)(_input(image), image, np.zeros((0, 2)), "randomwalk", exhaustive=False)
     assert nothing.weight.max() == 0.0
+
+
+def test_hard_targets_train_the_network_and_the_walk_learns_from_the_network(scene: tuple[np.ndarray, ...]) -> None:
+    """``point_target: hard``: the network's NP loss has no gradient to the affinity; the consistency term
+    trains only the affinity (the network's side is held fixed). ``soft``: one term trains both."""
+    from histoseg.datasets import Sample
+    from histoseg.training.data import TrainingSource
+    from histoseg.training.labels import DatasetSpec
+    from histoseg.training.objective import Stage, batch_loss
+
+    labels, image, points = scene
+    crop = Sample(name="c", image=image, points=points, mpp=0.5)
+    src = TrainingSource(DatasetSpec(name="monuseg", labels="points"), [crop], np.full(1, -1, np.int64))
+    x = _input(image)[None]
+    for target in ("hard", "soft"):
+        torch.manual_seed(0)
+        sup = PointSupervision(0.5)
+        logits = torch.zeros(1, 2, 128, 128, requires_grad=True)
+        out = {"np": logits, "hv": torch.zeros(1, 2, 128, 128, requires_grad=True)}
+        _, terms = batch_loss(out, x, [(crop, 0)], [src], sup, Stage(point_target=target))  # type: ignore[arg-type]
+        assert ("affinity" in terms) == (target == "hard")
+    sup = PointSupervision(0.5)
+    logits = torch.zeros(1, 2, 128, 128, requires_grad=True)
+    out = {"np": logits, "hv": torch.zeros(1, 2, 128, 128)}
+    t = sup(x[0], image, points, "randomwalk")
+    from histoseg.training.losses import np_soft_loss
+
+    hard = torch.from_numpy((t.inst > 0).astype(np.float32))[None]
+    np_soft_loss(logits, hard, torch.from_numpy(t.weight)[None]).backward()
+    assert all(p.grad is None for p in sup.affinity.parameters())  # hard targets carry no affinity gradient
+    assert float(logits.grad.abs().sum()) > 0  # type: ignore[union-attr]

@@ -43,6 +43,7 @@ class TrainConfig:
     relation_from: int = 0  # iteration at which stage 2 (class-relational soft targets) starts; 0: never
     relation_weight: float = 0.1  # weight of the relational soft targets (stage 2)
     affinity_lr: float = 1e-3  # learning rate of the random walk's affinity branch
+    point_target: str = "hard"  # NP target of point crops: hard (pseudo-instances) | soft (walk probability)
 
     @staticmethod
     def load(path: str | Path) -> TrainConfig:
@@ -67,6 +68,10 @@ class TrainConfig:
             raise ConfigError("crop must be a multiple of 32 and >= 64")
         if not isinstance(cfg.datasets, list) or not cfg.datasets or not all(isinstance(d, dict) for d in cfg.datasets):
             raise ConfigError("datasets must be a non-empty list of entries (name, labels, classes, share)")
+        from histoseg.training.objective import POINT_TARGETS
+
+        if cfg.point_target not in POINT_TARGETS:
+            raise ConfigError(f"point_target must be one of {', '.join(POINT_TARGETS)}, got {cfg.point_target!r}")
         if len(set(cfg.types)) != len(cfg.types) or not all(isinstance(t, str) and t for t in cfg.types):
             raise ConfigError("types must be a list of distinct, non-empty names")
         from histoseg.training.labels import DatasetSpec

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,6 +25,14 @@ from histoseg.training.losses import hv_loss, np_loss, np_soft_loss, tp_bce
 from histoseg.training.points import PointSupervision
 from histoseg.training.targets import hv_maps
 
+PointTarget = Literal["hard", "soft"]
+POINT_TARGETS: tuple[PointTarget, ...] = ("hard", "soft")
+"""NP target of a point-labelled crop. ``soft``: the walk's nucleus probability, one cross-entropy whose
+gradient trains the network and the affinity at once (Vernaza & Chandraker's objective); the network then
+learns soft masks that its 0.5 threshold shrinks (measured: Dice 0.39 on MoNuSeg test after 200 iterations
+from points, against 0.73 for Voronoi labels). ``hard``: the pseudo-instances (the walk's most probable
+label) train the network, and a second cross-entropy trains the affinity towards the network's prediction
+(held fixed), an alternation of the same objective."""
 POINT_HV_WEIGHT = 0.5
 """HV from propagated pseudo-instances is less certain than from drawn masks: half weight."""
 
@@ -33,6 +42,7 @@ class Stage:
     """What changes between the two stages: the relation rows per source index (stage 2) and their weight."""
 
     types: tuple[str, ...] = ()  # the unified types of the type head, in channel order
+    point_target: PointTarget = "hard"  # NP target of point crops (see POINT_TARGETS)
     relations: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     relation_weight: float = 0.0
     type_weight: float = 1.0
@@ -90,9 +100,16 @@ def batch_loss(
     )
     if pt_idx:
         idx = torch.tensor(pt_idx, device=dev)
-        terms["np_points"] = np_soft_loss(
-            out["np"][idx], torch.stack(pt_soft), torch.from_numpy(np.stack(pt_weight)).to(dev)
-        )
+        soft = torch.stack(pt_soft)
+        weight = torch.from_numpy(np.stack(pt_weight)).to(dev)
+        if stage.point_target == "soft":  # Vernaza & Chandraker's single objective: one CE, both ways
+            terms["np_points"] = np_soft_loss(out["np"][idx], soft, weight)
+        else:
+            hard = torch.from_numpy(np.stack([inst_maps[i] > 0 for i in pt_idx]).astype(np.float32)).to(dev)
+            terms["np_points"] = np_soft_loss(out["np"][idx], hard, weight)
+            if soft.requires_grad:  # the walk learns to agree with the network (whose side is held fixed)
+                net_p = torch.softmax(out["np"][idx].detach(), dim=1)[:, 1]
+                terms["affinity"] = _walk_consistency(soft, net_p, weight)
     hv_valid = torch.from_numpy(has_hv & ~_point_mask(n, pt_idx)).to(dev)
     terms["hv"] = hv_loss(out["hv"], torch.from_numpy(hv_t).to(dev), torch.from_numpy(hv_focus).to(dev), hv_valid)
     if pt_idx:
@@ -115,6 +132,14 @@ def batch_loss(
         )
     loss = sum(terms.values(), zero)
     return loss, {key: float(v.detach()) for key, v in terms.items()}
+
+
+def _walk_consistency(walk: torch.Tensor, network: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the walk's nucleus probability against the network's (held fixed): trains the
+    affinity branch so that propagation agrees with what the network learns over the whole dataset."""
+    w = walk.clamp(1e-6, 1 - 1e-6)
+    ce = -(network * torch.log(w) + (1.0 - network) * torch.log1p(-w))
+    return (ce * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def _point_mask(n: int, idx: Sequence[int]) -> np.ndarray:

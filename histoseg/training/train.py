@@ -109,7 +109,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
-    stage = Stage(types=data.types, type_weight=cfg.type_weight)
+    stage = Stage(types=data.types, type_weight=cfg.type_weight, point_target=cfg.point_target)  # type: ignore[arg-type]
     start, best = 0, -1.0
     relations_measured = False
     ckpt = out / "checkpoint.pt"
