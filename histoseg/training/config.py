@@ -44,6 +44,7 @@ class TrainConfig:
     relation_weight: float = 0.1  # weight of the relational soft targets (stage 2)
     affinity_lr: float = 1e-3  # learning rate of the random walk's affinity branch
     point_target: str = "hard"  # NP target of point crops: hard (pseudo-instances) | soft (walk probability)
+    affinity_from: int | None = None  # hard targets: iteration at which the affinity starts learning (None: half)
 
     @staticmethod
     def load(path: str | Path) -> TrainConfig:

@@ -43,6 +43,7 @@ class Stage:
 
     types: tuple[str, ...] = ()  # the unified types of the type head, in channel order
     point_target: PointTarget = "hard"  # NP target of point crops (see POINT_TARGETS)
+    train_affinity: bool = True  # hard targets: whether the walk-consistency term trains the affinity yet
     relations: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     relation_weight: float = 0.0
     type_weight: float = 1.0
@@ -107,7 +108,7 @@ def batch_loss(
         else:
             hard = torch.from_numpy(np.stack([inst_maps[i] > 0 for i in pt_idx]).astype(np.float32)).to(dev)
             terms["np_points"] = np_soft_loss(out["np"][idx], hard, weight)
-            if soft.requires_grad:  # the walk learns to agree with the network (whose side is held fixed)
+            if soft.requires_grad and stage.train_affinity:  # the walk learns to agree with the network
                 net_p = torch.softmax(out["np"][idx].detach(), dim=1)[:, 1]
                 terms["affinity"] = _walk_consistency(soft, net_p, weight)
     hv_valid = torch.from_numpy(has_hv & ~_point_mask(n, pt_idx)).to(dev)

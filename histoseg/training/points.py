@@ -31,6 +31,11 @@ from histoseg.training.voronoi import voronoi_kmeans_labels
 
 SEED_RADIUS_UM = 1.5
 """Radius of the nucleus seed disc around a point: well inside the smallest nuclei (~4 µm across)."""
+EDGE_MAX = 3.0
+"""Cap of the learned edge strength (a smooth cap, the identity for small values). Unbounded, the joint
+objective drove it to ~30 everywhere within 100 iterations from scratch: every weight fell to the floor,
+the image term vanished, and the walk became purely geometric (measured on MoNuSeg points: pseudo-label
+Dice 0.80 -> 0.70, and the network trained on them reached Dice 0.29 against 0.62 with a frozen affinity)."""
 RW_TOL = 1e-3
 """Relative residual of the random walk's solve: 1e-4 changes the pseudo-labels' AJI by < 0.002 at 1.3x
 the cost."""
@@ -95,7 +100,8 @@ class PointSupervision(nn.Module):
         seeds = make_seeds(
             pts, (h, w), seed_radius=SEED_RADIUS_UM / mpp, background_distance=BACKGROUND_DISTANCE_UM / mpp
         )
-        edge = self.affinity(image.unsqueeze(0).float())[0, 0]
+        raw = self.affinity(image.unsqueeze(0).float())[0, 0]
+        edge = EDGE_MAX * torch.tanh(raw / EDGE_MAX)  # bounded: the image term always survives
         w_h, w_v = edge_weights(image.float(), edge)
         probs = random_walk(w_h, w_v, torch.from_numpy(seeds.labels).to(image.device), seeds.n_labels, tol=RW_TOL)
         inst, conf = pseudo_instances(probs.detach().cpu().numpy(), seeds, pts)

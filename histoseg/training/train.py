@@ -135,6 +135,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
                 relations_measured = True
                 log.write(json.dumps({"iteration": it, "relations": _relations_to_json(stage.relations)}) + "\n")
             stage.relation_weight = cfg.relation_weight
+        start_affinity = cfg.iterations // 2 if cfg.affinity_from is None else cfg.affinity_from
+        stage.train_affinity = it >= start_affinity  # the network first learns from the image-only walk
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, it) * g["lr_scale"]
         loss, terms = train_step(net, points, opt, data.batch(cfg.batch_size), data.sources, card, stage, bf16)
