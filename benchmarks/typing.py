@@ -1,6 +1,6 @@
 """Typed nuclei and point supervision, one table, one run.
 
-    python -m benchmarks.typing [--model default] [--ablation-iterations N] [--skip-ablation] [--json out.json]
+    python -m benchmarks.typing [--model typed] [--ablation-iterations N] [--skip-ablation] [--json out.json]
 
 (Run it as a module: as a plain script its folder would come first on ``sys.path`` and its name would hide
 the standard library's ``typing``.)
@@ -95,7 +95,7 @@ def ablation_rows(workdir: Path, iterations: int, limit: int | None, seed: int, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="typed")
     ap.add_argument("--limit", type=int, default=None, help="first N evaluation images only")
     ap.add_argument("--ablation-iterations", type=int, default=600)
     ap.add_argument("--skip-ablation", action="store_true")

@@ -37,15 +37,19 @@ def clicks(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     return slides, points
 
 
+@pytest.mark.parametrize("model", ["default", "typed"])
 def test_finetune_from_qupath_points_then_segment_with_it(
-    clicks: tuple[list[str], list[str]], tmp_path: Path
+    clicks: tuple[list[str], list[str]], tmp_path: Path, model: str
 ) -> None:
+    """From the untyped default (the clicked classes become the types) and from the typed model (matching
+    names train existing types, new ones join, initialised from the measured relations)."""
     slides, points = clicks
     out = tmp_path / "mine.safetensors"
-    args = ["finetune", *slides, "--points", *points, "--output", str(out), "--slide-mpp", "0.55", "--iterations", "3"]
+    args = ["finetune", *slides, "--points", *points, "--output", str(out), "--slide-mpp", "0.55", "--iterations", "3",
+            "--model", model]  # fmt: skip
     assert main(args) == 0
     card = ModelCard.load(out.with_suffix(".json"))
-    base = resolve_model("default").card()
+    base = resolve_model(model).card()
     old = list(base.class_names) if base.net.n_types else []
     # the model's own types are kept in order; the clicked classes join (matching names are not duplicated)
     assert list(card.class_names[: len(old)]) == old

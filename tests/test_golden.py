@@ -35,16 +35,16 @@ PROBABILITY = re.compile(rb'("Detection probability":)([^,}]+)')
 REL_TOL = 1e-5  # on the weighted probability sum: far above fp32 kernel noise, far below any real change
 
 DEMO: dict[str, object] = {
-    "geojson": "e88f72cbe0fdd4cefd4fd6c9953232f252bb6aa347adb360736fa5a44d289c0f",
-    "parquet": "03ffe14fef36661c1d6506ae47338d4631b920c6c9d53bf2e0c95b6207f15779",
-    "zarr": "a12cc7dd3ee2f780b59868879af1ab7c859d04aebc8319f299097bec5e06ed5f",
-    "probability": 41.33399145251297,
+    "geojson": "161c5e86e74e9f8f3ff8923af99c1e832d0cd26301f9108c686523ad6103baec",
+    "parquet": "1d76f97fd5799644bf4772e2c089086c9678cf2b663a4303bfe24db30eb474f1",
+    "zarr": "a8e0e4f62f48228905cff63de822ac56ce9501baca74e9d049dfc5b68a8f311e",
+    "probability": 118.78251397826018,
 }
 CMU: dict[str, object] = {
-    "geojson": "7d19fa8717859b39ad8cb4168ac044817946b1ed79c9345d0098cb2460f8601d",
-    "parquet": "4e2f326da2e37e5647a18efc589524313b8ab8d853eb7cb555f2eeb253475b42",
-    "zarr": "d034d8a43e542cf70179cf85d6cb9eef8aa9749aaa6ea3548e107bb044d38fa7",
-    "probability": 484.1395232020299,
+    "geojson": "5a3ab5a09f70953efac4b4dabb7b336435f9d490d5fabe0c8c30075a783dedd6",
+    "parquet": "6c75a76e37b472526a20c938f2f9265b0c74b039bd2b81954f6d397e31b5100c",
+    "zarr": "ea4556e9afd4fdf87d083e537fa0f1a66a4d7a9eeb5b32da4346376784ca172f",
+    "probability": 1307.7070990908032,
 }
 
 

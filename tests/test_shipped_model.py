@@ -40,12 +40,13 @@ def test_default_reaches_card_figures_on_two_monuseg_test_images(shared_data: Pa
         assert got["dice"] == pytest.approx(want["dice"], abs=0.02), s.name
 
 
-def test_default_is_typed_and_reaches_its_card_typing_on_crchisto_validation(shared_data: Path) -> None:
-    """The shipped model types nuclei (issue 14): its card lists the types, the datasets and their licences,
-    and the shipped file reproduces the card's CRCHisto-validation figures (all 10 images, never trained on)."""
+def test_typed_model_reaches_its_card_typing_on_crchisto_validation(shared_data: Path) -> None:
+    """The shipped typed model (issue 14, ``--model typed``): its card lists the types, the datasets and their
+    licences, and the file reproduces the card's CRCHisto-validation figures (all 10 images, never trained on)."""
     from histoseg.training.evaluate import score_typing
 
-    net, card = load_model(resolve_model("default"))
+    assert "typed" in registered_models()
+    net, card = load_model(resolve_model("typed"))
     assert card.net.n_types == len(card.class_names) >= 2
     assert "research use" in card.license and "CRCHisto" in card.training["data"]
     datasets = {d["name"]: d for d in card.training["config"]["datasets"]}

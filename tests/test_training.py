@@ -120,8 +120,9 @@ def test_evaluate_command_writes_table_and_json(
 def test_shipped_training_configs_are_valid(path: Path) -> None:
     cfg = TrainConfig.load(path)
     assert cfg.name == path.stem or path.stem.startswith(("small", "base"))
-    if path.stem == "default":  # the shipped recipe: typed, starting from stage A (configs/base.yaml)
-        assert cfg.types and cfg.init == "runs/base/base.safetensors" and cfg.relation_from < cfg.iterations
+    assert (cfg.types != []) == (path.stem == "typed")
+    if path.stem == "typed":  # the typed model's recipe, starting from the untyped default's
+        assert cfg.types and cfg.init == "runs/default/default.safetensors" and cfg.relation_from < cfg.iterations
         assert {d["name"] for d in cfg.datasets} == {"monuseg", "crchisto"}
 
 

@@ -20,7 +20,7 @@ from scipy import ndimage as ndi
 from shapely.geometry import Polygon, shape
 
 from histoseg.cli.main import main
-from histoseg.models import resolve_model
+from histoseg.models import ModelCard, resolve_model
 from histoseg.postprocess.instances import pixel_outline, solid_mask
 from histoseg.types import InstanceTable, PlaneInfo
 from tests.test_export import check_qupath_feature
@@ -38,8 +38,8 @@ def run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / STEM
 
 
-def _card_table() -> InstanceTable:
-    card = resolve_model("default").card()
+def _card_table(card: ModelCard | None = None) -> InstanceTable:
+    card = card or resolve_model("default").card()
     return InstanceTable.empty(PlaneInfo(card.class_names, card.class_colors, 1.0, 1.0, (1, 1)))
 
 
@@ -176,3 +176,24 @@ def test_geojson_features_pass_qupath_rules_with_card_classes(run: Path) -> None
     if card.net.n_types:  # a typed model: real tissue shows several of its types, each in its own colour
         assert len({f["properties"]["classification"]["name"] for f in feats}) >= 3
     assert not any(math.isnan(r) for r in ratios)
+
+
+def test_typed_model_geojson_shows_its_types_in_qupath(shared_data: Path, tmp_path: Path) -> None:
+    """``--model typed`` on the real slide: every feature passes QuPath's rules with the typed card's classes,
+    and the tissue shows at least three of its four types, each in the card's colour."""
+    slide = shared_data / "slides" / "aperio-cmu1-small" / f"{STEM}.svs"
+    args = ["segment", str(slide), "-o", str(tmp_path), "--model", "typed", "--tta", "none", "--workers", "1",
+            "--no-report", "--formats", "geojson"]  # fmt: skip
+    assert main(args) == 0
+    card = resolve_model("typed").card()
+    table = _card_table(card)
+    table.measurements = {k: np.zeros(0) for k in ("area_um2", "perimeter_um", "eccentricity", "solidity",
+                                                    "mean_hematoxylin")}  # fmt: skip
+    feats = json.loads((tmp_path / STEM / f"{STEM}.geojson").read_text(encoding="utf-8"))["features"]
+    names = set()
+    for f in feats:
+        check_qupath_feature(f, table)
+        cls = f["properties"]["classification"]
+        assert cls["color"] == list(card.class_colors[card.class_names.index(cls["name"])])
+        names.add(cls["name"])
+    assert len(feats) > 1000 and len(names) >= 3

@@ -55,9 +55,10 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
         "DSB 2018, CRCHisto validation and the MoNuSeg test images were never trained on (kept for evaluation).",
         "",
         *_label_space_lines(card),
-        "Recipe: `histoseg train --config configs/base.yaml` (stage A, untyped, MoNuSeg) then "
-        "`histoseg train --config configs/default.yaml` (stage B, types; seeded, resumable; AdamW, cosine "
-        "schedule, bfloat16 autocast where native). " + str(card.training.get("recipe_note", "")),
+        "Recipe: `histoseg train --config configs/default.yaml` (untyped, MoNuSeg)"
+        + (", then `histoseg train --config configs/typed.yaml` (types)" if card.net.n_types else "")
+        + " (seeded, resumable; AdamW, cosine schedule, bfloat16 autocast where native). "
+        + str(card.training.get("recipe_note", "")),
         "",
         "## Measured",
         "",
