@@ -52,10 +52,13 @@ def build_tissue_slide(path: Path, size: int) -> Path:
 
 
 class PeakRSS:
-    """Samples the summed RSS of this process and all its children every ``interval`` seconds."""
+    """Samples the summed RSS of this process and all its children every ``interval`` seconds.
 
-    def __init__(self, interval: float = 0.2) -> None:
+    ``children_only``: leave this process out (a benchmark that runs each measurement in a child process)."""
+
+    def __init__(self, interval: float = 0.2, children_only: bool = False) -> None:
         self.interval = interval
+        self.children_only = children_only
         self.peak = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -64,7 +67,8 @@ class PeakRSS:
         me = psutil.Process()
         while not self._stop.is_set():
             total = 0
-            for p in [me, *me.children(recursive=True)]:
+            procs = me.children(recursive=True) if self.children_only else [me, *me.children(recursive=True)]
+            for p in procs:
                 try:
                     total += p.memory_info().rss
                 except psutil.Error:

@@ -38,8 +38,8 @@ def cpu_line() -> str:
     flags = sorted(f for f in _cpuinfo_flags() if f.startswith(("avx", "amx", "bf16", "sve")))
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
     return (
-        f"CPU: {model} ({platform.machine()}); flags: {' '.join(flags) or '-'}; torch capability "
-        f"{torch.backends.cpu.get_cpu_capability()}" + (f"; ONEDNN_MAX_CPU_ISA={isa}" if isa else "")
+        f"CPU: {model} ({platform.machine()}), {os.cpu_count()} cores; flags: {' '.join(flags) or '-'}; "
+        f"torch capability {torch.backends.cpu.get_cpu_capability()}" + (f"; ONEDNN_MAX_CPU_ISA={isa}" if isa else "")
     )
 
 

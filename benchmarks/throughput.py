@@ -1,12 +1,20 @@
-"""Throughput benchmark of ``histoseg segment`` on multi-level slides built from real tissue.
+"""Throughput benchmark of ``histoseg segment`` on multi-level slides built from real tissue, as ratios.
 
-    python benchmarks/throughput.py [--sizes 10000,20000] [--workers 1,2] [--workdir /tmp/hsbench]
+    python -m benchmarks.throughput [--sizes 10000,20000] [--workers 1,2] [--workdir /tmp/hsbench]
 
-For each slide size and worker count: processing-resolution megapixels per second (region cores that hold
-tissue, i.e. the area actually segmented), regions per second, peak RSS of all processes, and where the
-time goes (summed over region tasks: read, network, post-processing; then stitch and export). The
-1-worker run of each size is the baseline the other rows are compared with, measured in the same run.
-Targets (issue): >= 1 MP/s on 2 cores with the default network; peak memory < 3 GB, flat in slide size.
+For each slide size and worker count it runs ``segment`` twice, each in its own process (so allocator
+settings and peak memory do not leak from one run into the next): the current default, and the previous
+default (``--previous``: the options and environment of the earlier defaults; ``HISTOSEG_KEEP_MEMORY=0``
+restores the allocator's own behaviour), in the same run on the same machine, so the speed-up is a ratio
+and not a comparison of two days' machine loads. Printed per run: tissue megapixels per second at the
+processing resolution (tissue cells of the plane: the same area for both settings, whatever their region
+size), wall time, CPU time of the whole process tree (user and system), peak RSS summed over all processes,
+and the time split (summed over region tasks: read, network, post-processing; then adaptation, stitch,
+export). Then the ratio current/previous and the speed-up from 1 worker.
+
+Targets (issue 13): >= 1 MP/s on 2 cores with the default network; peak memory < 3 GB, flat in slide size;
+>= 1.7x from 1 to 2 workers. On a machine shared with other jobs, wall time includes waiting for a core:
+compare the CPU seconds (and the load average printed with each row) before trusting a wall-time ratio.
 """
 
 from __future__ import annotations
@@ -14,39 +22,81 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 try:  # python -m benchmarks.throughput, or imported from the package
     from benchmarks._common import PeakRSS, build_tissue_slide
+    from benchmarks.precision import cpu_line
 except ModuleNotFoundError:  # python benchmarks/throughput.py: this folder is sys.path[0]
-    from _common import PeakRSS, build_tissue_slide
+    from _common import PeakRSS, build_tissue_slide  # type: ignore[no-redef]
+    from precision import cpu_line  # type: ignore[no-redef]
 
-from histoseg.cli.main import main as cli
+PREVIOUS = "--region-size 1024 --runtime torch"
+"""The previous default's options (issue 13's starting point). A change of a default that alters speed
+(e.g. ``--model``, ``--region-size``) adds the old value here, so the benchmark keeps measuring against it."""
+PREVIOUS_ENV = "HISTOSEG_KEEP_MEMORY=0"
+SPLIT = ("read", "network", "postprocess", "adapt", "stitch", "export")
 
 
-def run_once(slide: Path, out: Path, workers: int, extra: list[str]) -> dict[str, float]:
+def tissue_mp(slide: Path) -> float:
+    """Megapixels of the tissue cells of the processing plane (``tiling.TISSUE_CELL`` grid), default settings."""
+    from histoseg.config import SegmentConfig
+    from histoseg.pipeline.plan import default_predictor, plan_slide
+    from histoseg.tiling import TISSUE_CELL
+
+    config = SegmentConfig()
+    plan = plan_slide(slide, config, default_predictor(config))
+    return float(plan.cells.sum()) * TISSUE_CELL**2 / 1e6
+
+
+def run_once(
+    slide: Path, out: Path, workers: int, options: list[str], env: dict[str, str], mp: float
+) -> dict[str, Any]:
+    """One ``histoseg segment`` in a child process; its figures (see the module docstring)."""
     shutil.rmtree(out, ignore_errors=True)
-    with PeakRSS() as mem:
+    cmd = [sys.executable, "-m", "histoseg.cli.main", "segment", str(slide), "-o", str(out)]
+    cmd += ["--workers", str(workers), "--no-report", *options]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with PeakRSS(children_only=True) as mem:
         t0 = time.perf_counter()
-        rc = cli(["segment", str(slide), "-o", str(out), "--workers", str(workers), *extra])
+        proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-    if rc != 0:
-        raise SystemExit(f"segment failed with exit code {rc}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     prov = json.loads((out / slide.stem / "provenance.json").read_text())
-    p = prov["processing"]
-    core_mp = p["regions"] * p["region_size"] ** 2 / 1e6
-    t = prov["timings_s"]
+    p, t = prov["processing"], {k: float(v) for k, v in prov["timings_s"].items()}
+    t["adapt"] = float((prov.get("adaptation") or {}).get("seconds_total", 0.0) or 0.0)
     return {
         "wall_s": wall,
-        "mp_per_s": core_mp / wall,
-        "regions_per_s": p["regions"] / wall,
+        "mp_per_s": mp / wall,
+        "cpu_user_s": after.ru_utime - before.ru_utime,
+        "cpu_sys_s": after.ru_stime - before.ru_stime,
         "regions": p["regions"],
+        "region_size": p["region_size"],
         "nuclei": prov["nuclei"],
         "peak_rss_gb": mem.peak / 1e9,
-        **{f"t_{k}": float(v) for k, v in t.items()},
+        "load": os.getloadavg()[0],
+        **{f"t_{k}": v for k, v in t.items()},
     }
+
+
+def _row(label: str, r: dict[str, Any]) -> str:
+    split = {k: r.get(f"t_{k}", 0.0) for k in SPLIT}
+    busy = sum(split.values()) or 1.0
+    return (
+        f"  {label:<8} {r['mp_per_s']:.3f} MP/s, wall {r['wall_s']:.1f} s, CPU {r['cpu_user_s']:.1f} user + "
+        f"{r['cpu_sys_s']:.1f} sys s, peak RSS {r['peak_rss_gb']:.2f} GB, {r['regions']} regions of "
+        f"{r['region_size']}, {r['nuclei']} nuclei, load {r['load']:.1f}\n"
+        "           split: " + ", ".join(f"{k} {v:.1f} s ({100 * v / busy:.0f}%)" for k, v in split.items())
+    )
 
 
 def main() -> None:
@@ -54,37 +104,50 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,20000")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--workdir", default="/tmp/histoseg-bench")
-    ap.add_argument("--extra", default="", help="extra segment options, e.g. '--precision fp32'")
+    ap.add_argument("--extra", default="", help="options for both runs, e.g. '--precision fp32'")
+    ap.add_argument("--previous", default=PREVIOUS, help="options of the previous default")
+    ap.add_argument("--previous-env", default=PREVIOUS_ENV, help="environment (K=V ...) of the previous default")
+    ap.add_argument("--no-previous", action="store_true", help="measure the current default only")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    extra = args.extra.split()
-    print(f"machine: {os.cpu_count()} cores; load average before: {os.getloadavg()}")
+    extra = shlex.split(args.extra)
+    configs: list[tuple[str, list[str], dict[str, str]]] = [("current", extra, {})]
+    if not args.no_previous:
+        env = dict(kv.split("=", 1) for kv in shlex.split(args.previous_env))
+        configs.append(("previous", [*shlex.split(args.previous), *extra], env))
+    print(cpu_line())
+    print(f"load average before: {os.getloadavg()}; previous default: {args.previous} [{args.previous_env}]")
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
         t0 = time.perf_counter()
         slide = build_tissue_slide(work / f"tissue_{size}.tif", size)
-        took = time.perf_counter() - t0
-        print(f"slide {slide.name}: {size}x{size} px at 0.5 µm/px from real CMU-1 tissue ({took:.0f} s)")
-        base = None
+        mp = tissue_mp(slide)
+        print(
+            f"slide {slide.name}: {size}x{size} px at 0.5 µm/px from real CMU-1 tissue, {mp:.1f} MP of tissue "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
+        one: dict[str, dict[str, Any]] = {}
         for w in [int(x) for x in args.workers.split(",")]:
-            r = run_once(slide, work / f"out_{size}_{w}", w, extra)
-            base = base or r
-            r["speedup_vs_1"] = base["wall_s"] / r["wall_s"]
-            rows.append((size, w, r))
-            print(
-                f"size {size:>6} workers {w}: {r['mp_per_s']:.2f} MP/s, {r['regions_per_s']:.3f} regions/s, "
-                f"{r['regions']} regions, {r['nuclei']} nuclei, wall {r['wall_s']:.1f} s, "
-                f"peak RSS {r['peak_rss_gb']:.2f} GB, speed-up {r['speedup_vs_1']:.2f}x; load {os.getloadavg()[0]:.2f}"
-            )
-            busy = {
-                k[2:]: v
-                for k, v in r.items()
-                if k.startswith("t_") and k[2:] in ("read", "network", "postprocess", "stitch", "export")
-            }
-            total = sum(busy.values()) or 1.0
-            print("   time split: " + ", ".join(f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in busy.items()))
-    print(json.dumps([{"size": s, "workers": w, **r} for s, w, r in rows], indent=1))
+            got = {}
+            for name, options, env in configs:
+                got[name] = run_once(slide, work / f"out_{size}_{w}_{name}", w, options, env, mp)
+                one.setdefault(name, got[name])
+                got[name]["speedup_vs_1_worker"] = one[name]["wall_s"] / got[name]["wall_s"]
+                rows.append({"size": size, "workers": w, "config": name, **got[name]})
+            print(f"size {size} workers {w}:")
+            for name, r in got.items():
+                print(_row(name, r) + f"\n           speed-up from 1 worker: {r['speedup_vs_1_worker']:.2f}x")
+            if "previous" in got:
+                cur, prev = got["current"], got["previous"]
+                cpu_ratio = (prev["cpu_user_s"] + prev["cpu_sys_s"]) / max(cur["cpu_user_s"] + cur["cpu_sys_s"], 1e-9)
+                same = "same" if cur["nuclei"] == prev["nuclei"] else "DIFFERENT"
+                print(
+                    f"  current / previous: {cur['mp_per_s'] / prev['mp_per_s']:.2f}x MP/s (wall), "
+                    f"{cpu_ratio:.2f}x less CPU time, peak RSS {cur['peak_rss_gb'] / prev['peak_rss_gb']:.2f}x; "
+                    f"nuclei {same}"
+                )
+    print(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

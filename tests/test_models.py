@@ -484,3 +484,68 @@ def test_a_typed_card_numbers_its_classes_one_to_n() -> None:
     d["classes"][1]["id"] = 3
     with pytest.raises(ModelError, match="ids 1..n"):
         ModelCard.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------------
+# cheaper architectures (issue: CPU speed)
+
+LITE = NetConfig(width=8, blocks=(1, 2, 2, 2), block="bottleneck", decoder="bottleneck", heads="shared")
+
+
+def test_cheaper_architecture_switches_build_and_predict() -> None:
+    net = _random_net(LITE, dtype=torch.float32)
+    assert net.head is not None and net.np_head is None and net.hv_head is None
+    x = torch.rand(1, 3, 2 * STRIDE, 3 * STRIDE)
+    with torch.no_grad():
+        out = net(x)
+    assert out["np"].shape == out["hv"].shape == (1, 2, 2 * STRIDE, 3 * STRIDE)
+    assert float(out["hv"].abs().max()) <= 1.0
+    # the shared trunk's channels 0-1 are the NP logits and 2-3 the HV pre-activations
+    seen: list[torch.Tensor] = []
+    net.head.register_forward_hook(lambda _m, _i, y: seen.append(y))
+    with torch.no_grad():
+        out = net(x)
+    (y,) = seen
+    assert y.shape[1] == 4
+    assert torch.equal(out["np"], y[:, :2]) and torch.equal(out["hv"], torch.tanh(y[:, 2:]))
+    blocks = [m for m in net.modules() if type(m).__name__ == "BottleneckBlock"]
+    assert len(blocks) == 7  # 1 + 2 + 2 + 2
+
+
+@pytest.mark.parametrize(("key", "value"), [("block", "dense"), ("decoder", "unet"), ("heads", "one")])
+def test_unknown_architecture_switch_is_rejected(key: str, value: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=key):
+        NetConfig(**{key: value})  # type: ignore[arg-type]
+    d = _card().to_dict()
+    d["architecture"][key] = value
+    with pytest.raises(ModelError, match=key):
+        ModelCard.from_dict(d)
+
+
+def test_architecture_switches_round_trip_and_old_cards_keep_their_bytes() -> None:
+    lite = _card(net=LITE)
+    d = lite.to_dict()
+    assert d["architecture"] == {
+        "type": "NucleiNet",
+        "width": 8,
+        "blocks": [1, 2, 2, 2],
+        "n_types": 0,
+        "block": "bottleneck",
+        "decoder": "bottleneck",
+        "heads": "shared",
+    }
+    assert ModelCard.from_dict(json.loads(json.dumps(d))).net == LITE
+    # a card written before the switches existed reads as the original architecture, and writes the same record
+    old = _card().to_dict()
+    assert old["architecture"] == {"type": "NucleiNet", "width": 8, "blocks": [1, 1, 1, 1], "n_types": 0}
+    assert ModelCard.from_dict(old).net == NetConfig(width=8, block="basic", decoder="plain", heads="separate")
+
+
+def test_the_cheaper_network_needs_at_most_half_the_macs() -> None:
+    """Counted by forward hooks on every convolution (benchmarks/limit.py), at the shipped width 32."""
+    from benchmarks.limit import count_macs
+
+    base = sum(count_macs(NucleiNet(NetConfig()), 256).values())
+    lite = sum(count_macs(NucleiNet(NetConfig.from_dict({**LITE.to_dict(), "width": 32})), 256).values())
+    assert lite / base <= 0.5
+    assert base / (256 * 256) == pytest.approx(52.9e3, rel=0.01)  # the figure benchmarks/limit.py prints

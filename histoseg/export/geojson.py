@@ -20,6 +20,7 @@ import json
 import math
 import os
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -74,6 +75,15 @@ def _classification(table: InstanceTable, class_id: int) -> dict[str, Any] | Non
     return {"name": table.class_name(class_id), "color": list(table.class_color(class_id))}
 
 
+def _polygons(table: InstanceTable, polygons: Sequence[Polygon] | None, stats: RepairStats) -> Iterable[Polygon]:
+    """The given cleaned polygons (one per nucleus), or the table's cleaned now."""
+    if polygons is None:
+        return iter_clean_polygons(table, stats)
+    if len(polygons) != len(table):
+        raise ValueError(f"{len(polygons)} cleaned polygons for {len(table)} nuclei")
+    return polygons
+
+
 def geojson_target(path: str | os.PathLike[str], gzip: bool) -> Path:
     """Final file name: ``.gz`` appended when compressing and ``path`` lacks it."""
     p = Path(path)
@@ -83,13 +93,19 @@ def geojson_target(path: str | os.PathLike[str], gzip: bool) -> Path:
 
 
 def write_geojson(
-    table: InstanceTable, path: str | os.PathLike[str], *, slide_key: str, gzip: bool = False
+    table: InstanceTable,
+    path: str | os.PathLike[str],
+    *,
+    slide_key: str,
+    gzip: bool = False,
+    polygons: Sequence[Polygon] | None = None,
 ) -> int:
     """Write ``table`` as a QuPath GeoJSON FeatureCollection; return the number of features written.
 
     ``gzip=True`` (or a ``path`` ending in ``.gz``) writes a gzip stream; ``.gz`` is appended to ``path``
     when missing (see :func:`geojson_target`). The file appears atomically. Polygons are repaired as in
-    :mod:`histoseg.export.geometry`; repairs are counted and logged.
+    :mod:`histoseg.export.geometry`; repairs are counted and logged. ``polygons``: the table's polygons already
+    cleaned (``geometry.clean_polygons``; the caller logs their repairs), so two writers repair them once.
     """
     compressed = gzip or Path(path).suffix == ".gz"
     target = geojson_target(path, compressed)
@@ -114,7 +130,7 @@ def write_geojson(
         else:
             out = stack.enter_context(io.TextIOWrapper(raw, encoding="utf-8", newline="\n"))
         out.write('{"type":"FeatureCollection","features":[\n')
-        for i, poly in enumerate(iter_clean_polygons(table, stats)):
+        for i, poly in enumerate(_polygons(table, polygons, stats)):
             nid = int(table.ids[i])
             measurements: dict[str, float] = {}
             for name, col in zip(names, columns, strict=True):

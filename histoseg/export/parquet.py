@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
+from shapely.geometry import Polygon
 
 from histoseg.export.atomic import atomic_file
 from histoseg.export.geojson import QUPATH_MEASUREMENT_NAMES
@@ -71,14 +73,23 @@ def _file_metadata(table: InstanceTable, bbox: list[float] | None) -> dict[bytes
     return {b"histoseg": json.dumps(meta).encode(), b"geo": json.dumps(geo).encode()}
 
 
-def write_parquet(table: InstanceTable, path: str | os.PathLike[str]) -> None:
+def write_parquet(
+    table: InstanceTable, path: str | os.PathLike[str], *, polygons: Sequence[Polygon] | None = None
+) -> None:
     """Write the nucleus table of ``table`` to ``path`` (zstd-compressed Parquet), atomically.
 
     A measurement named like a fixed column (e.g. ``probability``) is skipped: the fixed column wins.
+    ``polygons``: the table's polygons already cleaned (``geometry.clean_polygons``; the caller logs their
+    repairs), so the GeoJSON and Parquet writers repair them once.
     """
     n = len(table)
     stats = RepairStats()
-    polys = list(iter_clean_polygons(table, stats))
+    if polygons is None:
+        polys = list(iter_clean_polygons(table, stats))
+    elif len(polygons) != n:
+        raise ValueError(f"{len(polygons)} cleaned polygons for {n} nuclei")
+    else:
+        polys = list(polygons)
     centroids = np.asarray(table.centroids, dtype=np.float64).reshape(n, 2)
     bboxes = np.asarray(table.bboxes, dtype=np.float64).reshape(n, 4)
     columns: dict[str, pa.Array] = {

@@ -1,12 +1,18 @@
-"""Which engine runs the network on a CPU: PyTorch eager (default), OpenVINO or ONNX Runtime.
+"""Which engine runs the network on a CPU: PyTorch eager (default), OpenVINO or ONNX Runtime, fp32 or int8.
 
-Measured with ``python benchmarks/runtimes.py`` (one thread, 1024² real-tissue region, fp32) on the AMD EPYC
-development machine (AVX-512, native bf16): OpenVINO 2.40x and ONNX Runtime 2.46x the speed of PyTorch eager,
-maps equal to 3e-6, the same MoNuSeg-test PQ/AJI. On an AVX2-only CPU the ratio was not measured.
+Measured with ``python -m benchmarks.runtimes`` (one thread, 1024² real-tissue region) on the AMD EPYC
+development machine (AVX-512 with VNNI, native bf16). fp32: an earlier run on a quieter machine gave OpenVINO
+2.40x and ONNX Runtime 2.46x the speed of PyTorch eager; a later run under heavy load (CPU time, engines
+interleaved) gave 1.25x and 1.28x. Maps equal to 3e-6, the same MoNuSeg-test PQ/AJI. int8 (``-int8``, static
+quantisation calibrated on MoNuSeg training crops, ``histoseg.inference.quantize``): ONNX Runtime 2.52x and
+OpenVINO 2.28x eager in that loaded run, maps within 0.14 of fp32, MoNuSeg-test PQ -0.0004 / +0.0016 (the
+issue allows -0.005). On an AVX2-only CPU (no VNNI) the ratios, and int8 accuracy, were not measured.
 They are opt-in (``--runtime openvino``, ``pip install 'histoseg[fast]'``)
-and not the default because their arithmetic depends on the input *shape*: on CMU-1-Small-Region, OpenVINO
+and not the default because their arithmetic may depend on the input *shape*: on CMU-1-Small-Region, OpenVINO
 finds 2 of 3234 nuclei at other positions with ``--region-size 512`` than with 1024, where PyTorch eager gives
-identical instance sets (and histoseg promises results independent of the region size).
+identical instance sets (and histoseg promises results independent of the region size). A later map-level check
+(the interior of a 1024² region against 512², 400x464 and 592x304 crops of it, 1 and 2 threads) found every
+engine, int8 included, bit-identical; the CLI-level difference was not re-measured.
 
 The ONNX graph is exported from the artifact's safetensors (never shipped as a second source of truth) and
 cached on disk under its content hash (``HISTOSEG_CACHE``, default ``~/.cache/histoseg``), so adapted weights
@@ -32,7 +38,13 @@ from histoseg.models import ModelArtifact, load_model
 
 CACHE_ENV = "HISTOSEG_CACHE"
 ONNX_OPSET = 17
-_MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+INT8_SUFFIX = "-int8"
+_MODULES: dict[str, tuple[str, ...]] = {
+    "openvino": ("openvino",),
+    "onnxruntime": ("onnxruntime",),
+    "openvino-int8": ("openvino", "onnxruntime"),  # ONNX Runtime's quantiser builds the int8 graph
+    "onnxruntime-int8": ("onnxruntime",),
+}
 
 Engine = Callable[[np.ndarray], dict[str, np.ndarray]]
 """A compiled network: normalised (1, 3, H, W) float32 in, raw head outputs by name out."""
@@ -51,8 +63,12 @@ class RuntimeChoice:
 
 
 def available(runtime: str) -> bool:
-    """Whether the engine's Python package is installed (torch always is)."""
-    return runtime == "torch" or importlib.util.find_spec(_MODULES[runtime]) is not None
+    """Whether the engine's Python packages are installed (torch always is)."""
+    return runtime == "torch" or all(importlib.util.find_spec(m) is not None for m in _MODULES[runtime])
+
+
+def _packages(runtime: str) -> str:
+    return " and ".join(_MODULES[runtime])
 
 
 def resolve_runtime(requested: str, device: str = "cpu") -> RuntimeChoice:
@@ -63,7 +79,7 @@ def resolve_runtime(requested: str, device: str = "cpu") -> RuntimeChoice:
         raise ConfigError(f"--runtime {requested} runs on the CPU only; use --runtime torch with --device cuda")
     if not available(requested):
         raise ConfigError(
-            f"--runtime {requested}: the {_MODULES[requested]} package is not installed (pip install 'histoseg[fast]')"
+            f"--runtime {requested} needs {_packages(requested)}, not installed here (pip install 'histoseg[fast]')"
         )
     reason = "default: exact across region sizes" if requested == "torch" else "requested"
     return RuntimeChoice(requested, requested, reason)
@@ -119,10 +135,17 @@ def export_onnx(artifact: ModelArtifact, key: str) -> Path:
 def compile_engine(artifact: ModelArtifact, key: str, runtime: str, bf16: bool, threads: int) -> Engine:
     """An engine for ``runtime`` over the cached ONNX export of ``artifact`` (``threads`` math threads)."""
     if not available(runtime):
-        raise ModelError(f"runtime {runtime!r} was chosen for this run but {_MODULES[runtime]} is not installed "
-                         "on this worker (pip install 'histoseg[fast]')")
+        raise ModelError(
+            f"runtime {runtime!r} was chosen for this run but {_packages(runtime)} is not installed "
+            "on this worker (pip install 'histoseg[fast]')"
+        )
     path = export_onnx(artifact, key)
-    if runtime == "openvino":
+    if runtime.endswith(INT8_SUFFIX):
+        from histoseg.inference.quantize import quantize_onnx
+
+        path = quantize_onnx(path, artifact, key)
+    engine = runtime.removesuffix(INT8_SUFFIX)
+    if engine == "openvino":
         import openvino as ov
 
         core = ov.Core()
@@ -143,7 +166,7 @@ def compile_engine(artifact: ModelArtifact, key: str, runtime: str, bf16: bool, 
             return {n: np.asarray(res[i]) for i, n in enumerate(names)}
 
         return run_ov
-    if runtime == "onnxruntime":
+    if engine == "onnxruntime":
         import onnxruntime as ort
 
         so = ort.SessionOptions()

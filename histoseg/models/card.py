@@ -111,6 +111,9 @@ class ModelCard:
                 width=_int(arch, "width", *LIMITS["width"], default=32),
                 blocks=tuple(_num(b, "architecture.blocks", *LIMITS["blocks"], integer=True) for b in blocks),  # type: ignore[arg-type]
                 n_types=_int(arch, "n_types", *LIMITS["n_types"], default=0),
+                block=str(arch.get("block", "basic")),
+                decoder=str(arch.get("decoder", "plain")),
+                heads=str(arch.get("heads", "separate")),
             )
         except ValueError as exc:
             raise ModelError(f"malformed model card: {exc}") from exc

@@ -1,8 +1,16 @@
 """The multi-task nuclei network (HoVer-Net style) in plain PyTorch.
 
-A residual encoder (stride-2 stem, four stages at strides 2-16) feeds a shared decoder trunk back to
-stride 2; two head branches (NP: nucleus vs background, HV: horizontal/vertical distance maps) each
-refine at stride 2 and at full resolution with a full-resolution skip from the stem. The optional TP
+A residual encoder (full-resolution stem, four stages at strides 2-16) feeds a shared decoder trunk back
+to stride 2; the NP (nucleus vs background) and HV (horizontal/vertical distance maps) outputs refine at
+stride 2 and at full resolution with a full-resolution skip from the stem, either in two branches
+(``heads="separate"``) or in one trunk that predicts all four channels (``heads="shared"``).
+
+Three switches trade multiply-accumulates for capacity (issue: CPU speed), measured with
+``benchmarks/limit.py``: ``block="bottleneck"`` (1x1 reduce to half the channels, 3x3, 1x1 expand) costs
+about a fifth of a basic block's two 3x3 convolutions; ``decoder="bottleneck"`` fuses each skip
+concatenation with a 1x1 convolution before its 3x3; ``heads="shared"`` halves the full-resolution work,
+the largest single cost of the network. The defaults are the original architecture, so older cards load
+the same network. The optional TP
 head (nucleus types, one independent sigmoid per class: UniSeg's class-independent output) refines at
 stride 2 only: a type is read as one vote per nucleus over its mask, so it needs no full-resolution
 detail, and the head adds about 2% to the network's MACs instead of the 11% a full head costs. Every
@@ -19,6 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 STRIDE = 16  # total downsampling: input sides must be multiples of this
+BLOCK_CHOICES = ("basic", "bottleneck")
+DECODER_CHOICES = ("plain", "bottleneck")
+HEADS_CHOICES = ("separate", "shared")
 
 
 @dataclass(frozen=True)
@@ -28,10 +39,17 @@ class NetConfig:
     width: int = 32
     blocks: tuple[int, int, int, int] = (1, 1, 1, 1)
     n_types: int = 0  # 0: no TP head (single "nucleus" class)
+    block: str = "basic"  # residual block of the encoder stages: one of BLOCK_CHOICES
+    decoder: str = "plain"  # decoder fusion: one of DECODER_CHOICES
+    heads: str = "separate"  # NP and HV branches: one of HEADS_CHOICES
 
     def to_dict(self) -> dict[str, object]:
+        """The card's architecture record; a switch at its default is left out, so older cards stay byte-identical."""
         d = asdict(self)
         d["blocks"] = list(self.blocks)
+        for key, default in (("block", "basic"), ("decoder", "plain"), ("heads", "separate")):
+            if d[key] == default:
+                del d[key]
         return d
 
     @staticmethod
@@ -41,15 +59,31 @@ class NetConfig:
             width=int(d.get("width", 32)),  # type: ignore[call-overload]
             blocks=tuple(int(b) for b in blocks),  # type: ignore[union-attr, arg-type, attr-defined]
             n_types=int(d.get("n_types", 0)),  # type: ignore[call-overload]
+            block=str(d.get("block", "basic")),
+            decoder=str(d.get("decoder", "plain")),
+            heads=str(d.get("heads", "separate")),
         )
-        if len(cfg.blocks) != 4 or min(cfg.blocks) < 0 or cfg.width < 1 or cfg.n_types < 0:
-            raise ValueError(f"invalid architecture {d}: need 4 block counts >= 0, width >= 1, n_types >= 0")
         return cfg
 
+    def __post_init__(self) -> None:
+        self.check()
 
-def conv_bn(cin: int, cout: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
+    def check(self) -> None:
+        """Raise ValueError for an architecture that cannot be built."""
+        if len(self.blocks) != 4 or min(self.blocks) < 0 or self.width < 1 or self.n_types < 0:
+            raise ValueError(f"invalid architecture {self}: need 4 block counts >= 0, width >= 1, n_types >= 0")
+        for name, value, choices in (
+            ("block", self.block, BLOCK_CHOICES),
+            ("decoder", self.decoder, DECODER_CHOICES),
+            ("heads", self.heads, HEADS_CHOICES),
+        ):
+            if value not in choices:
+                raise ValueError(f"invalid architecture: {name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1, relu: bool = True, kernel: int = 3) -> nn.Sequential:
     layers: list[nn.Module] = [
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
         nn.BatchNorm2d(cout),
     ]
     if relu:
@@ -67,6 +101,27 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x + self.b(self.a(x)))
+
+
+class BottleneckBlock(nn.Module):
+    """Residual bottleneck: 1x1 to half the channels, 3x3, 1x1 back; identity skip."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        m = max(8, c // 2)
+        self.a = conv_bn(c, m, kernel=1)
+        self.b = conv_bn(m, m)
+        self.c = conv_bn(m, c, relu=False, kernel=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.c(self.b(self.a(x))))
+
+
+def fuse(cin: int, cout: int, kind: str) -> nn.Sequential:
+    """Decoder fusion of an upsampled map with its skip: one 3x3, or a 1x1 reduction then a 3x3."""
+    if kind == "bottleneck":
+        return nn.Sequential(conv_bn(cin, cout, kernel=1), conv_bn(cout, cout))
+    return conv_bn(cin, cout)
 
 
 class Head(nn.Module):
@@ -116,16 +171,23 @@ class NucleiNet(nn.Module):
         chans = [w, 2 * w, 4 * w, 8 * w]
         stages: list[nn.Module] = []
         cin = c_full
+        block = BottleneckBlock if cfg.block == "bottleneck" else ResBlock
         for c, n in zip(chans, cfg.blocks, strict=True):
-            stages.append(nn.Sequential(conv_bn(cin, c, stride=2), *[ResBlock(c) for _ in range(n)]))
+            stages.append(nn.Sequential(conv_bn(cin, c, stride=2), *[block(c) for _ in range(n)]))
             cin = c
         self.stages = nn.ModuleList(stages)
         dec = [3 * w, 2 * w, w]  # decoder widths at strides 8, 4, 2
-        self.dec8 = conv_bn(chans[3] + chans[2], dec[0])
-        self.dec4 = conv_bn(dec[0] + chans[1], dec[1])
-        self.dec2 = conv_bn(dec[1] + chans[0], dec[2])
-        self.np_head = Head(dec[2], c_full, 2)
-        self.hv_head = Head(dec[2], c_full, 2)
+        self.dec8 = fuse(chans[3] + chans[2], dec[0], cfg.decoder)
+        self.dec4 = fuse(dec[0] + chans[1], dec[1], cfg.decoder)
+        self.dec2 = fuse(dec[1] + chans[0], dec[2], cfg.decoder)
+        self.np_head: Head | None = None
+        self.hv_head: Head | None = None
+        self.head: Head | None = None  # shared NP + HV trunk: channels 0-1 NP logits, 2-3 HV
+        if cfg.heads == "shared":
+            self.head = Head(dec[2], c_full, 4)
+        else:
+            self.np_head = Head(dec[2], c_full, 2)
+            self.hv_head = Head(dec[2], c_full, 2)
         self.tp_head = TypeHead(dec[2], c_full, cfg.n_types) if cfg.n_types > 0 else None
 
     @staticmethod
@@ -142,7 +204,13 @@ class NucleiNet(nn.Module):
         d = self.dec8(self._up_cat(feats[3], feats[2]))
         d = self.dec4(self._up_cat(d, feats[1]))
         d = self.dec2(self._up_cat(d, feats[0]))
-        out = {"np": self.np_head(d, s0), "hv": torch.tanh(self.hv_head(d, s0))}
+        if self.head is not None:
+            y = self.head(d, s0)
+            out = {"np": y[:, :2], "hv": torch.tanh(y[:, 2:])}
+        elif self.np_head is not None and self.hv_head is not None:
+            out = {"np": self.np_head(d, s0), "hv": torch.tanh(self.hv_head(d, s0))}
+        else:  # unreachable: __init__ builds either the shared trunk or both branches
+            raise RuntimeError("network built without NP/HV heads")
         if self.tp_head is not None:
             out["tp"] = self.tp_head(d, s0)
         return out

@@ -11,6 +11,7 @@ nothing: it also discards stored regions.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +23,10 @@ import numpy as np
 
 from histoseg.config import SegmentConfig, SlideStatus
 from histoseg.distributed import TaskRunner
+from histoseg.distributed.runner import release_freed_memory
 from histoseg.errors import OutputError
 from histoseg.export import (
+    RepairStats,
     SlideImage,
     atomic_file,
     write_geojson,
@@ -33,6 +36,7 @@ from histoseg.export import (
     write_success,
 )
 from histoseg.export.atomic import remove_stale_temporaries
+from histoseg.export.geometry import clean_polygons
 from histoseg.inference import DensePredictor
 from histoseg.pipeline import folder as outdir
 from histoseg.pipeline.adapt import adapt_slide, adapt_stage_text
@@ -52,6 +56,9 @@ log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
 MAX_UPSAMPLING = 8  # slide pixels at most this much coarser than the model's (per axis)
 MANY_REGIONS = 20_000  # warn above this many regions (a mis-set --slide-mpp or a tiny --region-size)
+# one adaptation at a time in this process: it seeds torch's global generator and sets its thread count,
+# so two slides adapting at once (a pipelined batch) could change each other's weights
+_ADAPT_LOCK = threading.Lock()
 
 
 @dataclass
@@ -101,6 +108,7 @@ def run_plan(
             on_region(done, total)
     timings = _sum_timings(results)
     timings["regions_wall"] = time.perf_counter() - t0
+    release_freed_memory()  # the region buffers kept for reuse (--workers 1) are not needed by stitch/export
     t0 = time.perf_counter()
     template = InstanceTable.empty(plan.spec.plane, MEASUREMENTS)
     owned = parts + [(r.region, r.table) for r in results]
@@ -187,7 +195,8 @@ def _segment_locked(
     remove_stale_temporaries(out_dir)  # only the atomic writers' own temporaries, by their exact names
     if on_stage is not None:
         on_stage(adapt_stage_text(plan, predictor, config))
-    predictor, adaptation = adapt_slide(plan, predictor, config, out_dir / f"{stem}.adapted.safetensors")
+    with _ADAPT_LOCK:
+        predictor, adaptation = adapt_slide(plan, predictor, config, out_dir / f"{stem}.adapted.safetensors")
     if on_stage is not None:
         on_stage("regions")
     ok, png = cv2.imencode(".png", (plan.tissue * 255).astype(np.uint8))
@@ -202,8 +211,15 @@ def _segment_locked(
     t0 = time.perf_counter()
     if on_stage is not None:
         on_stage("writing " + ", ".join(config.formats))
+    polygons = None
+    if "geojson" in config.formats and "parquet" in config.formats:  # both need them: repair them once
+        stats = RepairStats()
+        polygons = clean_polygons(table, stats)
+        stats.log(f"{stem} polygons (GeoJSON, Parquet)")
     if "geojson" in config.formats:
-        write_geojson(table, out_dir / f"{stem}.geojson", slide_key=fp["hex"], gzip=config.geojson_gzip)
+        write_geojson(
+            table, out_dir / f"{stem}.geojson", slide_key=fp["hex"], gzip=config.geojson_gzip, polygons=polygons
+        )
     if "zarr" in config.formats:
         write_label_zarr(
             table,
@@ -212,7 +228,7 @@ def _segment_locked(
             chunk=config.region_size,
         )
     if "parquet" in config.formats:
-        write_parquet(table, out_dir / f"{stem}.nuclei.parquet")
+        write_parquet(table, out_dir / f"{stem}.nuclei.parquet", polygons=polygons)
     timings["export"] = time.perf_counter() - t0
     seconds = time.perf_counter() - t_start
     timings["total"] = seconds

@@ -59,8 +59,7 @@ def separate_instances(
     """Label image (int32, 0 background) from NP probability (H, W) and HV maps (2, H, W)."""
     p = params or WatershedParams()
     px_area = mpp * mpp
-    blb = np_prob >= p.np_threshold
-    blb = ndi.binary_fill_holes(blb)
+    blb = fill_holes(np_prob >= p.np_threshold)
     lab, _ = ndi.label(blb)
     lab = _remove_small(lab, max(1, int(round(p.min_nucleus_um2 / px_area))))
     blb = lab > 0
@@ -82,7 +81,7 @@ def separate_instances(
     dist = -cv2.GaussianBlur(dist.astype(np.float32), (3, 3), 0)
 
     marker = blb & (overall < p.marker_threshold)
-    marker = ndi.binary_fill_holes(marker)
+    marker = fill_holes(marker)
     r_open = int(round(p.open_um / mpp))
     if r_open > 0:
         marker = ndi.binary_opening(marker, structure=_disk(r_open))
@@ -96,6 +95,27 @@ def separate_instances(
         olab = _remove_small(olab, max(1, int(round(p.min_nucleus_um2 / px_area))))
         out = np.where(olab > 0, olab + out.max(), out)
     return _relabel_sequential(out.astype(np.int32))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background part that is not 4-connected to the image border set (bool copy).
+
+    The same pixels as ``scipy.ndimage.binary_fill_holes`` with its default (4-connected) structure, which
+    propagates the outside inwards by repeated dilation (hundreds of full-image passes on a 1408 px region);
+    one labelling of the background and a look at the border's labels does it in a single pass.
+    """
+    m = np.asarray(mask, dtype=bool)
+    if m.size == 0:
+        return m.copy()
+    bg, n = ndi.label(~m)
+    if n == 0:
+        return m.copy()
+    outside = np.zeros(n + 1, bool)
+    for edge in (bg[0], bg[-1], bg[:, 0], bg[:, -1]):
+        outside[edge] = True
+    outside[0] = True  # label 0 is the mask itself: never a hole
+    filled: np.ndarray = m | ~outside[bg]
+    return filled
 
 
 def _disk(r: int) -> np.ndarray:
@@ -117,7 +137,7 @@ def _remove_small(lab: np.ndarray, min_px: int) -> np.ndarray:
 
 
 def _relabel_sequential(lab: np.ndarray) -> np.ndarray:
-    ids = np.unique(lab)
+    ids = np.flatnonzero(np.bincount(lab.ravel()))  # the ids present, sorted: np.unique without the sort
     ids = ids[ids > 0]
     lut = np.zeros(int(lab.max()) + 1, np.int32)
     lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)

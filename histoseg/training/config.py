@@ -10,6 +10,7 @@ import yaml
 
 from histoseg.config import PRECISION_CHOICES
 from histoseg.errors import ConfigError
+from histoseg.models.network import NetConfig
 
 
 @dataclass
@@ -22,6 +23,9 @@ class TrainConfig:
     mpp: float = 0.5  # processing resolution of the model (µm/px)
     width: int = 32  # network width (channels of the first encoder stage)
     blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    block: str = "basic"  # encoder residual block: basic | bottleneck (histoseg.models.network.BLOCK_CHOICES)
+    decoder: str = "plain"  # decoder fusion: plain | bottleneck (DECODER_CHOICES)
+    heads: str = "separate"  # NP/HV branches: separate | shared (HEADS_CHOICES)
     crop: int = 256  # training crop side at `mpp`
     batch_size: int = 8
     iterations: int = 3000
@@ -45,6 +49,8 @@ class TrainConfig:
     affinity_lr: float = 1e-3  # learning rate of the random walk's affinity branch
     point_target: str = "hard"  # NP target of point crops: hard (pseudo-instances) | soft (walk probability)
     affinity_from: int | None = None  # hard targets: iteration at which the affinity starts learning (None: half)
+    teacher: str | None = None  # model (name or safetensors) whose NP/HV maps the network also learns (distillation)
+    distill_weight: float = 1.0  # weight of the distillation term when a teacher is given
 
     @staticmethod
     def load(path: str | Path) -> TrainConfig:
@@ -75,11 +81,28 @@ class TrainConfig:
             raise ConfigError(f"point_target must be one of {', '.join(POINT_TARGETS)}, got {cfg.point_target!r}")
         if len(set(cfg.types)) != len(cfg.types) or not all(isinstance(t, str) and t for t in cfg.types):
             raise ConfigError("types must be a list of distinct, non-empty names")
+        if cfg.distill_weight < 0:
+            raise ConfigError(f"distill_weight must be >= 0, got {cfg.distill_weight}")
+        cfg.net_config(0)  # the architecture is checked before hours of training
         from histoseg.training.labels import DatasetSpec
 
         for d in cfg.datasets:
             DatasetSpec.from_dict(d, cfg.types)  # every entry checked before hours of training
         return cfg
+
+    def net_config(self, n_types: int) -> NetConfig:
+        """The architecture these settings describe (ConfigError when it cannot be built)."""
+        try:
+            return NetConfig(
+                width=self.width,
+                blocks=tuple(self.blocks),  # type: ignore[arg-type]
+                n_types=n_types,
+                block=self.block,
+                decoder=self.decoder,
+                heads=self.heads,
+            )
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"training config: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from histoseg.datasets import Sample
 from histoseg.datasets.qupath_points import PointAnnotations, qupath_to_pixel_centres, read_qupath_points
 from histoseg.errors import ConfigError
 from histoseg.io.open import open_slide
-from histoseg.models import ModelCard, NetConfig, NucleiNet, receptive_radius, save_model
+from histoseg.models import ModelCard, NucleiNet, receptive_radius, save_model
 from histoseg.models.registry import load_model, resolve_model
 from histoseg.training.augment import Augmenter
 from histoseg.training.config import TrainConfig
@@ -34,7 +34,7 @@ from histoseg.training.objective import Stage
 from histoseg.training.points import PointSupervision
 from histoseg.training.stage2 import measure_relations
 from histoseg.training.stats import feature_statistics
-from histoseg.training.train import _lr, train_step
+from histoseg.training.train import lr_at, train_step
 from histoseg.types import Box
 
 WINDOW = 512
@@ -159,7 +159,7 @@ def finetune(
     net.train()
     for it in range(st.iterations):
         for g in opt.param_groups:
-            g["lr"] = _lr(sched, it)
+            g["lr"] = lr_at(sched, it)
         train_step(net, sup, opt, data.batch(st.batch_size), [source], card, stage, bf16=False)
     net.eval()
     card.source_stats = feature_statistics(net, card, (s.image for s in samples), st.device)
@@ -180,7 +180,7 @@ def _new_card(
     for a in anns:
         colours.update(zip(a.names, a.colors, strict=True))
     fallback = type_colors(types)
-    net_cfg = NetConfig(width=card0.net.width, blocks=card0.net.blocks, n_types=len(types))
+    net_cfg = replace(card0.net, n_types=len(types))
     return ModelCard(
         name=card0.name + "-finetuned",
         net=net_cfg,

@@ -34,6 +34,7 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
         "| field | value |",
         "|---|---|",
         f"| architecture | NucleiNet, width {card.net.width}, blocks {list(card.net.blocks)}, "
+        f"{card.net.block} blocks, {card.net.decoder} decoder, {card.net.heads} NP/HV heads, "
         f"type head: {'yes' if card.net.n_types else 'no (single class Nucleus)'} |",
         f"| processing resolution | {card.mpp} µm/px |",
         f"| input normalisation | RGB/255, mean {list(card.mean)}, std {list(card.std)} |",
@@ -55,8 +56,7 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
         "DSB 2018, CRCHisto validation and the MoNuSeg test images were never trained on (kept for evaluation).",
         "",
         *_label_space_lines(card),
-        "Recipe: `histoseg train --config configs/default.yaml` (untyped, MoNuSeg)"
-        + (", then `histoseg train --config configs/typed.yaml` (types)" if card.net.n_types else "")
+        _recipe(card)
         + " (seeded, resumable; AdamW, cosine schedule, bfloat16 autocast where native). "
         + str(card.training.get("recipe_note", "")),
         "",
@@ -98,6 +98,28 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
     for k, v in (extra or {}).items():
         lines += [f"### {k}", "", str(v), ""]
     return "\n".join(lines) + "\n"
+
+
+def _recipe(card: ModelCard) -> str:
+    """How the model was trained, from the training configuration its card records."""
+    cfg = card.training.get("config", {})
+    name = card.name
+    it = cfg.get("iterations", "?")
+    if card.net.n_types:
+        return (
+            "Recipe: `histoseg train --config configs/default.yaml` (untyped, MoNuSeg), "
+            f"then `histoseg train --config configs/{name}.yaml` (types, {it} iterations)"
+        )
+    teacher = cfg.get("teacher")
+    how = f"{it} iterations of batch {cfg.get('batch_size', '?')}"
+    if teacher:
+        how += f", distilled from the `{teacher}` model's NP/HV maps, weight {cfg.get('distill_weight')}"
+    return f"Recipe: `histoseg train --config configs/{name}.yaml` ({how})"
+
+
+def card_markdown_name(name: str) -> str:
+    """``MODEL_CARD.md`` for the default model, ``<NAME>_MODEL_CARD.md`` for the others."""
+    return "MODEL_CARD.md" if name == "default" else f"{name.upper()}_MODEL_CARD.md"
 
 
 def _label_space_lines(card: ModelCard) -> list[str]:
@@ -154,7 +176,7 @@ def main() -> None:
     extra = {}
     if args.extra_md:
         extra["Trade-off and notes"] = Path(args.extra_md).read_text()
-    (WEIGHTS_DIR / "MODEL_CARD.md").write_text(render_card(card, extra))
+    (WEIGHTS_DIR / card_markdown_name(args.name)).write_text(render_card(card, extra))
     print(f"shipped {art.weights} ({art.weights.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -23,10 +23,11 @@ from tqdm import tqdm
 from histoseg.datasets import Sample
 from histoseg.errors import ConfigError
 from histoseg.inference.precision import resolve_precision
-from histoseg.models import ModelCard, NetConfig, NucleiNet, receptive_radius, save_model
+from histoseg.models import ModelCard, NucleiNet, receptive_radius, save_model
 from histoseg.models.inputs import to_input
 from histoseg.training.config import TrainConfig
 from histoseg.training.data import TrainingData, TrainingSource
+from histoseg.training.distill import Teacher, distill_loss
 from histoseg.training.labels import type_colors
 from histoseg.training.objective import Stage, batch_loss
 from histoseg.training.points import PointSupervision
@@ -56,7 +57,7 @@ def _seed_all(seed: int) -> None:
 
 def build_card(cfg: TrainConfig, mean: tuple[float, ...], std: tuple[float, ...], max_nucleus_um: float) -> ModelCard:
     types = tuple(cfg.types)
-    net_cfg = NetConfig(width=cfg.width, blocks=tuple(cfg.blocks), n_types=len(types))  # type: ignore[arg-type]
+    net_cfg = cfg.net_config(len(types))
     names = {str(d.get("name")) for d in cfg.datasets}
     data = "; ".join(
         v
@@ -81,7 +82,8 @@ def build_card(cfg: TrainConfig, mean: tuple[float, ...], std: tuple[float, ...]
     )
 
 
-def _lr(cfg: TrainConfig, it: int) -> float:
+def lr_at(cfg: TrainConfig, it: int) -> float:
+    """Learning rate at iteration ``it``: linear warm-up to ``cfg.lr``, then cosine decay to 0 at ``cfg.iterations``."""
     if it < cfg.warmup:
         return cfg.lr * (it + 1) / cfg.warmup
     p = (it - cfg.warmup) / max(1, cfg.iterations - cfg.warmup)
@@ -101,6 +103,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     bf16 = resolve_precision(cfg.precision, cfg.device).bf16
     if cfg.init:
         _load_init(net, cfg.init)
+    teacher = Teacher.load(cfg.teacher, cfg.distill_weight, cfg.mpp, cfg.device) if cfg.teacher else None
     opt = torch.optim.AdamW(
         [
             {"params": list(net.parameters()), "lr_scale": 1.0},
@@ -138,8 +141,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         start_affinity = cfg.iterations // 2 if cfg.affinity_from is None else cfg.affinity_from
         stage.train_affinity = it >= start_affinity  # the network first learns from the image-only walk
         for g in opt.param_groups:
-            g["lr"] = _lr(cfg, it) * g["lr_scale"]
-        loss, terms = train_step(net, points, opt, data.batch(cfg.batch_size), data.sources, card, stage, bf16)
+            g["lr"] = lr_at(cfg, it) * g["lr_scale"]
+        loss, terms = train_step(
+            net, points, opt, data.batch(cfg.batch_size), data.sources, card, stage, bf16, teacher=teacher
+        )
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **{k: f"{v:.3f}" for k, v in terms.items()})
         last = it + 1 == cfg.iterations
         if (it + 1) % cfg.val_every == 0 or last:
@@ -183,14 +188,21 @@ def train_step(
     card: ModelCard,
     stage: Stage,
     bf16: bool,
+    teacher: Teacher | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One optimiser step on a batch of crops (each with its source index); shared by train and finetune."""
+    """One optimiser step on a batch of crops (each with its source index); shared by train and finetune.
+
+    With a ``teacher``, its NP/HV maps on the same crops add a distillation term (``terms["distill"]``)."""
     device = next(net.parameters()).device
     images = to_input([c.image for c, _ in crops], card).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         outp = net(images.contiguous(memory_format=torch.channels_last))
     outp = {k: v.float() for k, v in outp.items()}
     loss, terms = batch_loss(outp, images, crops, sources, points, stage)
+    if teacher is not None and teacher.weight > 0:
+        d = distill_loss(outp, teacher.targets(crops, bf16))
+        loss = loss + teacher.weight * d
+        terms = {**terms, "distill": float(d.detach())}
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([*net.parameters(), *points.parameters()], 5.0)

@@ -1,0 +1,379 @@
+"""``histoseg adapt-cohort``: one adversarial adaptation of a model to a cohort of unlabeled slides.
+
+Target crops are sampled from each slide's tissue with the per-slide adaptation's grid sampler
+(:func:`histoseg.pipeline.adapt.sample_crops`, seeded); the source is the labelled MoNuSeg training set of
+``histoseg train`` (``HISTOSEG_DATA``). Each step takes ``batch_size`` augmented source crops and as many
+target crops (random flips and turns) and makes
+
+1. a generator step (segmenter + mode head): the training objective on the source crops
+   (:func:`histoseg.training.objective.batch_loss`), the mode classification of the source patches
+   (``mode_weight``, method ``patch``), and the adversarial losses on the target crops (``adv_weight`` on the
+   K-mode patch representation, ``output_weight`` on the output space), ramped up linearly over the first
+   ``ramp`` fraction of the steps while the discriminators warm up;
+2. a discriminator step (discriminators only).
+
+BatchNorm layers keep the source model's running statistics (the network runs in eval mode with gradients):
+a batch of four crops per domain is too small to re-estimate them, and adaptation moves weights only.
+A checkpoint in the work folder (every ``checkpoint_every`` steps) makes the run resumable with the same
+final weights; the model is written atomically with a card that records the cohort, the settings and the
+source feature statistics recomputed with the adapted weights (per-slide adaptation keeps working on top).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from histoseg.cohort.heads import (
+    ModeHead,
+    OutputDiscriminator,
+    PatchDiscriminator,
+    adversarial_loss,
+    decoder_features,
+    discriminator_step,
+    generator_step,
+    output_space,
+)
+from histoseg.cohort.modes import PatchModes, fit_modes
+from histoseg.cohort.settings import METHODS, CohortSettings
+from histoseg.errors import ConfigError
+from histoseg.export.atomic import atomic_file
+from histoseg.models import ModelCard, NucleiNet, save_model
+from histoseg.models.inputs import to_input
+from histoseg.models.registry import load_model, resolve_model
+from histoseg.training.augment import Augmenter
+from histoseg.training.config import TrainConfig
+from histoseg.training.data import TrainingData
+from histoseg.training.objective import Stage, batch_loss
+from histoseg.training.points import PointSupervision
+from histoseg.training.stats import feature_statistics
+from histoseg.training.train import lr_at
+
+
+def cohort_crops(
+    slides: Sequence[str | Path],
+    *,
+    model: str = "default",
+    slide_mpp: float | None = None,
+    crops_per_slide: int = 8,
+    crop: int = 256,
+    seed: int = 0,
+    backend: str = "auto",
+) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    """Seeded tissue crops (RGB at the model's mpp, ``crop`` px, reflect-padded when a slide is smaller) of
+    every slide, and each slide's record (name, fingerprint, crops). Slides are planned as ``segment`` plans
+    them, so unreadable, fluorescence or tissue-free slides raise the same typed errors."""
+    from histoseg.config import SegmentConfig
+    from histoseg.pipeline.adapt import sample_crops
+    from histoseg.pipeline.identity import slide_fingerprint
+    from histoseg.pipeline.plan import default_predictor, plan_slide
+    from histoseg.tta import TTASettings
+
+    if not slides:
+        raise ConfigError("give at least one target slide or image")
+    config = SegmentConfig(model=model, slide_mpp=slide_mpp, backend=backend, precision="fp32")  # type: ignore[arg-type]
+    predictor = default_predictor(config)
+    crops: list[np.ndarray] = []
+    records: list[dict[str, Any]] = []
+    for i, slide in enumerate(slides):
+        plan = plan_slide(slide, config, predictor)
+        sampler = TTASettings(method="none", regions=crops_per_slide, crop=crop, seed=seed + i)
+        got = sample_crops(plan.path, plan.tissue, plan.plane_shape, plan.card.mpp, sampler, backend, slide_mpp)
+        got = [_pad(c[..., :3], crop) for c in got]
+        crops += got
+        records.append({"name": plan.path.name, "fingerprint": slide_fingerprint(plan.path), "crops": len(got)})
+    if not crops:
+        raise ConfigError("no tissue crop could be sampled from the target slides")
+    return crops, records
+
+
+def _pad(img: np.ndarray, crop: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    if h >= crop and w >= crop:
+        return np.ascontiguousarray(img[:crop, :crop])
+    mode = "reflect" if min(h, w) > 1 else "edge"
+    out = np.pad(img, ((0, max(0, crop - h)), (0, max(0, crop - w)), (0, 0)), mode=mode)  # type: ignore[call-overload]
+    return np.ascontiguousarray(out[:crop, :crop])
+
+
+def source_data(card: ModelCard, crop: int, seed: int = 0) -> TrainingData:
+    """The labelled source set of ``histoseg train``: MoNuSeg training images with instance masks (the
+    model's held-out validation images stay out), at the model's mpp."""
+    cfg_d = card.training.get("config", {}) if isinstance(card.training.get("config"), dict) else {}
+    held = [str(v) for v in cfg_d.get("val_images", [])] if isinstance(cfg_d.get("val_images"), list) else []
+    cfg = TrainConfig(mpp=card.mpp, crop=crop, seed=seed, semantic_fraction=0.0, val_images=held)
+    return TrainingData.build(cfg)
+
+
+def _target_batch(crops: Sequence[np.ndarray], n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` target crops drawn with replacement, each randomly turned by a multiple of 90° and flipped."""
+    out = []
+    for j in rng.integers(0, len(crops), n):
+        img = np.rot90(crops[int(j)], int(rng.integers(0, 4)))
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        out.append(np.ascontiguousarray(img))
+    return out
+
+
+@dataclass
+class _Parts:
+    net: NucleiNet
+    head: ModeHead | None
+    patch_d: PatchDiscriminator | None
+    output_d: OutputDiscriminator | None
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer | None
+
+
+def _build(net: NucleiNet, st: CohortSettings) -> _Parts:
+    torch.manual_seed(st.seed)
+    dev = st.device
+    head = ModeHead(net.cfg.width, st.modes, st.patch).to(dev) if st.uses_patch else None
+    patch_d = PatchDiscriminator(st.modes).to(dev) if st.uses_patch else None
+    output_d = OutputDiscriminator().to(dev) if st.uses_output else None
+    groups: list[dict[str, Any]] = [{"params": list(net.parameters()), "lr_scale": 1.0}]
+    if head is not None:
+        groups.append({"params": list(head.parameters()), "lr_scale": st.head_lr / max(st.lr, 1e-12)})
+    opt_g = torch.optim.SGD(groups, lr=st.lr, momentum=0.9, weight_decay=5e-4)  # AdaptSegNet's segmenter optimiser
+    d_params = [p for d in (patch_d, output_d) if d is not None for p in d.parameters()]
+    opt_d = torch.optim.Adam(d_params, lr=st.disc_lr, betas=(0.9, 0.99)) if d_params else None
+    return _Parts(net, head, patch_d, output_d, opt_g, opt_d)
+
+
+def _identity(st: CohortSettings, base_sha: str, crops: Sequence[np.ndarray]) -> str:
+    """What a checkpoint must match to be resumed: settings (but the checkpoint interval and threads), the
+    base weights and the target crops."""
+    h = hashlib.sha256()
+    keep = {k: v for k, v in asdict(st).items() if k not in ("checkpoint_every", "threads")}
+    h.update(json.dumps({"settings": keep, "base": base_sha}, sort_keys=True).encode())
+    for c in crops:
+        h.update(np.ascontiguousarray(c).tobytes())
+    return h.hexdigest()
+
+
+def adapt_cohort(
+    target: Sequence[np.ndarray],
+    output: str | Path,
+    *,
+    model: str = "default",
+    settings: CohortSettings | None = None,
+    work: str | Path | None = None,
+    slides: Sequence[dict[str, Any]] = (),
+    source: TrainingData | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Path:
+    """Adapt ``model`` to the target crops (RGB at the model's mpp, ``settings.crop`` px) and write
+    ``output`` (+ card). ``work`` holds the checkpoint (default: ``<output stem>.work`` beside it); a
+    checkpoint of the same run is resumed. ``source``: preloaded :func:`source_data` (re-seeded here).
+    ``on_step(i)`` is called after step ``i`` (1-based) and its checkpoint."""
+    st = settings or CohortSettings()
+    out = Path(output)
+    if not target:
+        raise ConfigError("no target crops to adapt to")
+    if any(c.shape[:2] != (st.crop, st.crop) or c.ndim != 3 for c in target):
+        raise ConfigError(f"every target crop must be {st.crop}x{st.crop} RGB")
+    work_dir = Path(work) if work is not None else out.with_name(out.stem + ".work")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(st.threads)
+    try:
+        return _run(target, out, work_dir, model, st, slides, source, on_step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(
+    target: Sequence[np.ndarray],
+    out: Path,
+    work_dir: Path,
+    model: str,
+    st: CohortSettings,
+    slides: Sequence[dict[str, Any]],
+    source: TrainingData | None,
+    on_step: Callable[[int], None] | None,
+) -> Path:
+    t0 = time.perf_counter()
+    base = resolve_model(model)
+    net, card0 = load_model(base, st.device)
+    base_sha = base.sha256()
+    loaded = source if source is not None else source_data(card0, st.crop, st.seed)
+    rng = np.random.default_rng(st.seed)
+    data = replace(loaded, rng=rng, augmenter=Augmenter(rng, st.crop), semantic_fraction=0.0)
+    maps = [s.inst for s in data.sources[0].samples if s.inst is not None]
+    modes = fit_modes(maps, card0.mpp, st.patch, st.modes, st.features, st.seed) if st.uses_patch else None
+    parts = _build(net, st)
+    rng_t = np.random.default_rng([st.seed, 1])
+    ident = _identity(st, base_sha, target)
+    ckpt = work_dir / "checkpoint.pt"
+    start = 0
+    if ckpt.exists():
+        start = _load_checkpoint(ckpt, parts, ident, data.rng, rng_t)
+    stage = Stage(types=tuple(card0.class_names) if card0.net.n_types else ())
+    points = PointSupervision(card0.mpp).to(st.device)
+    sched = TrainConfig(iterations=st.steps, lr=st.lr, warmup=max(1, st.steps // 10))
+    net.eval()  # BatchNorm keeps the source running statistics; gradients flow
+    log: list[dict[str, float]] = []
+    for it in range(start, st.steps):
+        for g in parts.opt_g.param_groups:
+            g["lr"] = lr_at(sched, it) * g["lr_scale"]
+        ramp = min(1.0, it / max(1.0, st.ramp * st.steps)) if st.ramp > 0 else 1.0
+        src = data.batch(st.batch_size)
+        tgt = _target_batch(target, st.batch_size, rng_t)
+        terms = _step(parts, card0, modes, st, src, tgt, data, points, stage, ramp)
+        log.append({"step": it + 1, **terms})
+        if (it + 1) % st.checkpoint_every == 0 or it + 1 == st.steps:
+            _save_checkpoint(ckpt, parts, ident, it + 1, data.rng, rng_t)
+        if on_step is not None:
+            on_step(it + 1)
+    net.eval()
+    stats = feature_statistics(net, card0, data.train_images(), st.device)
+    card = _card(card0, base.name, base_sha, st, modes, slides, len(target), stats, time.perf_counter() - t0, log)
+    save_model(net, card, out)
+    return out
+
+
+def _step(
+    parts: _Parts,
+    card: ModelCard,
+    modes: PatchModes | None,
+    st: CohortSettings,
+    src: list[Any],
+    tgt: list[np.ndarray],
+    data: TrainingData,
+    points: PointSupervision,
+    stage: Stage,
+    ramp: float,
+) -> dict[str, float]:
+    """One generator step and one discriminator step; the loss terms for the log."""
+    dev = st.device
+    x_s = to_input([c.image for c, _ in src], card).to(dev)
+    x_t = to_input(tgt, card).to(dev)
+    reps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    params = [p for g in parts.opt_g.param_groups for p in g["params"]]
+
+    def loss_fn() -> tuple[torch.Tensor, dict[str, float]]:
+        with decoder_features(parts.net) as feats:
+            out_s = parts.net(x_s)
+            out_t = parts.net(x_t)
+        out_s = {k: v.float() for k, v in out_s.items()}
+        loss, terms = batch_loss(out_s, x_s, src, data.sources, points, stage)
+        if parts.head is not None and parts.patch_d is not None and modes is not None:
+            logits_s, logits_t = parts.head(feats[0]), parts.head(feats[1])
+            labels = torch.from_numpy(np.stack([modes.labels(c.inst) for c, _ in src])).to(dev)
+            mode_ce = F.cross_entropy(logits_s, labels)
+            p_s, p_t = torch.softmax(logits_s, 1), torch.softmax(logits_t, 1)
+            adv = adversarial_loss(parts.patch_d(p_t), True)
+            loss = loss + st.mode_weight * mode_ce + ramp * st.adv_weight * adv
+            terms.update(mode=float(mode_ce.detach()), mode_acc=float((logits_s.argmax(1) == labels).float().mean()),
+                         adv_patch=float(adv.detach()))  # fmt: skip
+            reps["patch"] = (p_s, p_t)
+        if parts.output_d is not None:
+            o_s, o_t = output_space(out_s), output_space({k: v.float() for k, v in out_t.items()})
+            adv_o = adversarial_loss(parts.output_d(o_t), True)
+            loss = loss + ramp * st.output_weight * adv_o
+            terms["adv_output"] = float(adv_o.detach())
+            reps["output"] = (o_s, o_t)
+        return loss, terms
+
+    discs: list[torch.nn.Module] = [d for d in (parts.patch_d, parts.output_d) if d is not None]
+    terms = generator_step(parts.opt_g, params, discs, loss_fn)
+    if parts.opt_d is not None:
+        pairs: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
+        if parts.patch_d is not None:
+            pairs.append((parts.patch_d, *reps["patch"]))
+        if parts.output_d is not None:
+            pairs.append((parts.output_d, *reps["output"]))
+        d_terms = discriminator_step(parts.opt_d, pairs)
+        terms.update({f"disc_{k}": v for k, v in d_terms.items()})
+    return terms
+
+
+def _modules(parts: _Parts) -> dict[str, torch.nn.Module | torch.optim.Optimizer | None]:
+    return {"model": parts.net, "mode_head": parts.head, "patch_d": parts.patch_d, "output_d": parts.output_d,
+            "opt_g": parts.opt_g, "opt_d": parts.opt_d}  # fmt: skip
+
+
+def _save_checkpoint(
+    path: Path, parts: _Parts, ident: str, step: int, rng_s: np.random.Generator, rng_t: np.random.Generator
+) -> None:
+    state: dict[str, Any] = {k: m.state_dict() for k, m in _modules(parts).items() if m is not None}
+    state.update(
+        identity=ident,
+        step=step,
+        rng_source=json.dumps(rng_s.bit_generator.state),
+        rng_target=json.dumps(rng_t.bit_generator.state),
+    )
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(
+    path: Path, parts: _Parts, ident: str, rng_s: np.random.Generator, rng_t: np.random.Generator
+) -> int:
+    try:
+        state = torch.load(path, weights_only=True, map_location=next(parts.net.parameters()).device)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise ConfigError(f"cannot resume from {path}: {exc}; remove it to start again") from exc
+    if state.get("identity") != ident:
+        raise ConfigError(
+            f"{path} is a checkpoint of another cohort run (other slides, settings or base model); "
+            "remove it or choose another --work folder"
+        )
+    for key, m in _modules(parts).items():
+        if m is not None:
+            m.load_state_dict(state[key])
+    rng_s.bit_generator.state = json.loads(state["rng_source"])
+    rng_t.bit_generator.state = json.loads(state["rng_target"])
+    return int(state["step"])
+
+
+def _card(
+    card0: ModelCard,
+    base_name: str,
+    base_sha: str,
+    st: CohortSettings,
+    modes: PatchModes | None,
+    slides: Sequence[dict[str, Any]],
+    n_crops: int,
+    stats: dict[str, dict[str, list[float]]],
+    seconds: float,
+    log: list[dict[str, float]],
+) -> ModelCard:
+    tail = log[-min(len(log), 20) :]
+    last = {k: round(float(np.mean([r[k] for r in tail if k in r])), 5) for k in (tail[-1] if tail else {})}
+    last.pop("step", None)
+    cohort = {
+        "method": st.method,
+        "settings": asdict(st),
+        "slides": list(slides),
+        "target_crops": n_crops,
+        "modes": modes.to_dict() if modes is not None else None,
+        "seconds": round(seconds, 1),
+        "final_losses": last,
+    }
+    return replace(
+        card0,
+        name=f"{card0.name}-cohort"[:200],
+        description=f"{card0.name} adapted to a cohort of {len(slides) or n_crops} "
+        f"{'slides' if slides else 'crops'} by adversarial {st.method} alignment (histoseg adapt-cohort)",
+        training={
+            "base_model": base_name,
+            "base_weights_sha256": base_sha,
+            "base_training": card0.training,
+            "cohort": cohort,
+        },  # fmt: skip
+        metrics={},
+        source_stats=stats,
+    )
+
+
+__all__ = ["METHODS", "CohortSettings", "adapt_cohort", "cohort_crops", "source_data"]

@@ -1,0 +1,82 @@
+"""The cheaper region steps give exactly what the steps they replace gave: hole filling by labelling the
+background, centroids from the labelled pixels only; and the allocator setting that keeps freed buffers."""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from histoseg.distributed.runner import KEEP_MEMORY_ENV, keep_freed_memory
+from histoseg.postprocess import instance_centroids
+from histoseg.postprocess.watershed import _relabel_sequential, fill_holes
+
+
+def test_fill_holes_known_cases() -> None:
+    ring = np.zeros((7, 7), bool)
+    ring[1:6, 1:6] = True
+    ring[2:5, 2:5] = False  # a 3x3 hole
+    ring[3, 3] = True  # an island inside the hole stays; the hole around it is filled
+    filled = fill_holes(ring)
+    assert filled[1:6, 1:6].all() and filled.sum() == 25
+    open_c = ring.copy()
+    open_c[3, 1] = False  # the hole now reaches the outside through a 4-connected gap: nothing is filled
+    open_c[3, 0] = False
+    assert np.array_equal(fill_holes(open_c), open_c)
+    diag = np.zeros((5, 5), bool)
+    diag[1:4, 1:4] = True
+    diag[2, 2] = False
+    diag[1, 1] = False  # the hole touches the outside only at a corner: 4-connectivity calls it a hole
+    assert fill_holes(diag)[2, 2]
+    assert not fill_holes(np.zeros((4, 4), bool)).any() and fill_holes(np.ones((3, 3), bool)).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fill_holes_equals_scipy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    m = ndi.binary_opening(rng.random((97, 131)) < 0.55 + 0.05 * seed)  # many holes, some at the border
+    assert np.array_equal(fill_holes(m), ndi.binary_fill_holes(m))
+
+
+def _centroids_by_sums(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The previous formula: per-label sums over every pixel of float64 index images."""
+    idx = np.arange(1, int(labels.max()) + 1)
+    counts = ndi.sum_labels(np.ones_like(labels, dtype=np.float64), labels, idx)
+    present = counts > 0
+    ys, xs = np.indices(labels.shape, dtype=np.float64)
+    cy = ndi.sum_labels(ys, labels, idx)[present] / counts[present] + 0.5
+    cx = ndi.sum_labels(xs, labels, idx)[present] / counts[present] + 0.5
+    return idx[present], np.stack([cy, cx], axis=1)
+
+
+def test_centroids_bit_identical_and_known() -> None:
+    lab = np.zeros((6, 8), np.int32)
+    lab[1:3, 1:4] = 2  # id 1 absent: skipped
+    lab[4, 7] = 3
+    ids, cyx, slices = instance_centroids(lab)
+    assert ids.tolist() == [2, 3] and cyx.tolist() == [[2.0, 2.5], [4.5, 7.5]]
+    assert slices[0] is None and slices[1] == (slice(1, 3), slice(1, 4))
+    rng = np.random.default_rng(0)
+    big, _ = ndi.label(rng.random((400, 333)) < 0.4)
+    big[big % 7 == 0] = 0  # gaps in the ids
+    ids, cyx, _ = instance_centroids(big)
+    ref_ids, ref = _centroids_by_sums(big)
+    assert np.array_equal(ids, ref_ids) and cyx.tobytes() == ref.tobytes()
+    assert instance_centroids(np.zeros((3, 3), np.int32))[0].size == 0
+
+
+def test_relabel_sequential_keeps_order() -> None:
+    lab = np.array([[0, 7, 7], [3, 0, 9]], np.int32)
+    assert _relabel_sequential(lab).tolist() == [[0, 2, 2], [1, 0, 3]]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's")
+def test_keep_freed_memory_applies_unless_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEEP_MEMORY_ENV, "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv(KEEP_MEMORY_ENV)
+    assert keep_freed_memory() is True
+    big = np.ones(64 << 20, np.uint8)  # 64 MiB: from the heap now, and still usable
+    assert int(big[::4096].sum()) == (64 << 20) // 4096
