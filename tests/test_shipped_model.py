@@ -27,8 +27,10 @@ def test_default_is_registered_with_a_complete_card() -> None:
     assert "monuseg_test" in card.metrics
 
 
-def test_default_reaches_card_figures_on_two_monuseg_test_images(shared_data: Path) -> None:
-    net, card = load_model(resolve_model("default"))
+@pytest.mark.parametrize("name", ["default", "lite"])
+def test_shipped_untyped_models_reach_card_figures_on_two_monuseg_test_images(name: str, shared_data: Path) -> None:
+    """``default`` and the opt-in ``lite`` (the cheaper architecture, issue 13) reproduce their cards' figures."""
+    net, card = load_model(resolve_model(name))
     per_image = card.metrics["monuseg_test"]["per_image"]
     samples = load_monuseg("test", None, root=shared_data / "nuclei" / "monuseg2018")[:2]
     for s in samples:
@@ -56,3 +58,14 @@ def test_typed_model_reaches_its_card_typing_on_crchisto_validation(shared_data:
     assert got["det_f1"] == pytest.approx(want["det_f1"], abs=0.01)
     assert got["weighted_f1"] == pytest.approx(want["weighted_f1"], abs=0.01)
     assert got["weighted_f1"] > 0.5  # far above chance (about 0.3 for four unbalanced classes)
+
+
+def test_lite_model_is_the_cheaper_architecture_with_its_own_statistics() -> None:
+    """``lite`` is the issue-13 architecture (at most half the default's MACs, counted in test_models) and carries
+    source statistics for every one of its BatchNorm layers, so per-slide adaptation works with it."""
+    net, card = load_model(resolve_model("lite"))
+    assert (card.net.block, card.net.decoder, card.net.heads) == ("bottleneck", "bottleneck", "shared")
+    bn = [name for name, m in net.named_modules() if type(m).__name__ == "BatchNorm2d"]
+    assert set(card.source_stats) >= set(bn) and len(bn) == 34
+    assert card.training["config"]["teacher"] == "default"
+    assert "CC BY-NC-SA 4.0" in card.license
