@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import torch
 
+from histoseg.config import RUNTIME_CHOICES
 from histoseg.datasets import Sample
 from histoseg.inference import NetworkPredictor
 from histoseg.inference.predict import DensePredictor, run_network
@@ -40,7 +41,7 @@ except ModuleNotFoundError:  # python benchmarks/runtimes.py: this folder is sys
     from _common import cmu1_pixels  # type: ignore[no-redef]
     from precision import cpu_line  # type: ignore[no-redef]
 
-ENGINES = ("torch", "openvino", "onnxruntime", "openvino-int8", "onnxruntime-int8", "torch-compile")
+ENGINES = (*RUNTIME_CHOICES, "torch-compile")  # every --runtime, and torch.compile as a benchmark row
 PQ_TOLERANCE = 0.005  # the rule: a faster engine may cost at most this much MoNuSeg-test PQ
 
 

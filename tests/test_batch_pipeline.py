@@ -13,6 +13,7 @@ import pytest
 
 from histoseg.config import SegmentConfig
 from histoseg.distributed.runner import InProcessRunner, LazyRunner
+from histoseg.errors import HistosegError
 from histoseg.pipeline import segment_batch
 
 from .oracle import OraclePredictor
@@ -102,3 +103,26 @@ def test_lazy_runner_starts_once_from_two_threads() -> None:
         t.join()
     assert len(starts) == 1 and got[0] is got[1]
     assert np.array_equal([r for _, r in lazy.imap_unordered(lambda x: x * 2, [1, 2])], [2, 4])
+
+
+def test_a_closed_lazy_runner_never_starts_again() -> None:
+    """After an interrupt the batch closes its runner; a look-ahead slide still running must not start a second
+    cluster, so every later request raises (one start in all)."""
+    starts: list[int] = []
+
+    def start() -> InProcessRunner:
+        starts.append(1)
+        return InProcessRunner()
+
+    lazy = LazyRunner(start)
+    assert [r for _, r in lazy.imap_unordered(lambda x: x + 1, [1])] == [2]
+    lazy.close()
+    with pytest.raises(HistosegError, match="closed"):
+        lazy.runner()
+    with pytest.raises(HistosegError, match="closed"):
+        lazy.imap_unordered(lambda x: x, [1])
+    never = LazyRunner(start)
+    never.close()  # closed before any task: nothing was started, nothing will be
+    with pytest.raises(HistosegError, match="closed"):
+        never.runner()
+    assert len(starts) == 1

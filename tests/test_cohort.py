@@ -259,6 +259,8 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(
         (["--output", "x.pt"], "must end in .safetensors"),
         (["--steps", "0"], "steps=0"),
         (["--method", "pixel"], "invalid choice"),
+        (["--device", "cudax"], "must be cpu, cuda or cuda:N"),
+        (["--device", "cuda:99"], "no such CUDA device"),
     ],
 )
 def test_bad_inputs_fail_with_one_line_and_write_nothing(

@@ -186,3 +186,26 @@ def test_int8_engine_without_its_quantiser_is_a_clear_error(monkeypatch: pytest.
             rt.resolve_runtime(engine)
     with pytest.raises(ConfigError, match="CPU only"):
         rt.resolve_runtime("onnxruntime-int8", "cuda")
+
+
+@pytest.mark.skipif(not rt.available("onnxruntime-int8"), reason="onnxruntime not installed")
+def test_int8_calibration_data_is_checked_early_and_keys_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without MoNuSeg training images an -int8 runtime is refused before any slide runs; a different image set
+    (here: one image fewer) gives another cache key, so no graph calibrated on other data is reused."""
+    from histoseg.inference import quantize as q
+    from histoseg.inference.runtime import resolve_runtime
+
+    monkeypatch.setenv("HISTOSEG_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="calibrates on MoNuSeg training images"):
+        resolve_runtime("onnxruntime-int8")
+    images = tmp_path / "data" / "nuclei" / "monuseg2018" / "MoNuSegTrainingData" / "Tissue_Images"
+    images.mkdir(parents=True)
+    for i in range(3):
+        (images / f"img{i}.jpg").write_bytes(b"x" * (10 + i))
+    monkeypatch.setenv("HISTOSEG_DATA", str(tmp_path / "data"))
+    full = q.CalibrationSettings().key()
+    (images / "img2.jpg").unlink()
+    assert q.CalibrationSettings().key() != full
+    assert resolve_runtime("onnxruntime-int8").runtime == "onnxruntime-int8"

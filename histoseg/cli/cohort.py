@@ -53,6 +53,7 @@ def add_cohort_parser(
 
 
 def run_adapt_cohort(args: argparse.Namespace) -> int:
+    """``histoseg adapt-cohort``: check every option and the output first, sample the slides' crops, adapt."""
     from histoseg.cohort.train import CohortSettings, adapt_cohort, cohort_crops
     from histoseg.errors import ConfigError
     from histoseg.export.atomic import check_writable_target
@@ -63,8 +64,6 @@ def run_adapt_cohort(args: argparse.Namespace) -> int:
         raise ConfigError("--output must end in .safetensors (the card is written beside it as .json)")
     if args.slide_mpp is not None and not args.slide_mpp > 0:
         raise ConfigError(f"--slide-mpp must be positive, got {args.slide_mpp}")
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     settings = CohortSettings(
         method=args.method,
         steps=args.steps,
@@ -74,6 +73,7 @@ def run_adapt_cohort(args: argparse.Namespace) -> int:
         device=args.device,
     )
     check_not_a_model_source(out, resolve_model(args.model))
+    check_writable_target(out)  # before minutes of planning and sampling
     crops, slides = cohort_crops(
         args.slides,
         model=args.model,
@@ -83,7 +83,6 @@ def run_adapt_cohort(args: argparse.Namespace) -> int:
         seed=settings.seed,
         backend=args.backend,
     )
-    check_writable_target(out)
     path = adapt_cohort(crops, out, model=args.model, settings=settings, work=args.work, slides=slides)
     print(
         f"cohort model written: {path} (card: {path.with_suffix('.json')}; {len(slides)} slides, {len(crops)} "

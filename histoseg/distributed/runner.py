@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
-from histoseg.errors import ConfigError
+from histoseg.errors import ConfigError, HistosegError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class TaskRunner(Protocol):
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_DEFAULT_MMAP_MAX = 65536  # glibc's defaults (mallopt(3))
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
 KEEP_ALL = 2**31 - 1  # mallopt takes an int: free memory above this at the heap's top is still trimmed
 KEEP_MEMORY_ENV = "HISTOSEG_KEEP_MEMORY"  # "0" leaves the allocator at its defaults
 
@@ -78,6 +80,22 @@ def keep_freed_memory(keep_bytes: int = KEEP_ALL) -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, max(0, min(keep_bytes, KEEP_ALL))))
 
 
+def restore_allocator_defaults() -> None:
+    """Put back glibc's documented defaults for what :func:`keep_freed_memory` changed (mmap for large blocks,
+    128 KiB trim threshold) and hand the kept memory back, so a library caller's process is left as found."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+    release_freed_memory()
+
+
 def release_freed_memory() -> None:
     """Give the heap's free memory back to the kernel now (glibc ``malloc_trim``; a no-op elsewhere).
 
@@ -101,14 +119,16 @@ class InProcessRunner:
     def __init__(self, threads: int = 1) -> None:
         self.threads = threads
         _limit_threads(threads)
-        keep_freed_memory()
+        self._kept = keep_freed_memory()  # undone by close(): the process is the caller's, not ours
 
     def imap_unordered(self, fn: Callable[..., Any], items: Sequence[Any], *args: Any) -> Iterator[tuple[int, Any]]:
         for i, item in enumerate(items):
             yield i, fn(item, *args)
 
     def close(self) -> None:
-        pass
+        if self._kept:
+            restore_allocator_defaults()
+            self._kept = False
 
     def __enter__(self) -> InProcessRunner:
         return self
@@ -189,7 +209,9 @@ class DaskRunner:
 class LazyRunner:
     """Starts the wrapped runner at the first task, so work that turns out to be done starts no cluster.
 
-    A start that fails is remembered and raised again for every later use, without a second attempt.
+    A start that fails is remembered and raised again for every later use, without a second attempt. Once
+    closed it stays closed: a task asked for afterwards (a pipelined batch's look-ahead slide after an
+    interrupt) raises instead of starting a second cluster.
     """
 
     def __init__(self, start: Callable[[], TaskRunner]) -> None:
@@ -197,6 +219,7 @@ class LazyRunner:
         self._runner: TaskRunner | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()  # a pipelined batch asks from two threads: start one runner, not two
+        self._closed = False
 
     @property
     def started(self) -> bool:
@@ -204,6 +227,8 @@ class LazyRunner:
 
     def runner(self) -> TaskRunner:
         with self._lock:
+            if self._closed:
+                raise HistosegError("the task runner was closed (the batch ended or was interrupted)")
             if self._error is not None:
                 raise self._error
             if self._runner is None:
@@ -223,6 +248,7 @@ class LazyRunner:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._runner is not None:
                 self._runner.close()
                 self._runner = None

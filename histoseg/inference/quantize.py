@@ -64,11 +64,41 @@ class CalibrationSettings:
             raise ConfigError(f"calibration needs at least 1 crop of at least 32 px, got {self.crops} of {self.size}")
 
     def key(self) -> str:
-        """A short digest of the settings and of the quantiser's version (a new quantiser may quantise otherwise)."""
+        """A short digest of everything besides the weights that shapes the int8 graph: these settings, the
+        quantiser options fixed in this module (``QUANTISER_VERSION``), ONNX Runtime's and PyTorch's versions
+        (the quantiser and the fp32 export it starts from) and the calibration images found
+        (``calibration_data_tag``), so a partial or changed MoNuSeg copy never reuses another's graph."""
         import onnxruntime
+        import torch
 
-        blob = json.dumps({**asdict(self), "ort": onnxruntime.__version__}, sort_keys=True)
+        blob = json.dumps(
+            {
+                **asdict(self),
+                "ort": onnxruntime.__version__,
+                "torch": torch.__version__,
+                "quantiser": QUANTISER_VERSION,
+                "data": calibration_data_tag(),
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+QUANTISER_VERSION = 1
+"""Bump when the options passed to the quantiser in ``quantize_onnx`` change (types, symmetry, exclusions)."""
+
+
+def calibration_data_tag(root: Path | None = None) -> str:
+    """Digest of the MoNuSeg training images' names and sizes (what calibration reads); DatasetError if absent.
+
+    Cheap (a directory listing), so ``--runtime ...-int8`` can check its calibration data before any slide runs."""
+    from histoseg.datasets.common import dataset_root, require_dir
+
+    folder = require_dir(dataset_root(root, "monuseg2018") / "MoNuSegTrainingData" / "Tissue_Images")
+    files = sorted((f.name, f.stat().st_size) for f in folder.glob("*.jpg"))
+    if not files:
+        raise DatasetError(f"no MoNuSeg training images in {folder} (int8 calibration needs them)")
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:12]
 
 
 def int8_path(onnx_dir: Path, content_key: str, settings: CalibrationSettings) -> Path:

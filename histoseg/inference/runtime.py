@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from histoseg.config import RUNTIME_CHOICES
-from histoseg.errors import ConfigError, ModelError
+from histoseg.errors import ConfigError, DatasetError, ModelError
 from histoseg.models import ModelArtifact, load_model
 
 CACHE_ENV = "HISTOSEG_CACHE"
@@ -81,6 +81,13 @@ def resolve_runtime(requested: str, device: str = "cpu") -> RuntimeChoice:
         raise ConfigError(
             f"--runtime {requested} needs {_packages(requested)}, not installed here (pip install 'histoseg[fast]')"
         )
+    if requested.endswith(INT8_SUFFIX):  # calibration reads MoNuSeg training images: fail before any slide runs
+        from histoseg.inference.quantize import calibration_data_tag
+
+        try:
+            calibration_data_tag()
+        except DatasetError as exc:
+            raise ConfigError(f"--runtime {requested} calibrates on MoNuSeg training images: {exc}") from exc
     reason = "default: exact across region sizes" if requested == "torch" else "requested"
     return RuntimeChoice(requested, requested, reason)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from histoseg.errors import ModelError
 from histoseg.export.atomic import atomic_file
-from histoseg.models.network import STRIDE, NetConfig
+from histoseg.models.network import STRIDE, SWITCH_DEFAULTS, NetConfig
 from histoseg.postprocess.watershed import WatershedParams
 
 CARD_FORMAT = 1
@@ -111,9 +111,7 @@ class ModelCard:
                 width=_int(arch, "width", *LIMITS["width"], default=32),
                 blocks=tuple(_num(b, "architecture.blocks", *LIMITS["blocks"], integer=True) for b in blocks),  # type: ignore[arg-type]
                 n_types=_int(arch, "n_types", *LIMITS["n_types"], default=0),
-                block=str(arch.get("block", "basic")),
-                decoder=str(arch.get("decoder", "plain")),
-                heads=str(arch.get("heads", "separate")),
+                **{key: str(arch.get(key, default)) for key, default in SWITCH_DEFAULTS.items()},
             )
         except ValueError as exc:
             raise ModelError(f"malformed model card: {exc}") from exc

@@ -20,7 +20,7 @@ adaptation. The network knows tensors, not slides.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ class NetConfig:
         """The card's architecture record; a switch at its default is left out, so older cards stay byte-identical."""
         d = asdict(self)
         d["blocks"] = list(self.blocks)
-        for key, default in (("block", "basic"), ("decoder", "plain"), ("heads", "separate")):
+        for key, default in SWITCH_DEFAULTS.items():
             if d[key] == default:
                 del d[key]
         return d
@@ -59,9 +59,7 @@ class NetConfig:
             width=int(d.get("width", 32)),  # type: ignore[call-overload]
             blocks=tuple(int(b) for b in blocks),  # type: ignore[union-attr, arg-type, attr-defined]
             n_types=int(d.get("n_types", 0)),  # type: ignore[call-overload]
-            block=str(d.get("block", "basic")),
-            decoder=str(d.get("decoder", "plain")),
-            heads=str(d.get("heads", "separate")),
+            **{key: str(d.get(key, default)) for key, default in SWITCH_DEFAULTS.items()},
         )
         return cfg
 
@@ -79,6 +77,10 @@ class NetConfig:
         ):
             if value not in choices:
                 raise ValueError(f"invalid architecture: {name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+SWITCH_DEFAULTS: dict[str, str] = {f.name: f.default for f in fields(NetConfig) if isinstance(f.default, str)}
+"""The architecture switches and their defaults (the original network), read from ``NetConfig`` itself."""
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1, relu: bool = True, kernel: int = 3) -> nn.Sequential:

@@ -24,7 +24,7 @@ from typing import Any
 
 from histoseg.config import LOCAL_CLUSTER, SegmentConfig
 from histoseg.distributed import ClusterSpec, TaskRunner, open_runner
-from histoseg.distributed.runner import InProcessRunner
+from histoseg.distributed.runner import DaskRunner
 from histoseg.errors import HistosegError, SlideNotFoundError
 from histoseg.inference import DensePredictor, NetworkPredictor
 from histoseg.io.open import IMAGE_SUFFIXES
@@ -135,7 +135,8 @@ def segment_batch(
     spec = cluster if cluster is not None else ClusterSpec(workers=config.workers)
     spec.check_device(config.device)
     if lookahead is None:
-        in_process = isinstance(runner, InProcessRunner) if runner is not None else _in_process(spec)
+        # a caller's runner: pipeline only onto Dask workers (anything else may run tasks in this process)
+        in_process = not isinstance(runner, DaskRunner) if runner is not None else _in_process(spec)
         lookahead = 0 if in_process else LOOKAHEAD
     run = runner or open_runner(spec, default_log_directory=Path(out_root) / CLUSTER_LOGS, lazy=True)
     errors = _input_errors(slides)
