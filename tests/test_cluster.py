@@ -214,9 +214,13 @@ def test_lazy_runner_starts_once_at_first_task_and_remembers_failure() -> None:
         raise HistosegError("no workers")
 
     lazy = LazyRunner(broken)  # type: ignore[arg-type]
-    lazy.close()  # closing an unstarted runner starts nothing
-    assert calls == []
+    assert calls == []  # nothing starts before the first task
     for _ in range(2):
         with pytest.raises(HistosegError, match="no workers"):
             lazy.imap_unordered(_square, [1])
+    assert calls == [1]  # the failure is remembered, not retried
+    closed = LazyRunner(broken)  # type: ignore[arg-type]
+    closed.close()  # closing an unstarted runner starts nothing, and nothing starts after it
+    with pytest.raises(HistosegError, match="closed"):
+        closed.imap_unordered(_square, [1])
     assert calls == [1]
