@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 COHORT_EXAMPLES = """\
 examples:
@@ -54,14 +53,13 @@ def add_cohort_parser(
 
 def run_adapt_cohort(args: argparse.Namespace) -> int:
     """``histoseg adapt-cohort``: check every option and the output first, sample the slides' crops, adapt."""
+    from histoseg.cli.learn import model_output
     from histoseg.cohort.train import CohortSettings, adapt_cohort, cohort_crops
     from histoseg.errors import ConfigError
     from histoseg.export.atomic import check_writable_target
     from histoseg.models.registry import check_not_a_model_source, resolve_model
 
-    out = Path(args.output)
-    if out.suffix != ".safetensors":
-        raise ConfigError("--output must end in .safetensors (the card is written beside it as .json)")
+    out = model_output(args.output)
     if args.slide_mpp is not None and not args.slide_mpp > 0:
         raise ConfigError(f"--slide-mpp must be positive, got {args.slide_mpp}")
     settings = CohortSettings(

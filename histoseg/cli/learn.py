@@ -6,8 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
+from histoseg.errors import ConfigError
 from histoseg.export.atomic import atomic_file, check_writable_target
 from histoseg.models.registry import check_not_a_model_source
+
+
+def model_output(arg: str) -> Path:
+    """``--output`` of a command that writes a model: a ``.safetensors`` path (its card goes beside it)."""
+    out = Path(arg)
+    if out.suffix != ".safetensors":
+        raise ConfigError("--output must end in .safetensors (the card is written beside it as .json)")
+    return out
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -23,13 +32,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from histoseg.errors import ConfigError
     from histoseg.models.registry import resolve_model
     from histoseg.training.finetune import FinetuneSettings, finetune
 
-    out = Path(args.output)
-    if out.suffix != ".safetensors":
-        raise ConfigError("--output must end in .safetensors (the card is written beside it as .json)")
+    out = model_output(args.output)
     if args.iterations < 1:
         raise ConfigError("--iterations must be >= 1")
     check_not_a_model_source(out, resolve_model(args.model))
@@ -85,14 +91,11 @@ def run_adapt(args: argparse.Namespace) -> int:
     """Plan the slide as ``segment`` would and adapt with the same function (``pipeline.adapt.adapt_slide``:
     same crops, single-threaded), then keep the adapted artifact at ``--output``."""
     from histoseg.config import SegmentConfig
-    from histoseg.errors import ConfigError
     from histoseg.inference import NetworkPredictor
     from histoseg.pipeline.adapt import adapt_slide
     from histoseg.pipeline.plan import default_predictor, plan_slide
 
-    out = Path(args.output)
-    if out.suffix != ".safetensors":
-        raise ConfigError("--output must end in .safetensors (the card is written beside it as .json)")
+    out = model_output(args.output)
     if args.tta in ("none", "auto"):
         raise ConfigError("histoseg adapt needs a method: --tta bn|tent|g2p")
     config = SegmentConfig(

@@ -69,28 +69,30 @@ def keep_freed_memory(keep_bytes: int = KEEP_ALL) -> bool:
     the same reached 3.8 GB in all (vs 2.5 GB), over the 3 GB budget, so workers keep glibc's defaults.
     No effect outside glibc (e.g. macOS, musl) or with ``HISTOSEG_KEEP_MEMORY=0``.
     """
-    if os.environ.get(KEEP_MEMORY_ENV, "1") == "0" or platform.libc_ver()[0] != "glibc":
+    mallopt = None if os.environ.get(KEEP_MEMORY_ENV, "1") == "0" else _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # pragma: no cover - glibc always has mallopt
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, max(0, min(keep_bytes, KEEP_ALL))))
+
+
+def _glibc(name: str, *argtypes: Any) -> Any:
+    """glibc's allocator function ``name`` with its argument types, or None outside glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):  # pragma: no cover - glibc always has mallopt and malloc_trim
+        return None
+    fn.argtypes = list(argtypes)
+    return fn
 
 
 def restore_allocator_defaults() -> None:
     """Put back glibc's documented defaults for what :func:`keep_freed_memory` changed (mmap for large blocks,
     128 KiB trim threshold) and hand the kept memory back, so a library caller's process is left as found."""
-    if platform.libc_ver()[0] != "glibc":
+    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # pragma: no cover
-        return
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
     mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
     release_freed_memory()
@@ -101,14 +103,9 @@ def release_freed_memory() -> None:
 
     Called when a slide's regions are done: the buffers kept for the next region are not needed while the
     client stitches and exports, and would otherwise add to that stage's peak."""
-    if platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # pragma: no cover
-        return
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
+    trim = _glibc("malloc_trim", ctypes.c_size_t)
+    if trim is not None:
+        trim(0)
 
 
 class InProcessRunner:
