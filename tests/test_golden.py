@@ -35,16 +35,16 @@ PROBABILITY = re.compile(rb'("Detection probability":)([^,}]+)')
 REL_TOL = 1e-5  # on the weighted probability sum: far above fp32 kernel noise, far below any real change
 
 DEMO: dict[str, object] = {
-    "geojson": "161c5e86e74e9f8f3ff8923af99c1e832d0cd26301f9108c686523ad6103baec",
-    "parquet": "1d76f97fd5799644bf4772e2c089086c9678cf2b663a4303bfe24db30eb474f1",
-    "zarr": "a8e0e4f62f48228905cff63de822ac56ce9501baca74e9d049dfc5b68a8f311e",
-    "probability": 118.78251397826018,
+    "geojson": "79538b26f7b21c6805aa7ac69dba20457250394617837479e49462b8d7e26b88",
+    "parquet": "f4f2a9050bee575d493cfc189d86a0570e6a5eaeb73087451f0e943366ec2d91",
+    "zarr": "5cfa54f0d46dca62b465353ebb5790dbbc9bf64a02c40be001427a0590476fcf",
+    "probability": 118.80647606787181,
 }
 CMU: dict[str, object] = {
-    "geojson": "5a3ab5a09f70953efac4b4dabb7b336435f9d490d5fabe0c8c30075a783dedd6",
-    "parquet": "6c75a76e37b472526a20c938f2f9265b0c74b039bd2b81954f6d397e31b5100c",
-    "zarr": "ea4556e9afd4fdf87d083e537fa0f1a66a4d7a9eeb5b32da4346376784ca172f",
-    "probability": 1307.7070990908032,
+    "geojson": "795d11e070a9761c0627e32820696f8d5cd69a7c92303a0f3d0cc1a0dff2dcc1",
+    "parquet": "84063b3485cb3df2b4a86cc78b8e0613c4b2733beec01ff19f2b0fd1144c11df",
+    "zarr": "95de6082f95ae57583f2561e4cb69098c171cdf3b25a963eed1244e8ab7ab95c",
+    "probability": 1311.2508329543698,
 }
 
 

@@ -73,8 +73,8 @@ def run_region(region: Region, spec: SlideTaskSpec, predictor: DensePredictor) -
 
     t0 = time.perf_counter()
     labels = separate_instances(np_prob, hv, spec.mpp, spec.params)
-    ids, cyx, slices = instance_centroids(labels)
-    own = owned_mask(cyx + np.array([rb.y, rb.x]), region) if len(ids) else np.zeros(0, bool)
+    ids, cyx, slices = instance_centroids(labels, origin_yx=(rb.y, rb.x))  # plane centroids, exact
+    own = owned_mask(cyx, region) if len(ids) else np.zeros(0, bool)
     keep, keep_c = ids[own], cyx[own]
     edge = touches_halo_edge(slices, keep, labels.shape, region, spec.plane.plane_shape)
     table = measure_instances(

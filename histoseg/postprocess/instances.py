@@ -33,8 +33,16 @@ def hematoxylin(rgb: np.ndarray) -> np.ndarray:
     return (od.reshape(-1, 3) @ _HED_INV[:, 0].astype(np.float32)).reshape(rgb.shape[:2])
 
 
-def instance_centroids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[slice, slice] | None]]:
-    """Ids present, their centroids (y, x) in label-pixel units (pixel i spans [i, i+1)), and slices."""
+def instance_centroids(
+    labels: np.ndarray, origin_yx: tuple[int, int] = (0, 0)
+) -> tuple[np.ndarray, np.ndarray, list[tuple[slice, slice] | None]]:
+    """Ids present, their centroids (y, x) in the pixel units of the plane in which ``labels[0, 0]`` lies at
+    ``origin_yx`` (pixel i spans [i, i+1)), and slices (local to ``labels``).
+
+    The origin is added to the integer coordinate sums before the one division, never to a local centroid:
+    a nucleus seen by two regions at different origins then gets the bit-identical centroid (adding an
+    offset to a rounded local mean could differ in the last bit), so outputs and the ownership of nuclei
+    at region borders do not depend on the region size."""
     n = int(labels.max())
     if n == 0:
         return np.zeros(0, np.int64), np.zeros((0, 2)), []
@@ -47,8 +55,11 @@ def instance_centroids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, list
     ys, xs = np.divmod(nz, labels.shape[1])
     counts = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
     present = counts > 0
-    cy = np.bincount(lab, weights=ys, minlength=n + 1)[1:][present] / counts[present] + 0.5
-    cx = np.bincount(lab, weights=xs, minlength=n + 1)[1:][present] / counts[present] + 0.5
+    oy, ox = origin_yx
+    sy = np.bincount(lab, weights=ys, minlength=n + 1)[1:][present] + counts[present] * oy  # integers, exact
+    sx = np.bincount(lab, weights=xs, minlength=n + 1)[1:][present] + counts[present] * ox
+    cy = sy / counts[present] + 0.5
+    cx = sx / counts[present] + 0.5
     slices = ndi.find_objects(labels)
     return idx[present], np.stack([cy, cx], axis=1), slices
 
@@ -141,7 +152,8 @@ def measure_instances(
 ) -> InstanceTable:
     """Measure the instances ``keep`` (label ids) of ``labels`` whose pixel [0, 0] is plane ``origin_yx``.
 
-    ``centroids_yx`` are local (label-image) centroids aligned with ``keep``. With a type map ``tp_prob``
+    ``centroids_yx`` are plane centroids aligned with ``keep`` (``instance_centroids`` with the same origin).
+    With a type map ``tp_prob``
     ((C, H, W) independent per-class probabilities, no background channel) a nucleus gets the class with
     the highest mean probability over its mask, and that mean as its probability; without one it is class
     1 with its mean nucleus probability.
@@ -192,7 +204,7 @@ def measure_instances(
         meas["eccentricity"][i] = float(rp.eccentricity)
         meas["solidity"][i] = float(rp.solidity)
         meas["mean_hematoxylin"][i] = float(hem[sl][mask].mean())
-    cyx = centroids_yx + np.array([oy, ox], dtype=np.float64)
+    cyx = np.asarray(centroids_yx, dtype=np.float64)
     table.ids = np.zeros(n, np.uint32)
     table.anchors = np.floor(cyx).astype(np.int64)
     table.centroids = np.stack([cyx[:, 1], cyx[:, 0]], axis=1) * scale
