@@ -153,10 +153,9 @@ def measure_instances(
     """Measure the instances ``keep`` (label ids) of ``labels`` whose pixel [0, 0] is plane ``origin_yx``.
 
     ``centroids_yx`` are plane centroids aligned with ``keep`` (``instance_centroids`` with the same origin).
-    With a type map ``tp_prob``
-    ((C, H, W) independent per-class probabilities, no background channel) a nucleus gets the class with
-    the highest mean probability over its mask, and that mean as its probability; without one it is class
-    1 with its mean nucleus probability.
+    With a type map ``tp_prob`` ((C, H, W) independent per-class probabilities, no background channel) a
+    nucleus gets the class with the highest mean probability over its mask, and that mean as its
+    probability; without one it is class 1 with its mean nucleus probability.
     """
     mpp, scale = plane.mpp, plane.scale
     oy, ox = origin_yx
