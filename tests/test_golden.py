@@ -35,14 +35,14 @@ PROBABILITY = re.compile(rb'("Detection probability":)([^,}]+)')
 REL_TOL = 1e-5  # on the weighted probability sum: far above fp32 kernel noise, far below any real change
 
 DEMO: dict[str, object] = {
-    "geojson": "79538b26f7b21c6805aa7ac69dba20457250394617837479e49462b8d7e26b88",
-    "parquet": "f4f2a9050bee575d493cfc189d86a0570e6a5eaeb73087451f0e943366ec2d91",
+    "geojson": "e03f1ce385d99eaf398052de7b203e5b52cd15e7d8a060cb032ce1e5cdc43240",
+    "parquet": "9fa3fa6199f329965b6a75516608e912eb403acb93fe9eb4c5cbac8167e0c479",
     "zarr": "5cfa54f0d46dca62b465353ebb5790dbbc9bf64a02c40be001427a0590476fcf",
     "probability": 118.80647606787181,
 }
 CMU: dict[str, object] = {
-    "geojson": "795d11e070a9761c0627e32820696f8d5cd69a7c92303a0f3d0cc1a0dff2dcc1",
-    "parquet": "84063b3485cb3df2b4a86cc78b8e0613c4b2733beec01ff19f2b0fd1144c11df",
+    "geojson": "d441a5c0a322f40ca1d3f0dad21d85cf5ae1b1638a96ef36f954d7cb2290f505",
+    "parquet": "393b7888ae89c02fe15f9d3b6ffa65b23deb58bce6cdad6ec0b3bbf882e078c5",
     "zarr": "95de6082f95ae57583f2561e4cb69098c171cdf3b25a963eed1244e8ab7ab95c",
     "probability": 1311.2508329543698,
 }

@@ -61,3 +61,37 @@ def test_hematoxylin_higher_on_purple_than_on_pink() -> None:
     purple = np.full((4, 4, 3), (90, 60, 150), np.uint8)
     pink = np.full((4, 4, 3), (240, 170, 210), np.uint8)
     assert hematoxylin(purple).mean() > hematoxylin(pink).mean() + 0.1
+
+
+def test_shape_measures_on_hand_built_masks() -> None:
+    """Eccentricity and solidity with known answers: a rectangle's pixel variances are (n² - 1) / 12 per
+    axis, a line is eccentric 1, a square 0; an L of 5 pixels has a convex hull of area 7."""
+    from histoseg.postprocess.instances import eccentricity, pixel_outline, solidity
+
+    rect = np.ones((3, 7), bool)
+    assert np.isclose(eccentricity(rect), np.sqrt(1 - (3**2 - 1) / (7**2 - 1)), rtol=0, atol=1e-12)
+    assert eccentricity(np.ones((1, 6), bool)) == 1.0
+    assert eccentricity(np.ones((4, 4), bool)) == 0.0
+    assert eccentricity(np.ones((1, 1), bool)) == 0.0
+    assert solidity(21.0, pixel_outline(rect)) == 1.0
+    ell = np.zeros((3, 3), bool)
+    ell[:, 0] = True
+    ell[2, :] = True
+    assert solidity(float(ell.sum()), pixel_outline(ell)) == 5 / 7
+
+
+def test_eccentricity_is_scikit_images_definition() -> None:
+    """The closed form agrees with ``regionprops`` (same ellipse-of-moments definition) on random blobs."""
+    from scipy import ndimage as ndi
+    from skimage.measure import regionprops
+
+    from histoseg.postprocess.instances import eccentricity, solid_mask
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        blob = ndi.gaussian_filter(rng.random((24, 24)), 3) > 0.5
+        if not blob.any():
+            continue
+        m = solid_mask(blob)
+        want = regionprops(m.astype(np.uint8))[0].eccentricity
+        assert abs(eccentricity(m) - want) < 1e-12

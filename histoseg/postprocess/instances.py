@@ -7,15 +7,18 @@ Each nucleus is then made solid (:func:`solid_mask`: largest 4-connected part, h
 outline is the boundary of those pixels along pixel edges (:func:`pixel_outline`), so the polygon QuPath
 reads has exactly the area we report: ``area_um2 = pixel count x mpp² = polygon area x mpp²``. The
 ``perimeter_um`` measurement is not the outline's length (a pixel staircase overestimates a smooth
-boundary by up to ~27 %): it is scikit-image's perimeter estimate of the same pixels.
+boundary by up to ~27 %): it is scikit-image's perimeter estimate of the same pixels. ``solidity`` is the
+outline's area over its convex hull's area (QuPath's definition for a polygon ROI) and ``eccentricity``
+that of the ellipse with the pixels' second moments, both in closed form: a scikit-image region object
+per nucleus cost half of the measurement time (issue 13).
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import perimeter as sk_perimeter
-from skimage.measure import regionprops
 
 from histoseg.types import InstanceTable, PlaneInfo
 
@@ -84,6 +87,31 @@ def solid_mask(mask: np.ndarray) -> np.ndarray:
     if n_bg > 1:
         m = bg[1:-1, 1:-1] != bg[0, 0]
     return m
+
+
+def eccentricity(mask: np.ndarray) -> float:
+    """Eccentricity of the ellipse with the same second central moments as the mask's pixel centres.
+
+    The definition scikit-image's ``regionprops`` uses (0 for a circle, towards 1 for a line; 0 for a single
+    pixel), computed in closed form from three moments instead of building a region object per nucleus."""
+    ys, xs = np.nonzero(mask)
+    if ys.size < 2:
+        return 0.0
+    dy, dx = ys - ys.mean(), xs - xs.mean()
+    a, c, b = float(np.mean(dx * dx)), float(np.mean(dy * dy)), float(np.mean(dx * dy))
+    half, rad = (a + c) / 2.0, float(np.hypot((a - c) / 2.0, b))
+    l1, l2 = half + rad, max(half - rad, 0.0)
+    return float(np.sqrt(1.0 - l2 / l1)) if l1 > 0 else 0.0
+
+
+def solidity(area_px: float, ring: np.ndarray) -> float:
+    """Area over the area of the outline's convex hull, as QuPath defines ``Solidity`` for a polygon ROI.
+
+    ``ring`` is the pixel-edge outline (:func:`pixel_outline`, integer corners), whose area is ``area_px``
+    exactly; the hull of integer vertices is exact in float32, and its area is computed in float64."""
+    hull = cv2.convexHull(ring.astype(np.float32))
+    hull_area = float(cv2.contourArea(hull))
+    return area_px / hull_area if hull_area > 0 else 1.0
 
 
 def pixel_outline(mask: np.ndarray) -> np.ndarray:
@@ -188,6 +216,8 @@ def measure_instances(
             cls_ids[i] = 1
             probs[i] = float(np_prob[sl][mask].mean())
         poly = pixel_outline(mask)
+        area_px = float(mask.sum())
+        meas["solidity"][i] = solidity(area_px, poly)
         poly[:, 0] += ox + x0
         poly[:, 1] += oy + y0
         polys.append(poly * scale)
@@ -197,11 +227,9 @@ def measure_instances(
             (ox + sl[1].stop) * scale,
             (oy + sl[0].stop) * scale,
         )
-        rp = regionprops(mask.astype(np.uint8))[0]
-        meas["area_um2"][i] = float(mask.sum()) * mpp * mpp  # == outline area x mpp², exactly
+        meas["area_um2"][i] = area_px * mpp * mpp  # == outline area x mpp², exactly
         meas["perimeter_um"][i] = float(sk_perimeter(mask)) * mpp
-        meas["eccentricity"][i] = float(rp.eccentricity)
-        meas["solidity"][i] = float(rp.solidity)
+        meas["eccentricity"][i] = eccentricity(mask)
         meas["mean_hematoxylin"][i] = float(hem[sl][mask].mean())
     cyx = np.asarray(centroids_yx, dtype=np.float64)
     table.ids = np.zeros(n, np.uint32)
