@@ -1,6 +1,6 @@
 """Development benchmark of per-slide adaptation on real shifts: per-image wins and losses against ``none``.
 
-    python benchmarks/tta_dev.py [--methods none,bn,tent,g2p,g2p-top,g2p-bnstats] [--per-set 14]
+    python benchmarks/tta_dev.py [--methods none,bn,tent,g2p,g2p-top] [--per-set 14]
                                  [--dsb-limit 20] [--json out.json]
 
 Each image is one slide: K seeded crops of it (at the model's resolution) adapt the model, then the whole
@@ -53,7 +53,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "g2p": {"method": "g2p", "params": "all"},
     "g2p-top": {"method": "g2p", "params": "top"},
     "g2p-bn": {"method": "g2p", "params": "bn"},
-    "g2p-bnstats": {"method": "g2p", "params": "bnstats"},
 }
 
 
@@ -135,7 +134,8 @@ def run_image(set_name: str, idx: int, s: Sample, true_mpp: float, net: Any, car
                        interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
     crops = crops_of(img_m, base.regions, base.crop, seed=idx)
     none = score(set_name, s, true_mpp, predict_native(net, card, s))
-    src_census = plausibility.census(net, card, crops)
+    src_maps = plausibility.segment_crops(net, card, crops)
+    src_census = plausibility.census_of(src_maps)
     row: dict[str, Any] = {"set": set_name, "image": s.name, "none": none, "methods": {}}
     for m in methods:
         if m == "none":
@@ -152,8 +152,10 @@ def run_image(set_name: str, idx: int, s: Sample, true_mpp: float, net: Any, car
             use = type(net)(card.net)
             use.load_state_dict(res.state)
             use.eval()
-            c, a = plausibility.ratios(src_census, plausibility.census(use, card, crops))
-            rec.update(score=score(set_name, s, true_mpp, predict_native(use, card, s)), count_ratio=c, area_ratio=a)
+            maps = plausibility.segment_crops(use, card, crops)
+            c, a = plausibility.ratios(src_census, plausibility.census_of(maps))
+            rec.update(score=score(set_name, s, true_mpp, predict_native(use, card, s)), count_ratio=c, area_ratio=a,
+                       changed=plausibility.changed_nuclei(src_maps, maps, crops), src_count=src_census.count)
         row["methods"][m] = rec
     return row
 
@@ -184,24 +186,28 @@ def summarise(rows: list[dict[str, Any]], count: tuple[float, float], area: tupl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
-    ap.add_argument("--methods", default="none,bn,tent,g2p,g2p-top,g2p-bnstats")
+    ap.add_argument("--methods", default="none,bn,tent,g2p,g2p-top")
     ap.add_argument("--per-set", type=int, default=14, help="MoNuSeg test tiles per transformed set")
     ap.add_argument("--dsb-limit", type=int, default=20)
     ap.add_argument("--count-bounds", default="0.8,1.25")
     ap.add_argument("--area-bounds", default="0.8,1.25")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--summary", default=None, help="only print the summary of an earlier --json")
+    ap.add_argument("--shard", default="0/1", help="i/n: run every n-th image from the i-th (parallel processes)")
+    ap.add_argument("--summary", default=None, help="only print the summary of earlier --json files (comma-separated)")
     args = ap.parse_args()
     cb = tuple(float(v) for v in args.count_bounds.split(","))
     ab = tuple(float(v) for v in args.area_bounds.split(","))
     if args.summary:
-        print(summarise(json.loads(Path(args.summary).read_text())["rows"], cb, ab))  # type: ignore[arg-type]
+        rows_in = [r for f in args.summary.split(",") for r in json.loads(Path(f).read_text())["rows"]]
+        print(summarise(rows_in, cb, ab))  # type: ignore[arg-type]
         return
+    shard, shards = (int(v) for v in args.shard.split("/"))
     torch.set_num_threads(1)
     net, card = load_model(resolve_model(args.model))
     net.float().eval()
     sets = build_sets(args.per_set, args.dsb_limit)
     order = [(name, i) for i in range(max(len(v) for v in sets.values())) for name, v in sets.items() if i < len(v)]
+    order = order[shard::shards]
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for name, i in order:
@@ -209,7 +215,8 @@ def main() -> None:
         row = run_image(name, i, s, true_mpp, net, card, args.methods.split(","), TTASettings())
         rows.append(row)
         print(f"{time.perf_counter() - t_start:7.0f}s {name:<15} {s.name[:24]:<24} none {row['none']:.3f} " + " ".join(
-            f"{m} {r['score'] - row['none']:+.3f}{'k' if r['kept'] else ''}(c{r['count_ratio']:.2f})"
+            f"{m} {r['score'] - row['none']:+.3f}{'k' if r['kept'] else ''}(c{r['count_ratio']:.2f}"
+            + (f" z{r['changed']['z_added']:.2f}/{r['changed']['z_removed']:.2f})" if "changed" in r else ")")
             for m, r in row["methods"].items()), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

@@ -308,7 +308,7 @@ def test_adapt_never_overwrites_a_model(tmp_path: Path, capsys: pytest.CaptureFi
         (["--output", "/proc/x.safetensors"], "cannot write"),
     ]
     for extra, text in cases:
-        assert main(["adapt", str(slide), "--slide-mpp", "0.5", "--tta", "bn", *extra]) == 1
+        assert main(["adapt", str(slide), "--slide-mpp", "0.5", "--tta", "g2p", *extra]) == 1
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and text in err[0], err
     assert model.read_bytes() == before

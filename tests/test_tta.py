@@ -185,29 +185,6 @@ def test_top_ratio_layers_move_and_the_others_stay(model: tuple[NucleiNet, Model
         assert same == (name not in moved), name
 
 
-def test_bnstats_moves_statistics_and_affine_only(shared_data: Path) -> None:
-    """On a real image from another lab (DSB) with the shipped model: the BN statistics become the slide's
-    (as AdaBN's), only BN affine parameters then move, and no convolution changes."""
-    from histoseg.models import load_model, resolve_model
-    from histoseg.training.evaluate import load_dataset
-
-    net, card = load_model(resolve_model("default"))
-    img = load_dataset("dsb")[0].image[:, :, :3]
-    imgs = [np.ascontiguousarray(img[:256, :256]), np.ascontiguousarray(img[:256, -256:])]
-    st = TTASettings(method="g2p", steps=2, gate=0.0, params="bnstats", guard=False)
-    res = adapt(net, card, imgs, st)
-    ada = adapt(net, card, imgs, TTASettings(method="bn", guard=False))
-    assert res.state is not None and ada.state is not None, res.report["guard"]
-    src = net.state_dict()
-    for name, m in net.named_modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.testing.assert_close(res.state[f"{name}.weight"], src[f"{name}.weight"])
-    for name in bn_layers(net):
-        torch.testing.assert_close(res.state[f"{name}.running_mean"], ada.state[f"{name}.running_mean"])
-    assert set(res.report["moved_layers"]) == set(bn_layers(net))
-    assert any(not torch.equal(res.state[f"{k}.weight"], src[f"{k}.weight"]) for k in bn_layers(net))
-
-
 def test_plausibility_bounds_known_answers() -> None:
     from histoseg.tta.guard import Census, implausible, ratios
 
@@ -220,6 +197,45 @@ def test_plausibility_bounds_known_answers() -> None:
     assert implausible(Census(0, 0.0), Census(0, 0.0), (0.8, 1.25), (0.8, 1.25)) == ""  # nothing found twice
     with pytest.raises(ConfigError):
         TTASettings(count_bounds=(1.1, 1.5))
+
+
+def _stained(h_od: np.ndarray) -> np.ndarray:
+    """An RGB crop whose hematoxylin optical density is ``h_od`` (eosin 0.2 everywhere): colour deconvolution
+    run backwards with the same H&E vectors as ``postprocess.hematoxylin``."""
+    from histoseg.postprocess.instances import _HED
+
+    od = h_od[..., None] * _HED[0] + 0.2 * _HED[1]
+    return np.clip(255.0 * np.exp(-od), 0, 255).astype(np.uint8)
+
+
+def test_changed_nuclei_contrast_on_a_hand_built_crop() -> None:
+    """Added nuclei on stroma score ~0, added nuclei as dark as the kept ones ~1; removed ones likewise; no
+    change scores 1 (nothing to judge); the rule rejects pale additions and dark removals."""
+    from histoseg.tta.guard import changed_nuclei, unlike_nuclei
+
+    h = np.full((64, 64), 0.1)  # stroma
+    h[:, 56:] = 0.0  # no hematoxylin: eosin only, still tissue
+    h[4:12, 4:12] = h[4:12, 30:38] = h[40:48, 4:12] = 1.0  # three dark nuclei
+    crop = _stained(h)
+    before = np.zeros((64, 64), np.int32)
+    before[4:12, 4:12], before[4:12, 30:38] = 1, 2
+    same = changed_nuclei([before], [before], [crop])
+    assert same["added"] == same["removed"] == 0 and np.isnan(same["z_added"]) and np.isnan(same["z_removed"])
+    assert unlike_nuclei(same, 0.4, 0.7) == ""
+    pale = before.copy()
+    pale[20:28, 20:28] = 3  # on stroma
+    got = changed_nuclei([before], [pale], [crop])
+    assert got["added"] == 1 and abs(got["z_added"]) < 0.05
+    assert unlike_nuclei(got, 0.4, None).startswith("the 1 nuclei added have stain contrast")
+    dark = before.copy()
+    dark[40:48, 4:12] = 3  # the third real nucleus, missed by the source
+    got = changed_nuclei([before], [dark], [crop])
+    assert got["added"] == 1 and abs(got["z_added"] - 1.0) < 0.05 and unlike_nuclei(got, 0.4, None) == ""
+    lost = before.copy()
+    lost[lost == 2] = 0
+    got = changed_nuclei([before], [lost], [crop])
+    assert got["removed"] == 1 and abs(got["z_removed"] - 1.0) < 0.05
+    assert unlike_nuclei(got, 0.4, 0.7).startswith("the 1 nuclei removed") and unlike_nuclei(got, 0.4, None) == ""
 
 
 def test_guard_rejects_a_real_adaptation_that_multiplies_nuclei(shared_data: Path) -> None:
@@ -242,6 +258,10 @@ def test_guard_rejects_a_real_adaptation_that_multiplies_nuclei(shared_data: Pat
     assert c["count_ratio"] > 1.25 and c["count_after"] > c["count_before"] > 20
     assert res.state is None and res.report["kept_source"]
     assert res.report["guard"].startswith("nucleus count changed implausibly")
+    # the stain check alone also rejects it: the nuclei added are much paler than the ones both models find
+    loose = adapt(net, card, crops, TTASettings(method="bn", count_bounds=(0.5, 3.0)))
+    assert loose.state is None and loose.report["census"]["added_contrast"] < 0.5
+    assert loose.report["guard"].startswith(f"the {loose.report['census']['added']} nuclei added have stain contrast")
 
 
 def test_type_distribution_reads_independent_sigmoids_over_nuclei() -> None:

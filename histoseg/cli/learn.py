@@ -97,7 +97,7 @@ def run_adapt(args: argparse.Namespace) -> int:
 
     out = model_output(args.output)
     if args.tta in ("none", "auto"):
-        raise ConfigError("histoseg adapt needs a method: --tta bn|tent|g2p")
+        raise ConfigError("histoseg adapt needs a method: --tta g2p")
     config = SegmentConfig(
         model=args.model,
         slide_mpp=args.slide_mpp,

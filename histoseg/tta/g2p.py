@@ -14,7 +14,7 @@ from histoseg.errors import ModelError
 from histoseg.models import ModelCard, NucleiNet
 from histoseg.models.bnstats import capture_bn_inputs
 from histoseg.tta import guard
-from histoseg.tta.bnops import adabn, affine_params
+from histoseg.tta.bnops import affine_params
 from histoseg.tta.settings import TTASettings
 from histoseg.tta.stats import gaussian_kl
 
@@ -77,7 +77,7 @@ class AlignmentLoss:
 
 def _param_groups(net: nn.Module, which: str) -> dict[str, list[nn.Parameter]]:
     """Layers as parameter groups: BN affine pairs, or every conv and BN module's parameters."""
-    if which in ("bn", "bnstats"):
+    if which == "bn":
         return affine_params(net)
     out: dict[str, list[nn.Parameter]] = {}
     for name, m in net.named_modules():
@@ -145,16 +145,13 @@ def g2p(net: NucleiNet, x: torch.Tensor, card: ModelCard, s: TTASettings) -> dic
             heads_best = guard.heads(out)
         if last:
             break
-        if it == 0 and s.params == "bnstats":
-            adabn(net, x)  # the first move: statistics re-estimated; later steps move the affine parameters
-            continue
         for p in params:
             p.grad = None
         loss.backward()
         norms = {name: (_norm([p.grad for p in ps]) + 1e-12, _norm(ps)) for name, ps in groups.items()}
         r = {name: g / (t + 1e-12) for name, (g, t) in norms.items()}
         if not ratios:
-            ratios = r  # at the source weights (after the statistics for "bnstats")
+            ratios = r  # at the source weights
             if s.params == "top":
                 groups = _top_groups(groups, r, s.top)
         mean_r = sum(r.values()) / max(1, len(r)) + 1e-12

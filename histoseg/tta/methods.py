@@ -27,7 +27,8 @@ are kept) and a JSON-able report. No source image is needed: G2P uses only the s
 
 Every method's result then passes the plausibility check (``guard``, ``TTASettings.guard``): the adapted and
 the source model segment the same crops, and an adaptation that changes the nucleus count or median area
-beyond ``count_bounds`` / ``area_bounds`` is rejected (the source weights are kept; the census is reported).
+beyond ``count_bounds`` / ``area_bounds``, or adds nuclei paler than the slide's nuclei
+(``min_added_contrast``), is rejected (the source weights are kept; the census is reported).
 """
 
 from __future__ import annotations
@@ -72,18 +73,28 @@ def adapt(net: NucleiNet, card: ModelCard, images: Sequence[np.ndarray], setting
         rep = g2p(work, x, card, settings)
     kept = bool(rep.get("kept_source", False))
     if not kept and settings.guard:
-        before = guard.census(copy.deepcopy(net).float().eval(), card, images)
-        after = guard.census(work, card, images)
-        reason = guard.implausible(before, after, settings.count_bounds, settings.area_bounds)
+        before_maps = guard.segment_crops(copy.deepcopy(net).float().eval(), card, images)
+        after_maps = guard.segment_crops(work, card, images)
+        before, after = guard.census_of(before_maps), guard.census_of(after_maps)
+        changed = guard.changed_nuclei(before_maps, after_maps, images)
+        reason = guard.implausible(before, after, settings.count_bounds, settings.area_bounds) or guard.unlike_nuclei(
+            changed, settings.min_added_contrast, settings.max_removed_contrast)
         c, a = guard.ratios(before, after)
         rep["census"] = {"count_before": before.count, "count_after": after.count, "count_ratio": round(c, 4),
                          "median_area_before": before.median_area, "median_area_after": after.median_area,
-                         "area_ratio": round(a, 4)}
+                         "area_ratio": round(a, 4), "added": int(changed["added"]),
+                         "removed": int(changed["removed"]), "added_contrast": _finite(changed["z_added"]),
+                         "removed_contrast": _finite(changed["z_removed"])}
         if reason:
             kept = True
             rep["guard"] = reason
     state = None if kept else {k: v.detach().clone() for k, v in work.state_dict().items()}
     return AdaptResult(state, {**base, **rep, "kept_source": kept, "seconds": time.perf_counter() - t0})
+
+
+def _finite(v: float) -> float | None:
+    """A JSON-safe number: None for nan (provenance is strict JSON)."""
+    return round(float(v), 4) if np.isfinite(v) else None
 
 
 def _entropy(out: dict[str, torch.Tensor]) -> torch.Tensor:
