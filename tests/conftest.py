@@ -45,3 +45,12 @@ def make_demo_slide(out: Path, size: int, seed: int) -> Path:
     cmd = [sys.executable, str(script), str(out), "--size", str(size), "--seed", str(seed)]
     subprocess.run(cmd, check=True, capture_output=True)
     return out
+
+
+# a DSB 2018 H&E image (another lab; 320 x 256 px, read at 0.5 µm/px) on which the default per-slide adaptation
+# runs and passes the guard (benchmarks/tta_dev.py: +0.11 PQ over no adaptation): tests that need adapted weights
+DSB_ADAPTS = "2246874c8b5ba218d01ad8153a201ad4660195f3e4c65da6b9d4ccaf82cb7edf"
+
+
+def dsb_image_that_adapts(shared_data: Path) -> Path:
+    return shared_data / "nuclei" / "dsb2018-he" / "stage1_train" / DSB_ADAPTS / "images" / f"{DSB_ADAPTS}.png"

@@ -42,18 +42,18 @@ def test_corrupt_tiles_give_one_error_line(shared_data: Path, tmp_path: Path) ->
     assert noise == [], proc.stderr[-3000:]
 
 
-def test_disk_full_while_saving_adapted_weights_is_one_line(tmp_path: Path) -> None:
+def test_disk_full_while_saving_adapted_weights_is_one_line(shared_data: Path, tmp_path: Path) -> None:
     """RLIMIT_FSIZE makes every write past 64 KB fail (EFBIG), as a full disk does, in a child process."""
-    from .conftest import make_demo_slide
+    from .conftest import dsb_image_that_adapts
 
-    slide = make_demo_slide(tmp_path / "demo.tif", 512, 1)
+    slide = dsb_image_that_adapts(shared_data)
     code = (
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))\n"
         "from histoseg.cli.main import main\n"
-        f"sys.exit(main(['adapt', {str(slide)!r}, '--output', {str(tmp_path / 'w.safetensors')!r},"
-        " '--tta', 'bn', '--tta-regions', '1']))\n"
+        f"sys.exit(main(['adapt', {str(slide)!r}, '--slide-mpp', '0.5', '--output', "
+        f"{str(tmp_path / 'w.safetensors')!r}]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-2000:]

@@ -13,7 +13,7 @@ import zarr
 from histoseg.cli.main import main
 from histoseg.models import resolve_model
 
-from .conftest import make_demo_slide
+from .conftest import DSB_ADAPTS, dsb_image_that_adapts, make_demo_slide
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +46,13 @@ def test_segment_with_g2p_records_the_adaptation(sample: Path, tmp_path: Path) -
         assert not adapted.exists() and model["sha256"] == rep["weights_sha256"] != rep["source_weights_sha256"]
 
 
-# a DSB 2018 H&E image (another lab; 320 x 256 px, read at 0.5 µm/px) on which the default adaptation runs and
-# passes the guard (benchmarks/tta_dev.py: +0.11 PQ over no adaptation)
-DSB_ADAPTS = "2246874c8b5ba218d01ad8153a201ad4660195f3e4c65da6b9d4ccaf82cb7edf"
-
-
-def _dsb_image(shared_data: Path) -> Path:
-    return shared_data / "nuclei" / "dsb2018-he" / "stage1_train" / DSB_ADAPTS / "images" / f"{DSB_ADAPTS}.png"
-
-
 def test_adapted_segmentation_is_the_same_for_workers_and_region_sizes(shared_data: Path, tmp_path: Path) -> None:
     """The default adapts a real image from another lab (the weights change), and the result is the same with
     one or two workers and at two region sizes: the adaptation's input and arithmetic depend on neither."""
-    tables = []
+    tables, image = [], dsb_image_that_adapts(shared_data)
     for w, size in ((1, 256), (2, 256), (1, 128)):
         out = tmp_path / f"w{w}-{size}"
-        args = ["segment", str(_dsb_image(shared_data)), "-o", str(out), "--slide-mpp", "0.5", "--workers", str(w),
+        args = ["segment", str(image), "-o", str(out), "--slide-mpp", "0.5", "--workers", str(w),
                 "--region-size", str(size), "--formats", "parquet", "--no-report"]
         assert main(args) == 0
         rep = _provenance(out, DSB_ADAPTS)["adaptation"]
@@ -79,7 +70,7 @@ def test_adapt_writes_weights_that_segment_reuses(
     shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     weights = tmp_path / "adapted.safetensors"
-    image = _dsb_image(shared_data)
+    image = dsb_image_that_adapts(shared_data)
     assert main(["adapt", str(image), "--slide-mpp", "0.5", "--output", str(weights)]) == 0
     assert weights.exists() and weights.with_suffix(".json").exists()
     card = json.loads(weights.with_suffix(".json").read_text())
