@@ -23,7 +23,7 @@ import torch
 
 from histoseg.inference import run_network
 from histoseg.models import ModelCard, NucleiNet
-from histoseg.postprocess import WatershedParams, separate_instances
+from histoseg.postprocess import WatershedParams, hematoxylin, separate_instances
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,6 @@ def changed_nuclei(
     as the ones both agree on, near 0 for stroma, fibres and debris. Relative to the slide's own nuclei and
     tissue, so it holds under stain shifts. Returns counts and the pooled z of added and removed nuclei
     (nan when there are none, or when the crops show no tissue between nuclei to compare with)."""
-    from histoseg.postprocess import hematoxylin
-
     sums = {"added": [0.0, 0], "removed": [0.0, 0], "kept": [0.0, 0], "tissue": [0.0, 0]}
     n = {"added": 0, "removed": 0}
     for b, a, crop in zip(before, after, crops, strict=True):
