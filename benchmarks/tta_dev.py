@@ -12,9 +12,10 @@ image is segmented. Sets (all real images; the MoNuSeg variants are transformati
   monuseg-stain    other stain vectors: H and E optical-density vectors turned by a seeded 10-25 degrees;
   dsb              DSB 2018 H&E subset (other labs and scanners; PQ);
   crchisto-val     CRCHisto validation (colorectal, 20x; per-image detection F1, points).
-Every adapted model is also segmented without the plausibility guard, and the guard's census ratios are
-recorded, so one run gives each method with and without the guard (``+guard``); ``g2p-top+guard`` is the
-shipped default (``--tta auto``). Images are taken round-robin
+Every adapted model is segmented without the plausibility guard, and what the guard looks at is recorded (the
+census ratios and the stain contrast of added and removed nuclei), so one run gives each method with and without
+the shipped guard (``+guard``, ``TTASettings``' rule; ``tta_guard_sweep.py`` tries others); ``g2p-top+guard`` is
+the shipped default (``--tta auto``). Images are taken round-robin
 over the sets and the JSON is rewritten after every image, so a run cut short still covers every set.
 """
 
@@ -160,21 +161,30 @@ def run_image(set_name: str, idx: int, s: Sample, true_mpp: float, net: Any, car
     return row
 
 
-def guarded(rec: dict[str, Any], none: float, count: tuple[float, float], area: tuple[float, float]) -> float:
-    ok = count[0] <= rec["count_ratio"] <= count[1] and area[0] <= rec["area_ratio"] <= area[1]
-    return float(rec["score"]) if ok else none
+def passes(rec: dict[str, Any], rule: TTASettings) -> bool:
+    """Whether an adaptation recorded by :func:`run_image` passes the guard of ``rule`` (its count and area
+    bounds and stain-contrast thresholds), judged as ``histoseg.tta.guard`` judges it, from the record."""
+    if rec["kept"]:
+        return False
+    (clo, chi), (alo, ahi) = rule.count_bounds, rule.area_bounds
+    return (clo <= rec["count_ratio"] <= chi and alo <= rec["area_ratio"] <= ahi
+            and not plausibility.unlike_nuclei(rec.get("changed", {}), rule.min_added_contrast,
+                                               rule.max_removed_contrast))
 
 
-def summarise(rows: list[dict[str, Any]], count: tuple[float, float], area: tuple[float, float]) -> str:
-    """Per method (raw and +guard): mean per set, mean change, wins / losses (>0.005), worst per-image change."""
-    methods = sorted({m for r in rows for m in r["methods"]}, key=list(VARIANTS).index)
+def summarise(rows: list[dict[str, Any]], rule: TTASettings) -> str:
+    """Per method (raw and +guard, the guard of ``rule``): mean per set, mean change, wins / losses (>0.005),
+    worst per-image change."""
+    order = list(VARIANTS)  # methods of older records (since removed) come last
+    methods = sorted({m for r in rows for m in r["methods"]}, key=lambda m: (m not in order, order.index(m)
+                                                                              if m in order else 0, m))
     sets = list(dict.fromkeys(r["set"] for r in rows))
     lines = ["method           " + "".join(f"{s[:14]:>15}" for s in sets) + "   mean-d  wins loss  >0.02  worst"]
     lines.append("none             " + "".join(
         f"{np.mean([r['none'] for r in rows if r['set'] == s]):>15.4f}" for s in sets))
     for m in methods:
         for g in (False, True):
-            vals = [(r, guarded(r["methods"][m], r["none"], count, area) if g else r["methods"][m]["score"])
+            vals = [(r, r["methods"][m]["score"] if not g or passes(r["methods"][m], rule) else r["none"])
                     for r in rows if m in r["methods"]]
             d = np.array([v - r["none"] for r, v in vals])
             per_set = "".join(f"{np.mean([v for r, v in vals if r['set'] == s]):>15.4f}" for s in sets)
@@ -189,17 +199,13 @@ def main() -> None:
     ap.add_argument("--methods", default="none,bn,tent,g2p,g2p-top")
     ap.add_argument("--per-set", type=int, default=14, help="MoNuSeg test tiles per transformed set")
     ap.add_argument("--dsb-limit", type=int, default=20)
-    ap.add_argument("--count-bounds", default="0.8,1.25")
-    ap.add_argument("--area-bounds", default="0.8,1.25")
     ap.add_argument("--json", default=None)
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th image from the i-th (parallel processes)")
     ap.add_argument("--summary", default=None, help="only print the summary of earlier --json files (comma-separated)")
     args = ap.parse_args()
-    cb = tuple(float(v) for v in args.count_bounds.split(","))
-    ab = tuple(float(v) for v in args.area_bounds.split(","))
     if args.summary:
         rows_in = [r for f in args.summary.split(",") for r in json.loads(Path(f).read_text())["rows"]]
-        print(summarise(rows_in, cb, ab))  # type: ignore[arg-type]
+        print(summarise(rows_in, TTASettings()))
         return
     shard, shards = (int(v) for v in args.shard.split("/"))
     torch.set_num_threads(1)
@@ -220,7 +226,7 @@ def main() -> None:
             for m, r in row["methods"].items()), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    print(summarise(rows, cb, ab))  # type: ignore[arg-type]
+    print(summarise(rows, TTASettings()))
 
 
 if __name__ == "__main__":

@@ -18,41 +18,36 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-INF = math.inf
+from histoseg.tta import TTASettings
+
+try:  # python -m benchmarks.tta_guard_sweep
+    from benchmarks.tta_dev import passes
+except ModuleNotFoundError:  # python benchmarks/tta_guard_sweep.py: this folder is sys.path[0]
+    from tta_dev import passes  # type: ignore[no-redef]
+
 COUNT_HI = (1.25, 1.5, 2.0, 3.0)
 COUNT_LO = (0.8, 0.67, 0.5)
 AREA = ((0.8, 1.25), (0.67, 1.5), (0.5, 2.0))
-Z_ADDED = (-INF, 0.3, 0.4, 0.5, 0.6)
-Z_REMOVED = (INF, 0.8, 0.7, 0.6)
+Z_ADDED = (None, 0.3, 0.4, 0.5, 0.6)  # None: not checked
+Z_REMOVED = (None, 0.8, 0.7, 0.6)
 
-Rule = tuple[float, float, tuple[float, float], float, float]
-
-
-def accepted(rec: dict[str, Any], rule: Rule) -> bool:
-    lo, hi, (alo, ahi), z_add, z_rem = rule
-    if rec["kept"]:
-        return False
-    ch = rec.get("changed", {})
-    # nothing added (removed) passes; nan otherwise (no tissue to compare with) fails, as in guard.unlike_nuclei
-    za = INF if not ch.get("added", 0) else (-INF if ch["z_added"] != ch["z_added"] else ch["z_added"])
-    zr = -INF if not ch.get("removed", 0) else (INF if ch["z_removed"] != ch["z_removed"] else ch["z_removed"])
-    return (lo <= rec["count_ratio"] <= hi and alo <= rec["area_ratio"] <= ahi
-            and (z_add == -INF or za >= z_add) and (z_rem == INF or zr <= z_rem))
+Rule = TTASettings | None  # a guard rule (its bounds and contrasts); None: no guard
 
 
 def evaluate(rows: list[dict[str, Any]], method: str, rule: Rule) -> dict[str, Any]:
+    """Change against ``none`` per image when ``rule`` judges the recorded adaptations (rejected: unchanged)."""
     d_shift, d_in, per_set = [], [], {}
     for r in rows:
         rec = r["methods"].get(method)
         if rec is None:
             continue
-        d = (rec["score"] - r["none"]) if accepted(rec, rule) else 0.0
+        ok = not rec["kept"] if rule is None else passes(rec, rule)
+        d = (rec["score"] - r["none"]) if ok else 0.0
         (d_in if r["set"] == "monuseg-test" else d_shift).append(d)
         per_set.setdefault(r["set"], []).append(d)
     ds = np.array(d_shift) if d_shift else np.zeros(1)
@@ -63,22 +58,26 @@ def evaluate(rows: list[dict[str, Any]], method: str, rule: Rule) -> dict[str, A
             "per_set": {k: float(np.mean(v)) for k, v in per_set.items()}}
 
 
-def rules() -> list[Rule]:
+def rules() -> list[TTASettings]:
     grid = itertools.product(COUNT_LO, COUNT_HI, AREA, Z_ADDED, Z_REMOVED)
-    return [(lo, hi, a, za, zr) for lo, hi, a, za, zr in grid]
+    return [TTASettings(count_bounds=(lo, hi), area_bounds=a, min_added_contrast=za, max_removed_contrast=zr)
+            for lo, hi, a, za, zr in grid]
 
 
-def best(rows: list[dict[str, Any]], method: str) -> tuple[Rule, dict[str, Any]]:
-    """No image worse by > 0.02 and in-domain within 0.005, then the best mean; ties: the tighter rule."""
+def best(rows: list[dict[str, Any]], method: str) -> tuple[TTASettings, dict[str, Any]]:
+    """No image worse by > 0.02 and in-domain within 0.005, then the best mean; ties: the tighter count bounds."""
     scored = [(rule, evaluate(rows, method, rule)) for rule in rules()]
     ok = [(r, e) for r, e in scored if e["worse"] == 0 and abs(e["in_domain"]) <= 0.005]
     pool = ok or scored
-    return max(pool, key=lambda re: (re[1]["mean"], -re[0][1], re[0][0]))
+    return max(pool, key=lambda re: (re[1]["mean"], -re[0].count_bounds[1], re[0].count_bounds[0]))
 
 
 def fmt(rule: Rule) -> str:
-    lo, hi, (alo, ahi), za, zr = rule
-    return f"count {lo}-{hi} area {alo}-{ahi} z_added>={za} z_removed<={zr}"
+    if rule is None:
+        return "no guard"
+    (lo, hi), (alo, ahi) = rule.count_bounds, rule.area_bounds
+    return (f"count {lo}-{hi} area {alo}-{ahi} added contrast >= {rule.min_added_contrast} "
+            f"removed contrast <= {rule.max_removed_contrast}")
 
 
 def main() -> None:
@@ -88,8 +87,12 @@ def main() -> None:
     args = ap.parse_args()
     rows = [r for f in args.records.split(",") for r in json.loads(Path(f).read_text())["rows"]]
     print(f"{len(rows)} images; method {args.method}")
-    named = {"no guard": (0.0, INF, (0.0, INF), -INF, INF), "shipped (count/area x0.8-1.25)":
-             (0.8, 1.25, (0.8, 1.25), -INF, INF)}
+    named: dict[str, Rule] = {
+        "no guard": None,
+        "previous (count/area x0.8-1.25)": TTASettings(count_bounds=(0.8, 1.25), area_bounds=(0.8, 1.25),
+                                                       min_added_contrast=None, max_removed_contrast=None),
+        "shipped (TTASettings)": TTASettings(),
+    }
     rule, _ = best(rows, args.method)
     named["best on all images"] = rule
     for name, r in named.items():
