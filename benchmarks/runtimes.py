@@ -10,7 +10,7 @@ difference of the NP/HV maps from PyTorch eager, and MoNuSeg-test PQ/AJI through
 (``--limit`` images; 0 skips accuracy) with the PQ change against eager. The issue's rule for a default:
 faster, and PQ no more than 0.005 below PyTorch eager. Prints the CPU it ran on.
 
-    pip install 'histoseg[fast]'; python -m benchmarks.runtimes [--size 1024] [--limit 14]
+    pip install 'histoseg[fast]'; python -m benchmarks.runtimes [--size 1024] [--limit 14] [--precision fp32|bf16]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from histoseg.config import RUNTIME_CHOICES
 from histoseg.datasets import Sample
 from histoseg.inference import NetworkPredictor
+from histoseg.inference.precision import cpu_native_bf16
 from histoseg.inference.predict import DensePredictor, run_network
 from histoseg.inference.runtime import CACHE_ENV, available
 from histoseg.models import ModelArtifact, ModelCard, NucleiNet, load_model, resolve_model
@@ -75,9 +76,11 @@ def accuracy(pred: DensePredictor, limit: int) -> dict[str, float]:
     return {"pq": res["mean"]["pq"], "aji": res["mean"]["aji"]}
 
 
-def prepare(name: str, art: ModelArtifact, region: np.ndarray) -> tuple[DensePredictor, float]:
+def prepare(name: str, art: ModelArtifact, region: np.ndarray, bf16: bool) -> tuple[DensePredictor, float]:
     """The engine's predictor after one warm-up pass; the seconds that pass took (export/calibrate/compile)."""
-    pred: DensePredictor = CompiledPredictor(art) if name == "torch-compile" else NetworkPredictor(art, runtime=name)
+    pred: DensePredictor = (
+        CompiledPredictor(art) if name == "torch-compile" else NetworkPredictor(art, runtime=name, bf16=bf16)
+    )
     t0 = time.perf_counter()
     pred.predict(region)
     return pred, time.perf_counter() - t0
@@ -89,12 +92,22 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--limit", type=int, default=14, help="MoNuSeg test images scored per engine (0: none)")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
+    ap.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="arithmetic of every engine (bf16 only where the CPU computes it natively; int8 engines ignore it)",
+    )
     args = ap.parse_args()
+    bf16 = args.precision == "bf16"
+    if bf16 and not cpu_native_bf16()[0]:
+        raise SystemExit("--precision bf16: this CPU has no native bf16 (it would be emulated, ~100x slower)")
     torch.set_num_threads(1)
     scratch = tempfile.mkdtemp(prefix="histoseg-bench-")  # prep timed from empty caches (export and inductor)
     os.environ.setdefault(CACHE_ENV, scratch)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(scratch, "inductor"))
     print(cpu_line())
+    print(f"precision: {args.precision} (torch-compile: fp32)")
     tissue, mpp0 = cmu1_pixels()
     step = 0.5 / mpp0
     idx = (np.arange(args.size) * step).astype(int)
@@ -109,7 +122,7 @@ def main() -> None:
             print(f"{name:<17} not installed")
             continue
         try:
-            preds[name], prep[name] = prepare(name, art, region)
+            preds[name], prep[name] = prepare(name, art, region, bf16)
         except Exception as exc:  # report and carry on: torch.compile needs a working C++ toolchain
             print(f"{name:<17} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
     times: dict[str, list[float]] = {n: [] for n in preds}

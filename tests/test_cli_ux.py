@@ -27,7 +27,7 @@ def test_segment_help_shows_defaults_and_examples(capsys: pytest.CaptureFixture[
     entries = {m.group(1): " ".join(m.group(0).split())
                for m in re.finditer(r"^  (-{1,2}[\w-]+)(?:, --[\w-]+)?.*?(?=^  -|\Z)", options, flags=re.M | re.S)}
     for flag, default in (("--region-size", "1024"), ("--precision", "auto"), ("--tta", "auto"),
-                          ("--formats", "geojson,zarr,parquet"), ("--model", "default"), ("--runtime", "torch"),
+                          ("--formats", "geojson,zarr,parquet"), ("--model", "default"), ("--runtime", "auto"),
                           ("--tta-regions", "4"), ("--tta-steps", "10"), ("--cluster", "local")):
         assert f"default: {default}" in entries[flag], (flag, entries[flag])
     assert "(default: None)" not in text and "(default: False)" not in text

@@ -1,7 +1,8 @@
 """Golden outputs: the embedded demo slide and CMU-1-Small-Region give exactly the recorded outputs.
 
 Why: refactors of the instance table, stitching and the region store must not change a single output
-value. The digests below were recorded with this version's code (fp32 on CPU, no TTA, one worker); a
+value. The digests below were recorded with this version's code (fp32 PyTorch, the reference engine, on CPU,
+no TTA, one worker; the default OpenVINO engine is held to PyTorch's maps in test_runtime.py); a
 change of a GeoJSON byte, a Parquet value (schema metadata included) or a Zarr array/attribute fails here.
 Parquet and Zarr are hashed by content (decoded values, parsed attributes), not by file bytes, so a new
 compressor or writer library version does not count as a change.
@@ -30,7 +31,7 @@ from histoseg.cli.main import main
 from .conftest import make_demo_slide
 
 RECORDED_ON = "AVX512"  # torch.backends.cpu.get_cpu_capability() of the machine the digests come from
-FLAGS = ["--tta", "none", "--precision", "fp32", "--workers", "1", "--no-report"]
+FLAGS = ["--tta", "none", "--precision", "fp32", "--runtime", "torch", "--workers", "1", "--no-report"]
 PROBABILITY = re.compile(rb'("Detection probability":)([^,}]+)')
 REL_TOL = 1e-5  # on the weighted probability sum: far above fp32 kernel noise, far below any real change
 

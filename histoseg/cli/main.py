@@ -113,10 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="network arithmetic: auto = bf16 where the device computes it natively (AVX512-BF16/AMX "
                      "CPUs, Arm BF16, CUDA with bf16), fp32 elsewhere; provenance.json records the choice and why")
     seg.add_argument("--runtime", default=SegmentConfig.runtime, choices=list(RUNTIME_CHOICES),
-                     help="engine of the network on CPU (pip install 'histoseg[fast]' for the others): "
-                     "openvino/onnxruntime run the same fp32 network faster; the -int8 engines run a post-training "
-                     "int8 quantisation (faster again, MoNuSeg-test PQ within 0.002, other nuclei at the margin); "
-                     "torch is the reference")
+                     help="engine of the network: auto = OpenVINO on the CPU where installed (1.5-1.6x PyTorch, same "
+                     "accuracy), PyTorch elsewhere; torch is the reference; onnxruntime and the -int8 engines (a "
+                     "post-training int8 quantisation: faster again, MoNuSeg-test PQ within 0.002, other nuclei at "
+                     "the margin) need pip install 'histoseg[fast]'; provenance.json records the engine and why")
     seg.add_argument("--keep-adapted", action="store_true",
                      help="keep the per-slide adapted weights (<stem>.adapted.safetensors) after _SUCCESS")
     seg.add_argument("--no-report", dest="report", action="store_false",

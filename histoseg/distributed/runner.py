@@ -10,7 +10,9 @@ The in-process runner also tells glibc's allocator to keep freed memory (:func:`
 network activations are hundreds of MB, served by ``mmap`` and handed back to the kernel after every
 forward pass, so each region faulted them in again page by page (measured: 2.3 million minor page faults
 and 6.6 s of system time in a 37 s CPU run on CMU-1-Small-Region; with the buffers kept, 0.25 million and
-1.6 s). The results do not change: only where the bytes live.
+1.6 s). The results do not change: only where the bytes live. Between tasks it hands the free memory back
+(:func:`release_freed_memory`), so the process stays flat however many regions a slide has (see
+:class:`InProcessRunner`).
 """
 
 from __future__ import annotations
@@ -109,7 +111,16 @@ def release_freed_memory() -> None:
 
 
 class InProcessRunner:
-    """Runs tasks one after another in this process (``--workers 1``)."""
+    """Runs tasks one after another in this process (``--workers 1``), handing the heap's free memory back to
+    the kernel after each task.
+
+    Why the hand-back: every result stays in this process until the slide is stitched, so small long-lived
+    allocations land between the large blocks each task frees, and glibc could neither reuse nor return that
+    memory. Measured on a 10k² slide (97 regions of 1024, AMD EPYC, default settings): with OpenVINO the process
+    grew by ~60 MB a region to 7.1 GB; with the hand-back it peaked at 1.4 GB at the same speed (PyTorch with
+    glibc's defaults had reached 4.3 GB). PyTorch pays for it: on a 4000² slide its CPU time rose 18% (the kept
+    activation buffers are faulted in again), against a peak of 1.35 GB instead of 1.83 GB. Dask workers send
+    their results away, so their heaps do not fill this way."""
 
     n_workers = 1
 
@@ -120,7 +131,9 @@ class InProcessRunner:
 
     def imap_unordered(self, fn: Callable[..., Any], items: Sequence[Any], *args: Any) -> Iterator[tuple[int, Any]]:
         for i, item in enumerate(items):
-            yield i, fn(item, *args)
+            result = fn(item, *args)
+            release_freed_memory()  # see the class docstring
+            yield i, result
 
     def close(self) -> None:
         if self._kept:

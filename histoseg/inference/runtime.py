@@ -1,18 +1,21 @@
-"""Which engine runs the network on a CPU: PyTorch eager (default), OpenVINO or ONNX Runtime, fp32 or int8.
+"""Which engine runs the network on a CPU: OpenVINO (default where installed), PyTorch eager, or ONNX Runtime, in
+fp32, bf16 or int8.
 
-Measured with ``python -m benchmarks.runtimes`` (one thread, 1024² real-tissue region) on the AMD EPYC
-development machine (AVX-512 with VNNI, native bf16). fp32: an earlier run on a quieter machine gave OpenVINO
-2.40x and ONNX Runtime 2.46x the speed of PyTorch eager; a later run under heavy load (CPU time, engines
-interleaved) gave 1.25x and 1.28x. Maps equal to 3e-6, the same MoNuSeg-test PQ/AJI. int8 (``-int8``, static
-quantisation calibrated on MoNuSeg training crops, ``histoseg.inference.quantize``): ONNX Runtime 2.52x and
-OpenVINO 2.28x eager in that loaded run, maps within 0.14 of fp32, MoNuSeg-test PQ -0.0004 / +0.0016 (the
-issue allows -0.005). On an AVX2-only CPU (no VNNI) the ratios, and int8 accuracy, were not measured.
-They are opt-in (``--runtime openvino``, ``pip install 'histoseg[fast]'``)
-and not the default because their arithmetic may depend on the input *shape*: on CMU-1-Small-Region, OpenVINO
-finds 2 of 3234 nuclei at other positions with ``--region-size 512`` than with 1024, where PyTorch eager gives
-identical instance sets (and histoseg promises results independent of the region size). A later map-level check
-(the interior of a 1024² region against 512², 400x464 and 592x304 crops of it, 1 and 2 threads) found every
-engine, int8 included, bit-identical; the CLI-level difference was not re-measured.
+``--runtime auto`` (the default) takes OpenVINO when the device is the CPU and the ``openvino`` package is
+installed (a dependency of histoseg on x86-64 and Arm), PyTorch otherwise (a GPU, or a platform without the
+wheel); the choice and its reason are recorded in provenance. Measured with ``python -m benchmarks.runtimes``
+(one thread, 1024² real-tissue region of CMU-1) on the AMD EPYC development machine (AVX-512 with VNNI, native
+bf16): in bf16, OpenVINO 1.50x PyTorch eager, MoNuSeg-test PQ 0.5761 against 0.5762; in fp32, 1.58x (PQ/AJI
+0.5764/0.5876 for both; maps equal to 3e-6); OpenVINO allocates its buffers once per input shape, so it does not
+fault fresh pages in for every region as PyTorch's allocations do (the system time that kept two PyTorch
+workers from scaling). The issue that filed this measured 2.6x over eager in fp32 on an AVX2-only AMD EPYC.
+Outputs are identical across region sizes (CMU-1-Small-Region at 256, 512 and 1024, fp32 and bf16: the same
+table to the last bit), as with PyTorch. ``torch`` stays the reference engine (the golden digests pin it).
+
+int8 (``-int8``, static quantisation calibrated on MoNuSeg training crops, ``histoseg.inference.quantize``):
+ONNX Runtime 2.52x and OpenVINO 2.28x eager fp32 in a loaded run, maps within 0.14 of fp32, MoNuSeg-test PQ
+-0.0004 / +0.0016 (the issue allows -0.005); opt-in, since calibration needs MoNuSeg training images and its
+accuracy was measured on this VNNI CPU only.
 
 The ONNX graph is exported from the artifact's safetensors (never shipped as a second source of truth) and
 cached on disk under its content hash (``HISTOSEG_CACHE``, default ``~/.cache/histoseg``), so adapted weights
@@ -71,10 +74,20 @@ def _packages(runtime: str) -> str:
     return " and ".join(_MODULES[runtime])
 
 
+AUTO_ENGINE = "openvino"
+"""What ``--runtime auto`` runs on a CPU when it is installed (the fastest fp32/bf16 engine measured, see above)."""
+
+
 def resolve_runtime(requested: str, device: str = "cpu") -> RuntimeChoice:
-    """Check ``--runtime`` against the device and the installed packages; return the engine used."""
+    """Check ``--runtime`` against the device and the installed packages; return the engine used and why."""
     if requested not in RUNTIME_CHOICES:
         raise ConfigError(f"--runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {requested!r}")
+    if requested == "auto":
+        if device.startswith("cuda"):
+            return RuntimeChoice("torch", requested, "auto: PyTorch on a GPU (the other engines run on the CPU)")
+        if available(AUTO_ENGINE):
+            return RuntimeChoice(AUTO_ENGINE, requested, "auto: OpenVINO is installed (fastest CPU engine measured)")
+        return RuntimeChoice("torch", requested, "auto: OpenVINO is not installed here")
     if device.startswith("cuda") and requested != "torch":
         raise ConfigError(f"--runtime {requested} runs on the CPU only; use --runtime torch with --device cuda")
     if not available(requested):
@@ -88,8 +101,7 @@ def resolve_runtime(requested: str, device: str = "cpu") -> RuntimeChoice:
             calibration_data_tag()
         except DatasetError as exc:
             raise ConfigError(f"--runtime {requested} calibrates on MoNuSeg training images: {exc}") from exc
-    reason = "default: exact across region sizes" if requested == "torch" else "requested"
-    return RuntimeChoice(requested, requested, reason)
+    return RuntimeChoice(requested, requested, "requested")
 
 
 def cache_dir() -> Path:
