@@ -30,7 +30,14 @@ INT8 = [
 
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty on-disk cache, and an empty in-process engine cache (earlier tests compiled the default engine
+    in this process, which would skip the export these tests look for)."""
+    from collections import OrderedDict
+
+    from histoseg.inference import predict
+
     monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(predict, "_ENGINES", OrderedDict())
     return tmp_path / "cache"
 
 

@@ -46,9 +46,16 @@ def test_segment_with_g2p_records_the_adaptation(sample: Path, tmp_path: Path) -
         assert not adapted.exists() and model["sha256"] == rep["weights_sha256"] != rep["source_weights_sha256"]
 
 
-def test_adapted_segmentation_is_the_same_for_workers_and_region_sizes(shared_data: Path, tmp_path: Path) -> None:
+def test_adapted_segmentation_is_the_same_for_workers_and_region_sizes(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The default adapts a real image from another lab (the weights change), and the result is the same with
-    one or two workers and at two region sizes: the adaptation's input and arithmetic depend on neither."""
+    one or two workers and at two region sizes: the adaptation's input and arithmetic depend on neither. The
+    default engine's graph of the adapted weights lives beside them and goes with them: nothing of it stays in
+    the shared cache, however many slides adapt."""
+    from histoseg.inference.runtime import CACHE_ENV, resolve_runtime
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     tables, image = [], dsb_image_that_adapts(shared_data)
     for w, size in ((1, 256), (2, 256), (1, 128)):
         out = tmp_path / f"w{w}-{size}"
@@ -60,6 +67,10 @@ def test_adapted_segmentation_is_the_same_for_workers_and_region_sizes(shared_da
         assert rep["kept_source"] is False, rep.get("guard")
         assert rep["census"]["added"] > 0 and rep["census"]["added_contrast"] >= 0.4
         tables.append((rep["weights_sha256"], pq.read_table(out / DSB_ADAPTS / f"{DSB_ADAPTS}.nuclei.parquet")))
+        assert not list((out / DSB_ADAPTS).glob("*.onnx")) and not list((out / DSB_ADAPTS).glob("*.adapted.*"))
+        if resolve_runtime("auto").runtime != "torch":  # every region ran the adapted weights' graph, kept beside
+            assert (out / DSB_ADAPTS / "provenance.json").exists()  # them: the shared cache got none of it
+            assert not list((tmp_path / "cache").rglob("*.onnx"))
     (h0, t0), *rest = tables
     assert t0.num_rows > 20
     for h, t in rest:

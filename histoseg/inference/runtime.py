@@ -18,8 +18,9 @@ ONNX Runtime 2.52x and OpenVINO 2.28x eager fp32 in a loaded run, maps within 0.
 accuracy was measured on this VNNI CPU only.
 
 The ONNX graph is exported from the artifact's safetensors (never shipped as a second source of truth) and
-cached on disk under its content hash (``HISTOSEG_CACHE``, default ``~/.cache/histoseg``), so adapted weights
-are exported the same way. The engine travels to every worker with the predictor; a worker that lacks it
+cached on disk under its content hash (``HISTOSEG_CACHE``, default ``~/.cache/histoseg``); a slide's adapted
+weights are exported the same way, beside them in the slide's output folder, and removed with them. The
+engine travels to every worker with the predictor; a worker that lacks it
 fails with a clear error instead of silently computing other numbers.
 """
 
@@ -109,11 +110,22 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "histoseg"
 
 
+EXPORT_GLOB = "*.onnx"
+"""The graphs written into an export folder (fp32 exports and their int8 variants, ``inference.quantize``)."""
+
+
+def export_folder(artifact: ModelArtifact) -> Path:
+    """Where the artifact's exported graph is kept: beside a slide's adapted weights (removed with them after the
+    slide's ``_SUCCESS``, so a batch does not leave a 10 MB graph per adapted slide in the cache), in the shared
+    cache for every other model."""
+    return artifact.weights.parent if artifact.per_slide else cache_dir() / "onnx"
+
+
 def export_onnx(artifact: ModelArtifact, key: str) -> Path:
     """The artifact's network as ONNX (dynamic height and width), exported once per content ``key``."""
     import torch
 
-    target = cache_dir() / "onnx" / f"{key}.onnx"
+    target = export_folder(artifact) / f"{key}.onnx"
     if target.exists():
         return target
     net, _ = load_model(artifact)

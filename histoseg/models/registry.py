@@ -21,12 +21,22 @@ from histoseg.models.network import NucleiNet
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
+ADAPTED_SUFFIX = ".adapted.safetensors"
+"""File-name ending of a slide's adapted weights, ``OUT/<stem>/<stem>.adapted.safetensors``: files derived from
+them (an engine's exported graph) live beside them and go with them, not in the shared cache."""
+
+
 @dataclass(frozen=True)
 class ModelArtifact:
     """Paths of one model on disk; cheap to pass to workers (they load it themselves)."""
 
     weights: Path
     card_path: Path
+
+    @property
+    def per_slide(self) -> bool:
+        """Whether these are one slide's adapted weights (an intermediate in that slide's output folder)."""
+        return self.weights.name.endswith(ADAPTED_SUFFIX)
 
     @property
     def name(self) -> str:

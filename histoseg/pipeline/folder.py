@@ -27,6 +27,8 @@ import histoseg
 from histoseg.config import SegmentConfig
 from histoseg.errors import HistosegError, OutputError
 from histoseg.export.provenance import SUCCESS_NAME
+from histoseg.inference.runtime import EXPORT_GLOB
+from histoseg.models.registry import ADAPTED_SUFFIX
 from histoseg.pipeline.identity import settings_hash, slide_fingerprint
 from histoseg.pipeline.resume import STORE_DIR
 
@@ -232,15 +234,17 @@ def finished_report(path: Path, out_dir: Path, config: SegmentConfig) -> dict[st
 
 def adapted_paths(out_dir: Path, name: str) -> tuple[Path, Path]:
     """The per-slide adapted weights and their card (an intermediate, see :func:`remove_intermediates`)."""
-    weights = out_dir / f"{name}.adapted.safetensors"
+    weights = out_dir / f"{name}{ADAPTED_SUFFIX}"
     return weights, weights.with_suffix(".json")
 
 
 def remove_intermediates(out_dir: Path, name: str, config: SegmentConfig) -> None:
-    """After ``_SUCCESS``: the adapted weights go unless ``config.keep_adapted`` (their hash is in provenance)."""
+    """After ``_SUCCESS``: the adapted weights go unless ``config.keep_adapted`` (their hash is in provenance),
+    and with them the graphs an engine exported from them (``inference.runtime.export_folder``)."""
     if config.keep_adapted:
         return
-    for p in adapted_paths(out_dir, name):
+    weights, card = adapted_paths(out_dir, name)
+    for p in (weights, card, *out_dir.glob(EXPORT_GLOB)):
         p.unlink(missing_ok=True)
 
 

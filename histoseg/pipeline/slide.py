@@ -196,7 +196,7 @@ def _segment_locked(
     if on_stage is not None:
         on_stage(adapt_stage_text(plan, predictor, config))
     with _ADAPT_LOCK:
-        predictor, adaptation = adapt_slide(plan, predictor, config, out_dir / f"{stem}.adapted.safetensors")
+        predictor, adaptation = adapt_slide(plan, predictor, config, outdir.adapted_paths(out_dir, stem)[0])
     if on_stage is not None:
         on_stage("regions")
     ok, png = cv2.imencode(".png", (plan.tissue * 255).astype(np.uint8))
