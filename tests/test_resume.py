@@ -23,10 +23,10 @@ from histoseg.cli.segment import config_from_args
 from histoseg.config import SegmentConfig
 from histoseg.distributed import InProcessRunner
 from histoseg.inference import NetworkPredictor
-from histoseg.inference.precision import resolve_precision
 from histoseg.inference.predict import run_network
 from histoseg.models import ModelCard, NetConfig, NucleiNet, registered_models, resolve_model, save_model
 from histoseg.pipeline import segment_slide
+from histoseg.pipeline.plan import default_predictor
 from histoseg.pipeline.resume import STORE_DIR, RegionStore
 from histoseg.types import COLUMNS, Box, InstanceTable, PlaneInfo, Region
 
@@ -49,9 +49,11 @@ class CountingPredictor(NetworkPredictor):
 
 
 def _counting(case: Case, cfg: SegmentConfig) -> CountingPredictor:
-    """The default predictor of ``cfg`` (same identity as the pipeline's), counting regions."""
-    bf16 = resolve_precision(cfg.precision, cfg.device).bf16
-    return CountingPredictor(resolve_model(case.model), device=cfg.device, bf16=bf16)
+    """The default predictor of ``cfg`` (same identity as the pipeline's: weights, device, precision and
+    engine), counting regions."""
+    base = default_predictor(cfg)
+    assert base.artifact == resolve_model(case.model)
+    return CountingPredictor(base.artifact, device=base.device, bf16=base.bf16, runtime=base.runtime)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from histoseg.errors import ConfigError, DatasetError, ModelError
+from histoseg.errors import ConfigError, DatasetError, ModelError, OutputError
+from histoseg.export.atomic import atomic_file
 from histoseg.models import ModelArtifact, ModelCard
 from histoseg.models.inputs import to_input
 
@@ -181,30 +180,26 @@ def quantize_onnx(
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
     root = logging.getLogger()
     root.addFilter(_no_preprocess_advice)
-    try:
-        quantize_static(
-            str(fp32),
-            tmp,
-            _reader(inputs),
-            quant_format=QuantFormat.QDQ if settings.fmt == "qdq" else QuantFormat.QOperator,
-            per_channel=settings.per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=methods[settings.method],
-            nodes_to_exclude=exclude,
-            extra_options={"WeightSymmetric": True},
-            calibration_providers=["CPUExecutionProvider"],
-        )
-        os.replace(tmp, target)  # concurrent quantisers write the same bytes; the last rename wins
-    except (DatasetError, ConfigError):
-        Path(tmp).unlink(missing_ok=True)
+    try:  # atomic: concurrent quantisers write the same bytes, the last rename wins (see runtime.export_onnx)
+        with atomic_file(target) as tmp:
+            quantize_static(
+                str(fp32),
+                str(tmp),
+                _reader(inputs),
+                quant_format=QuantFormat.QDQ if settings.fmt == "qdq" else QuantFormat.QOperator,
+                per_channel=settings.per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[settings.method],
+                nodes_to_exclude=exclude,
+                extra_options={"WeightSymmetric": True},
+                calibration_providers=["CPUExecutionProvider"],
+            )
+    except (DatasetError, ConfigError, OutputError):
         raise
     except Exception as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise ModelError(f"could not quantise {artifact.weights.name} to int8: {exc}") from exc
     finally:
         root.removeFilter(_no_preprocess_advice)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from histoseg.config import RUNTIME_CHOICES
-from histoseg.errors import ConfigError, DatasetError, ModelError
+from histoseg.errors import ConfigError, DatasetError, ModelError, OutputError
+from histoseg.export.atomic import atomic_file
 from histoseg.models import ModelArtifact, load_model
 
 CACHE_ENV = "HISTOSEG_CACHE"
@@ -140,25 +140,23 @@ def export_onnx(artifact: ModelArtifact, key: str) -> Path:
             out = self.net(x)
             return tuple(out[n] for n in names)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
+    try:  # atomic: concurrent exporters write the same bytes, the last rename wins; a killed one leaves a
+        # temporary that the slide folder's clean-up recognises (export.atomic.remove_stale_temporaries)
+        with atomic_file(target) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 Wrapped().eval(),
                 (torch.zeros(1, 3, 64, 64),),
-                tmp,
+                str(tmp),
                 input_names=["x"],
                 output_names=list(names),
                 dynamic_axes={"x": {2: "h", 3: "w"}, **{n: {2: "h", 3: "w"} for n in names}},
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )
-        os.replace(tmp, target)  # concurrent exporters write the same bytes; the last rename wins
+    except OutputError:
+        raise
     except Exception as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise ModelError(f"could not export {artifact.weights.name} to ONNX: {exc}") from exc
     return target
 
