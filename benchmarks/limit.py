@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from histoseg.inference.eager import run_network
 from histoseg.inference.precision import resolve_precision
-from histoseg.inference.predict import run_network
 from histoseg.models import NucleiNet, load_model, resolve_model
 
 try:  # python -m benchmarks.limit, or imported from the package

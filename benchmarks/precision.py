@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
+from histoseg.inference.eager import run_network
 from histoseg.inference.precision import _cpuinfo_flags, resolve_precision
-from histoseg.inference.predict import run_network
 from histoseg.models import load_model, resolve_model
 
 

@@ -28,8 +28,9 @@ import torch
 from histoseg.config import RUNTIME_CHOICES
 from histoseg.datasets import Sample
 from histoseg.inference import NetworkPredictor
+from histoseg.inference.eager import run_network
 from histoseg.inference.precision import cpu_native_bf16
-from histoseg.inference.predict import DensePredictor, run_network
+from histoseg.inference.predict import DensePredictor
 from histoseg.inference.runtime import CACHE_ENV, available
 from histoseg.models import ModelArtifact, ModelCard, NucleiNet, load_model, resolve_model
 from histoseg.postprocess import WatershedParams, separate_instances

@@ -45,15 +45,19 @@ PREVIOUS_ENV = "HISTOSEG_KEEP_MEMORY=0"
 SPLIT = ("read", "network", "postprocess", "adapt", "stitch", "export")
 
 
-def tissue_mp(slide: Path) -> float:
-    """Megapixels of the tissue cells of the processing plane (``tiling.TISSUE_CELL`` grid), default settings."""
+def tissue_mp(slide: Path) -> tuple[float, float, float]:
+    """Megapixels of the tissue cells of the processing plane (``tiling.TISSUE_CELL`` grid), default settings;
+    then the network's input with them (the regions' read boxes: tissue boxes plus halo) and what whole cores
+    plus halo would be."""
     from histoseg.config import SegmentConfig
     from histoseg.pipeline.plan import default_predictor, plan_slide
     from histoseg.tiling import TISSUE_CELL
 
     config = SegmentConfig()
     plan = plan_slide(slide, config, default_predictor(config))
-    return float(plan.cells.sum()) * TISSUE_CELL**2 / 1e6
+    read = sum(r.read.w * r.read.h for r in plan.regions) / 1e6
+    whole = sum((r.core.w + 2 * r.halo) * (r.core.h + 2 * r.halo) for r in plan.regions) / 1e6
+    return float(plan.cells.sum()) * TISSUE_CELL**2 / 1e6, read, whole
 
 
 def run_once(
@@ -122,10 +126,11 @@ def main() -> None:
     for size in [int(s) for s in args.sizes.split(",")]:
         t0 = time.perf_counter()
         slide = build_tissue_slide(work / f"tissue_{size}.tif", size)
-        mp = tissue_mp(slide)
+        mp, read, whole = tissue_mp(slide)
         print(
             f"slide {slide.name}: {size}x{size} px at 0.5 µm/px from real CMU-1 tissue, {mp:.1f} MP of tissue "
-            f"({time.perf_counter() - t0:.0f} s)"
+            f"({time.perf_counter() - t0:.0f} s); network input with the default region size: {read:.1f} MP "
+            f"({read / mp:.2f}x the tissue; whole cores plus halo would be {whole:.1f} MP, {whole / mp:.2f}x)"
         )
         one: dict[str, dict[str, Any]] = {}
         for w in [int(x) for x in args.workers.split(",")]:

@@ -83,19 +83,28 @@ class SlideMeta:
 class Region:
     """One unit of work: a core box of the processing plane plus a halo on every side.
 
-    ``core`` boxes of all regions partition the plane (stitching rule 1); ``read`` is ``core`` grown by
-    ``halo`` on each side and may extend past the slide (padded with white).
+    ``core`` boxes of all regions partition the plane (stitching rule 1). ``tissue``, set by a tissue-aware
+    plan, is the bounding box of the core's tissue cells: only nuclei anchored there can be kept (stitching
+    rule 2), so the region owns that box (``owns``) and reads and runs the network on it grown by ``halo``
+    (``read``, which may extend past the slide: padded with white). Without it the whole core is owned.
+    The box lies on the fixed tissue-cell grid, so it never depends on the region size.
     """
 
     row: int
     col: int
     core: Box
     halo: int
+    tissue: Box | None = None
+
+    @property
+    def owns(self) -> Box:
+        """The box whose anchored nuclei this region keeps: ``tissue`` if set, else ``core``."""
+        return self.tissue if self.tissue is not None else self.core
 
     @property
     def read(self) -> Box:
-        h = self.halo
-        return Box(self.core.x - h, self.core.y - h, self.core.w + 2 * h, self.core.h + 2 * h)
+        o, h = self.owns, self.halo
+        return Box(o.x - h, o.y - h, o.w + 2 * h, o.h + 2 * h)
 
     @property
     def key(self) -> str:

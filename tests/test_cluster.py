@@ -19,7 +19,7 @@ from histoseg.distributed.gpu import gpu_runner, resolve_gpus
 from histoseg.distributed.jobqueue import cluster_kwargs, make_jobqueue_cluster
 from histoseg.distributed.runner import LazyRunner
 from histoseg.errors import ConfigError, HistosegError
-from histoseg.inference.predict import run_network
+from histoseg.inference.eager import run_network
 from histoseg.io import open_slide, write_pyramidal_tiff
 from histoseg.models import ModelCard, NetConfig, NucleiNet, registered_models, save_model
 from histoseg.types import Box

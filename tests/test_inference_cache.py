@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from histoseg.inference import NetworkPredictor
+from histoseg.inference import NetworkPredictor, eager
 from histoseg.inference import predict as predict_module
 from histoseg.models import ModelCard, NetConfig, NucleiNet, save_model
 
@@ -32,6 +32,6 @@ def test_rewritten_weights_at_the_same_path_are_reloaded(tmp_path: Path) -> None
 
 def test_cache_is_bounded(tmp_path: Path) -> None:
     image = np.full((32, 32, 3), 200, np.uint8)
-    for seed in range(predict_module._CACHE_SIZE + 3):
+    for seed in range(predict_module.CACHE_SIZE + 3):
         _write(tmp_path / f"m{seed}.safetensors", seed).predict(image)
-    assert len(predict_module._CACHE) <= predict_module._CACHE_SIZE
+    assert len(eager._CACHE) <= predict_module.CACHE_SIZE

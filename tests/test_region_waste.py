@@ -108,3 +108,35 @@ def test_kept_buffers_stop_the_page_faults_and_close_restores_the_defaults() -> 
     assert default >= 5 * 32
     assert kept < default // 20
     assert closed >= 5 * 32  # restored
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_outline_first_gives_the_solid_mask_and_ring_of_the_two_step_path(seed: int) -> None:
+    """Trying the outline on the raw mask before making it solid changes nothing: on random blobs with holes,
+    corner-only contacts and several components the pixels and the ring are those of solid_mask + outline."""
+    from histoseg.postprocess.instances import _solid_outline, pixel_outline, solid_mask
+
+    rng = np.random.default_rng(seed)
+    fast_paths = 0
+    for _ in range(300):
+        h, w = rng.integers(1, 14, 2)
+        m = rng.random((h, w)) < rng.uniform(0.3, 0.95)
+        if rng.random() < 0.5:
+            m = ndi.binary_closing(m) | m
+        if not m.any():
+            continue
+        ref = solid_mask(m)
+        got_mask, got_ring = _solid_outline(m)
+        assert np.array_equal(got_mask, ref)
+        assert np.array_equal(got_ring, pixel_outline(ref))
+        fast_paths += bool(np.array_equal(ref, m))
+    # the hand-built cases: a ring (hole), two pixels touching at a corner, a solid L
+    ring = np.ones((3, 3), bool)
+    ring[1, 1] = False
+    diag = np.eye(2, dtype=bool)
+    ell = np.array([[1, 0], [1, 1]], bool)
+    for m in (ring, diag, ell):
+        got_mask, got_ring = _solid_outline(m)
+        assert np.array_equal(got_mask, solid_mask(m)) and np.array_equal(got_ring, pixel_outline(solid_mask(m)))
+    assert _solid_outline(ring)[0].all() and _solid_outline(diag)[0].sum() == 1
+    assert fast_paths > 20  # the random set does exercise the outline-first path

@@ -23,7 +23,7 @@ from histoseg.cli.segment import config_from_args
 from histoseg.config import SegmentConfig
 from histoseg.distributed import InProcessRunner
 from histoseg.inference import NetworkPredictor
-from histoseg.inference.predict import run_network
+from histoseg.inference.eager import run_network
 from histoseg.models import ModelCard, NetConfig, NucleiNet, registered_models, resolve_model, save_model
 from histoseg.pipeline import segment_slide
 from histoseg.pipeline.plan import default_predictor

@@ -10,7 +10,8 @@ from scipy import ndimage as ndi
 
 from histoseg.errors import ConfigError
 from histoseg.io import open_slide
-from histoseg.stitching import in_tissue
+from histoseg.models.arch import STRIDE
+from histoseg.stitching import in_tissue, owned_mask
 from histoseg.tiling import TISSUE_CELL, plan_regions, tissue_cells, tissue_mask
 from histoseg.types import Box, Region
 
@@ -124,6 +125,43 @@ def test_thin_strip_across_a_region_border_is_kept_at_every_region_size() -> Non
         regions = plan_regions(plane, size, 0, cells)
         for y, x in anchors[kept]:
             assert any(r.core.contains(x, y) for r in regions), (size, y, x)
+
+
+def test_tissue_box_is_the_bounding_box_of_the_cores_tissue_cells() -> None:
+    """A region reads and owns the bounding box of its core's tissue cells (plus the halo), not the whole core;
+    nuclei anchored in the core outside that box are not its own (they are not in tissue)."""
+    plane, halo = (512, 768), 32
+    cells = np.zeros((16, 24), bool)
+    cells[2, 3] = cells[5, 6] = True  # core (0, 0): cells rows 2..5, cols 3..6
+    cells[10, 20] = True  # core (1, 2): one cell
+    regions = plan_regions(plane, 256, halo, cells)
+    assert _rc(regions) == [(0, 0), (1, 2)]
+    a, b = regions
+    assert a.core == Box(0, 0, 256, 256) and a.tissue == Box(96, 64, 128, 128) and a.owns == a.tissue
+    assert a.read == Box(64, 32, 192, 192)
+    assert b.tissue == Box(640, 320, 32, 32) and b.read == Box(608, 288, 96, 96)
+    anchors = np.array([[64.0, 96.0], [191.9, 223.9], [10.0, 10.0], [100.0, 230.0]])  # (y, x)
+    assert owned_mask(anchors, a).tolist() == [True, True, False, False]
+    assert Region(0, 0, Box(0, 0, 256, 256), halo).owns == Box(0, 0, 256, 256)  # no mask: the whole core
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tissue_boxes_cover_every_tissue_cell_once_on_the_stride_grid(seed: int) -> None:
+    """At every region size the tissue boxes are disjoint, lie in their cores, contain every tissue cell, and
+    their read boxes start on the network's stride grid (so the network's output at a pixel is the same)."""
+    rng = np.random.default_rng(seed)
+    plane = (1000, 1300)
+    cells = ndi.binary_opening(rng.random((32, 41)) < 0.5)
+    halo = 192
+    assert TISSUE_CELL % STRIDE == 0 and halo % STRIDE == 0
+    for size in (256, 512, 1024):
+        count = np.zeros(cells.shape, int)
+        for r in plan_regions(plane, size, halo, cells):
+            o = r.owns
+            assert r.core.intersect(o) == o and o.x % TISSUE_CELL == 0 and o.y % TISSUE_CELL == 0
+            assert r.read.x % STRIDE == 0 and r.read.y % STRIDE == 0
+            count[o.y // TISSUE_CELL : o.y1 // TISSUE_CELL, o.x // TISSUE_CELL : o.x1 // TISSUE_CELL] += 1
+        assert count.max() == 1 and (count[cells] == 1).all(), size
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import ctypes
 import logging
 import os
 import platform
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -147,11 +148,17 @@ class InProcessRunner:
         self.close()
 
 
-def _limit_threads(n: int) -> None:
+def _limit_threads(n: int, load_torch: bool = True) -> None:
+    """``n`` math threads for torch and OpenCV; with ``load_torch=False`` torch is set only if it is already
+    loaded (a Dask worker that runs an exported engine never imports it: ~190 MB a process; if it loads torch
+    later, torch reads ``OMP_NUM_THREADS``)."""
     try:
-        import torch
-
-        torch.set_num_threads(n)
+        if load_torch:
+            import torch
+        else:
+            torch = sys.modules.get("torch")  # type: ignore[assignment]
+        if torch is not None:
+            torch.set_num_threads(n)
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     try:
@@ -166,7 +173,7 @@ def limit_worker_threads() -> None:
     """Single-threaded math in a Dask worker process (run by ``plugins.SingleThreadPlugin``)."""
     for key, value in SINGLE_THREAD_ENV.items():
         os.environ.setdefault(key, value)
-    _limit_threads(1)
+    _limit_threads(1, load_torch=False)
 
 
 class DaskRunner:

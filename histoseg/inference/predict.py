@@ -1,7 +1,9 @@
 """Dense prediction: an RGB array in, NP probability / HV maps / TP probabilities out.
 
 ``NetworkPredictor`` is what region tasks receive: it holds only the artifact path and device, so it
-pickles cheaply to any worker, and loads the network lazily once per process.
+pickles cheaply to any worker, and loads the network lazily once per process. This module does not import
+torch: a worker running an exported engine (OpenVINO, ONNX Runtime) never loads it (~190 MB a process);
+the PyTorch engine lives in ``inference.eager``.
 """
 
 from __future__ import annotations
@@ -13,15 +15,13 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
-import torch
 
-from histoseg.inference.runtime import Engine, compile_engine
-from histoseg.models import ModelArtifact, ModelCard, NucleiNet, load_model
-from histoseg.models.inputs import pad_to_stride, to_input
+from histoseg.inference.runtime import Engine, compile_engine, engine_graph, math_threads
+from histoseg.models import ModelArtifact, ModelCard, load_model
+from histoseg.models.inputs import input_array, pad_to_stride
 from histoseg.types import Region
 
-_CACHE: OrderedDict[tuple[str, str], tuple[NucleiNet, ModelCard]] = OrderedDict()
-_CACHE_SIZE = 3  # models kept per process: a batch adapts a new model per slide, the cache must not grow with it
+CACHE_SIZE = 3  # models kept per process: a batch adapts a new model per slide, the cache must not grow with it
 _LOCK = threading.Lock()
 
 
@@ -58,24 +58,12 @@ def _content_key(artifact: ModelArtifact) -> str:
     return digest
 
 
-def _cached_model(artifact: ModelArtifact, device: str) -> tuple[NucleiNet, ModelCard]:
-    key = (_content_key(artifact), device)
-    with _LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-        else:
-            _CACHE[key] = load_model(artifact, device)
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
-        return _CACHE[key]
-
-
 _ENGINES: OrderedDict[tuple[str, str, bool, int], tuple[Engine, ModelCard]] = OrderedDict()
 
 
 def _cached_engine(artifact: ModelArtifact, runtime: str, bf16: bool) -> tuple[Engine, ModelCard]:
     """A compiled engine per (content, runtime, precision, threads), LRU-bounded like the PyTorch models."""
-    threads = torch.get_num_threads()
+    threads = math_threads()
     content = _content_key(artifact)
     key = (content, runtime, bf16, threads)
     with _LOCK:
@@ -83,7 +71,7 @@ def _cached_engine(artifact: ModelArtifact, runtime: str, bf16: bool) -> tuple[E
             _ENGINES.move_to_end(key)
         else:
             _ENGINES[key] = (compile_engine(artifact, content, runtime, bf16, threads), artifact.card())
-            while len(_ENGINES) > _CACHE_SIZE:
+            while len(_ENGINES) > CACHE_SIZE:
                 _ENGINES.popitem(last=False)
         return _ENGINES[key]
 
@@ -113,6 +101,12 @@ class NetworkPredictor:
         bad model fails a batch up front instead of every slide in its workers."""
         load_model(self.artifact, "cpu")
 
+    def prepare(self) -> None:
+        """Write the exported engine's graph here, before region tasks go out: a worker that finds it never
+        imports torch (~190 MB a worker process). A no-op for the PyTorch engine."""
+        if self.runtime != "torch":
+            engine_graph(self.artifact, _content_key(self.artifact), self.runtime)
+
     def with_artifact(self, artifact: ModelArtifact) -> NetworkPredictor:
         """The same predictor (device, precision, runtime) over other weights, e.g. a slide's adapted ones."""
         return replace(self, artifact=artifact)
@@ -128,7 +122,9 @@ class NetworkPredictor:
         if self.runtime != "torch":
             engine, card = _cached_engine(self.artifact, self.runtime, self.bf16)
             return run_engine(engine, card, image)
-        net, card = _cached_model(self.artifact, self.device)
+        from histoseg.inference.eager import cached_model, run_network  # torch: only on this path
+
+        net, card = cached_model(_content_key(self.artifact), self.artifact, self.device)
         return run_network(net, card, image, device=self.device, bf16=self.bf16)
 
 
@@ -148,28 +144,8 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
 def run_engine(engine: Engine, card: ModelCard, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``run_network`` through a compiled engine (OpenVINO, ONNX Runtime): same padding, inputs and outputs."""
     h, w = image.shape[:2]
-    out = engine(to_input(pad_to_stride(image), card).numpy())
+    out = engine(input_array(pad_to_stride(image), card))
     np_prob = _softmax0(out["np"][0].astype(np.float32))[1, :h, :w]
     hv = out["hv"][0, :, :h, :w]  # the network applies tanh itself
     tp = _sigmoid(out["tp"][0, :, :h, :w].astype(np.float32)) if "tp" in out else None
     return np.ascontiguousarray(np_prob), np.ascontiguousarray(hv, dtype=np.float32), tp
-
-
-@torch.no_grad()
-def run_network(
-    net: NucleiNet, card: ModelCard, image: np.ndarray, device: str = "cpu", bf16: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """One forward pass over the whole image (padded with white to the network stride, then cropped)."""
-    h, w = image.shape[:2]
-    x = to_input(pad_to_stride(image), card).to(device)
-    if device.startswith("cuda"):
-        x = x.to(memory_format=torch.channels_last)
-    dev_type = "cuda" if device.startswith("cuda") else "cpu"
-    with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
-        out = net(x)
-    np_prob = torch.softmax(out["np"].float(), dim=1)[0, 1, :h, :w].cpu().numpy()
-    hv = out["hv"].float()[0, :, :h, :w].cpu().numpy()
-    tp = None
-    if "tp" in out:
-        tp = torch.sigmoid(out["tp"].float())[0, :, :h, :w].cpu().numpy()
-    return np_prob.astype(np.float32), hv.astype(np.float32), tp

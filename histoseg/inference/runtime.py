@@ -105,6 +105,21 @@ def resolve_runtime(requested: str, device: str = "cpu") -> RuntimeChoice:
     return RuntimeChoice(requested, requested, "requested")
 
 
+def math_threads() -> int:
+    """Math threads an engine gets in this process: PyTorch's setting where torch is loaded (a client that
+    adapted), else ``OMP_NUM_THREADS`` (one per Dask worker, ``distributed.runner``), else the usable cores.
+    Read without importing torch, so a worker that runs an exported engine never loads it."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return int(torch.get_num_threads())
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     return Path(env) if env else Path.home() / ".cache" / "histoseg"
@@ -123,11 +138,10 @@ def export_folder(artifact: ModelArtifact) -> Path:
 
 def export_onnx(artifact: ModelArtifact, key: str) -> Path:
     """The artifact's network as ONNX (dynamic height and width), exported once per content ``key``."""
-    import torch
-
     target = export_folder(artifact) / f"{key}.onnx"
     if target.exists():
         return target
+    import torch  # only to export: a worker that finds the graph never loads torch
     net, _ = load_model(artifact)
     names = tuple(net(torch.zeros(1, 3, 64, 64)).keys())
 
@@ -161,6 +175,19 @@ def export_onnx(artifact: ModelArtifact, key: str) -> Path:
     return target
 
 
+def engine_graph(artifact: ModelArtifact, key: str, runtime: str) -> Path:
+    """The graph file ``runtime`` compiles for ``artifact`` (exported, and quantised for ``-int8``), written once.
+
+    The pipeline calls this on the client before a slide's regions are sent out (``NetworkPredictor.prepare``),
+    so workers find the graph and never import torch to export it."""
+    path = export_onnx(artifact, key)
+    if runtime.endswith(INT8_SUFFIX):
+        from histoseg.inference.quantize import quantize_onnx
+
+        path = quantize_onnx(path, artifact, key)
+    return path
+
+
 def compile_engine(artifact: ModelArtifact, key: str, runtime: str, bf16: bool, threads: int) -> Engine:
     """An engine for ``runtime`` over the cached ONNX export of ``artifact`` (``threads`` math threads)."""
     if not available(runtime):
@@ -168,11 +195,7 @@ def compile_engine(artifact: ModelArtifact, key: str, runtime: str, bf16: bool, 
             f"runtime {runtime!r} was chosen for this run but {_packages(runtime)} is not installed "
             "on this worker (pip install 'histoseg[fast]')"
         )
-    path = export_onnx(artifact, key)
-    if runtime.endswith(INT8_SUFFIX):
-        from histoseg.inference.quantize import quantize_onnx
-
-        path = quantize_onnx(path, artifact, key)
+    path = engine_graph(artifact, key, runtime)
     engine = runtime.removesuffix(INT8_SUFFIX)
     if engine == "openvino":
         import openvino as ov

@@ -15,7 +15,7 @@ from typing import Any
 
 from histoseg.errors import ModelError
 from histoseg.export.atomic import atomic_file
-from histoseg.models.network import STRIDE, SWITCH_DEFAULTS, NetConfig
+from histoseg.models.arch import STRIDE, SWITCH_DEFAULTS, NetConfig
 from histoseg.postprocess.watershed import WatershedParams
 
 CARD_FORMAT = 1

@@ -8,12 +8,15 @@ these functions, so every path normalises (``(rgb / 255 - mean) / std``, the car
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from histoseg.models.card import ModelCard
-from histoseg.models.network import STRIDE
+
+if TYPE_CHECKING:  # torch only for the PyTorch paths: an exported engine's worker never imports it
+    import torch
+from histoseg.models.arch import STRIDE
 
 
 def pad_to_stride(image: np.ndarray) -> np.ndarray:
@@ -26,16 +29,28 @@ def pad_to_stride(image: np.ndarray) -> np.ndarray:
 
 
 def normalise(x01: torch.Tensor, card: ModelCard) -> torch.Tensor:
-    """(N, 3, H, W) float RGB in [0, 1] -> the network's input (card mean and std)."""
+    """(N, 3, H, W) float RGB in [0, 1] -> the network's input (card mean and std); training batches."""
+    import torch
+
     mean = torch.tensor(card.mean, dtype=x01.dtype).view(1, 3, 1, 1)
     std = torch.tensor(card.std, dtype=x01.dtype).view(1, 3, 1, 1)
     return (x01 - mean) / std
 
 
-def to_input(images: np.ndarray | Sequence[np.ndarray], card: ModelCard) -> torch.Tensor:
-    """RGB uint8 (H, W, 3), (N, H, W, 3) or a list of equal-size (H, W, 3) -> (N, 3, H, W) float32 input."""
+def input_array(images: np.ndarray | Sequence[np.ndarray], card: ModelCard) -> np.ndarray:
+    """RGB uint8 (H, W, 3), (N, H, W, 3) or a list of equal-size (H, W, 3) -> (N, 3, H, W) float32 input, as a
+    channels-last view (the layout PyTorch's convolutions get from ``to_input``). numpy only: exported engines
+    run without torch. Bit-identical to :func:`normalise` of ``rgb / 255`` (checked over all 2^24 colours)."""
     arr = np.stack([im[..., :3] for im in images]) if isinstance(images, Sequence) else np.asarray(images)[..., :3]
     if arr.ndim == 3:
         arr = arr[None]
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
-    return normalise(x, card)
+    mean, std = np.asarray(card.mean, np.float32), np.asarray(card.std, np.float32)
+    x = (arr.astype(np.float32) / np.float32(255.0) - mean) / std
+    return x.transpose(0, 3, 1, 2)
+
+
+def to_input(images: np.ndarray | Sequence[np.ndarray], card: ModelCard) -> torch.Tensor:
+    """:func:`input_array` as a torch tensor (same values, same channels-last strides)."""
+    import torch
+
+    return torch.from_numpy(input_array(images, card))

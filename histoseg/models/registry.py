@@ -9,14 +9,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from histoseg.errors import ConfigError, ModelError, OutputError
 from histoseg.export.atomic import atomic_file
 from histoseg.models.card import ModelCard
-from histoseg.models.network import NucleiNet
+
+if TYPE_CHECKING:  # torch is imported only to load or save weights (see histoseg.models)
+    from histoseg.models.network import NucleiNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -81,6 +83,10 @@ def resolve_model(name_or_path: str) -> ModelArtifact:
 
 def load_model(artifact: ModelArtifact, device: str = "cpu") -> tuple[NucleiNet, ModelCard]:
     """Build the network from its card and load safetensors weights (never pickle); eval mode."""
+    from safetensors.torch import load_file
+
+    from histoseg.models.network import NucleiNet
+
     card = artifact.card()
     net = NucleiNet(card.net)
     try:
@@ -110,6 +116,8 @@ def save_model(net: NucleiNet, card: ModelCard, weights_path: str | Path, half: 
     ``half`` stores floating tensors as float16 (shipped weights: half the size); loading casts them back
     to the network's float32 parameters.
     """
+    from safetensors.torch import save_file
+
     wp = Path(weights_path)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     if half:

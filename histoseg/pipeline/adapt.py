@@ -23,7 +23,7 @@ from histoseg.errors import ConfigError
 from histoseg.inference import DensePredictor, NetworkPredictor
 from histoseg.io import open_slide
 from histoseg.models import ModelArtifact, load_model, save_model
-from histoseg.models.network import STRIDE
+from histoseg.models.arch import STRIDE
 from histoseg.pipeline.plan import SlidePlan
 from histoseg.tiling.regions import _tissue_fraction
 from histoseg.tta import TTASettings, adapt, has_slide_statistics

@@ -19,7 +19,7 @@ from histoseg.inference.precision import resolve_precision
 from histoseg.inference.runtime import resolve_runtime
 from histoseg.io import check_brightfield, open_slide
 from histoseg.models import ModelCard, resolve_model
-from histoseg.models.network import STRIDE
+from histoseg.models.arch import STRIDE
 from histoseg.pipeline.tasks import SlideTaskSpec
 from histoseg.postprocess import WatershedParams
 from histoseg.tiling import plan_regions, tissue_cells, tissue_mask

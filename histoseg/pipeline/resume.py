@@ -97,8 +97,8 @@ def resume_settings(
 
 
 def _region_arrays(region: Region) -> np.ndarray:
-    c = region.core
-    return np.array([region.row, region.col, c.x, c.y, c.w, c.h, region.halo], np.int64)
+    c, o = region.core, region.owns
+    return np.array([region.row, region.col, c.x, c.y, c.w, c.h, region.halo, o.x, o.y, o.w, o.h], np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- store

@@ -37,7 +37,7 @@ from histoseg.export import (
 )
 from histoseg.export.atomic import remove_stale_temporaries
 from histoseg.export.geometry import clean_polygons
-from histoseg.inference import DensePredictor
+from histoseg.inference import DensePredictor, NetworkPredictor
 from histoseg.pipeline import folder as outdir
 from histoseg.pipeline.adapt import adapt_slide, adapt_stage_text
 from histoseg.pipeline.identity import slide_fingerprint
@@ -99,6 +99,8 @@ def run_plan(
         if on_region is not None:
             on_region(len(reused), total)
     results: list[RegionResult] = []
+    if todo and isinstance(predictor, NetworkPredictor):
+        predictor.prepare()  # the engine's graph, written once here instead of in every worker
     stream = runner.imap_unordered(run_region, todo, plan.spec, predictor) if todo else iter(())
     for done, (_, res) in enumerate(stream, len(reused) + 1):
         if store is not None:

@@ -89,6 +89,20 @@ def solid_mask(mask: np.ndarray) -> np.ndarray:
     return m
 
 
+def _solid_outline(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``solid_mask(mask)`` and its :func:`pixel_outline`, cheaply for the usual case.
+
+    :func:`pixel_outline` succeeds exactly on solid masks (another component, a hole or a corner-only contact
+    gives a second boundary cycle or a corner that starts two edges, and it raises), and ``solid_mask`` leaves
+    a solid mask unchanged; so the outline is tried first and the two labellings of ``solid_mask`` run only
+    when it fails. Same pixels and rings as before; a third of the measurement time (issue 13)."""
+    try:
+        return mask, pixel_outline(mask)
+    except ValueError:
+        solid = solid_mask(mask)
+        return solid, pixel_outline(solid)
+
+
 def eccentricity(mask: np.ndarray) -> float:
     """Eccentricity of the ellipse with the same second central moments as the mask's pixel centres.
 
@@ -124,11 +138,12 @@ def pixel_outline(mask: np.ndarray) -> np.ndarray:
     whole boundary once, a simple ring and hence a valid polygon. Collinear corners are dropped; the
     ring is counter-clockwise in (x, y) (positive shoelace area) and open (no repeated first vertex).
     """
-    m = np.pad(np.asarray(mask, dtype=bool), 1)
-    if not m.any():
+    src = np.asarray(mask, dtype=bool)
+    if not src.any():
         raise ValueError("pixel_outline needs a non-empty mask")
+    m = np.zeros((src.shape[0] + 2, src.shape[1] + 2), bool)  # padded with background
+    m[1:-1, 1:-1] = src
     stride = m.shape[1] + 1  # corner (x, y) of the padded crop has key y * stride + x
-    inner = m[1:-1, 1:-1]
     starts: list[np.ndarray] = []
     ends: list[np.ndarray] = []
     # (neighbour that is background, start corner offset (dy, dx), end corner offset (dy, dx))
@@ -138,30 +153,32 @@ def pixel_outline(mask: np.ndarray) -> np.ndarray:
         (m[2:, 1:-1], (1, 1), (1, 0)),  # bottom edge, walking -x
         (m[1:-1, :-2], (1, 0), (0, 0)),  # left edge, walking -y
     ):
-        ys, xs = np.nonzero(inner & ~nb)
-        ys, xs = ys + 1, xs + 1  # padded-crop pixel indices
-        starts.append((ys + sy) * stride + xs + sx)
-        ends.append((ys + ey) * stride + xs + ex)
+        ys, xs = np.nonzero(src & ~nb)
+        key = (ys + 1) * stride + xs + 1  # the pixel's top-left corner in the padded crop
+        starts.append(key + (sy * stride + sx))
+        ends.append(key + (ey * stride + ex))
     start, end = np.concatenate(starts), np.concatenate(ends)
-    if len(np.unique(start)) != start.size:
-        raise ValueError("pixel_outline needs a 4-connected mask without holes (use solid_mask)")
     nxt = dict(zip(start.tolist(), end.tolist(), strict=True))
-    first = int(start.min())  # deterministic start: the top-left corner of the boundary
+    if len(nxt) != start.size:  # a corner that starts two edges: pixels touching only at that corner
+        raise ValueError("pixel_outline needs a 4-connected mask without holes (use solid_mask)")
+    first = min(nxt)  # deterministic start: the top-left corner of the boundary
     ring = [first]
     k = nxt[first]
     while k != first:
         ring.append(k)
         k = nxt[k]
-    if len(ring) != start.size:
+    if len(ring) != start.size:  # another cycle: a hole or a second component
         raise ValueError("pixel_outline needs a 4-connected mask without holes (use solid_mask)")
     keys = np.asarray(ring, dtype=np.int64)
+    # a corner is where the unit step along the ring changes (steps are +-1 and +-stride, never reversed)
+    step = np.empty_like(keys)
+    step[:-1] = keys[1:] - keys[:-1]
+    step[-1] = keys[0] - keys[-1]
+    keys = keys[step != np.concatenate((step[-1:], step[:-1]))]
     pts: np.ndarray = np.stack([keys % stride, keys // stride], axis=1).astype(np.float64) - 1.0
-    d_in = pts - np.roll(pts, 1, axis=0)
-    d_out = np.roll(pts, -1, axis=0) - pts
-    corner = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0] != 0
-    pts = pts[corner]
     x, y = pts[:, 0], pts[:, 1]
-    if float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)) < 0:
+    nx, ny = np.concatenate((x[1:], x[:1])), np.concatenate((y[1:], y[:1]))
+    if float(np.dot(x, ny) - np.dot(nx, y)) < 0:  # integer sums: exact in any order
         pts = pts[::-1]
     return pts
 
@@ -203,7 +220,7 @@ def measure_instances(
         sl = slices[int(lid) - 1]
         if sl is None:
             continue
-        mask = solid_mask(labels[sl] == lid)
+        mask, poly = _solid_outline(labels[sl] == lid)
         y0, x0 = sl[0].start, sl[1].start
         offsets[i] = (oy + y0, ox + x0)
         masks.append(mask)
@@ -215,7 +232,6 @@ def measure_instances(
         else:
             cls_ids[i] = 1
             probs[i] = float(np_prob[sl][mask].mean())
-        poly = pixel_outline(mask)
         area_px = float(mask.sum())
         meas["solidity"][i] = solidity(area_px, poly)
         poly[:, 0] += ox + x0

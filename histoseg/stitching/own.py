@@ -12,11 +12,12 @@ from histoseg.types import Region
 
 
 def owned_mask(centroids_yx_plane: np.ndarray, region: Region) -> np.ndarray:
-    """Boolean per instance: its anchor lies in ``region.core`` (half-open)."""
+    """Boolean per instance: its anchor lies in ``region.owns`` (half-open): the core, or the bounding box of
+    the core's tissue cells (nuclei anchored outside it are not in tissue and would be dropped anyway)."""
     if len(centroids_yx_plane) == 0:
         return np.zeros(0, bool)
     a = np.floor(centroids_yx_plane).astype(np.int64)
-    c = region.core
+    c = region.owns
     owned: np.ndarray = (a[:, 0] >= c.y) & (a[:, 0] < c.y1) & (a[:, 1] >= c.x) & (a[:, 1] < c.x1)
     return owned
 

@@ -10,7 +10,7 @@ import yaml
 
 from histoseg.config import PRECISION_CHOICES
 from histoseg.errors import ConfigError
-from histoseg.models.network import NetConfig
+from histoseg.models.arch import NetConfig
 
 
 @dataclass
