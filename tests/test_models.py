@@ -549,3 +549,23 @@ def test_the_cheaper_network_needs_at_most_half_the_macs() -> None:
     lite = sum(count_macs(NucleiNet(NetConfig.from_dict({**LITE.to_dict(), "width": 32})), 256).values())
     assert lite / base <= 0.5
     assert base / (256 * 256) == pytest.approx(52.9e3, rel=0.01)  # the figure benchmarks/limit.py prints
+
+
+def test_numpy_input_is_bit_identical_to_the_torch_normalisation_for_every_colour() -> None:
+    """Exported engines get ``input_array`` (numpy, no torch in the worker); PyTorch gets ``to_input``. Both must
+    equal the training path's ``normalise(rgb / 255)`` to the last bit, for all 2^24 RGB colours, with the
+    channels-last strides PyTorch's convolutions were measured with."""
+    import numpy as np
+
+    from histoseg.models.inputs import input_array, normalise, to_input
+
+    card = resolve_model("default").card()
+    v = np.arange(256, dtype=np.uint8)
+    for r in range(0, 256, 64):  # 64 red values at a time: 64 x 65536 colours
+        rgb = np.stack(np.meshgrid(v[r : r + 64], v, v, indexing="ij"), -1).reshape(1024, 4096, 3)
+        ref = normalise(torch.from_numpy(rgb[None]).permute(0, 3, 1, 2).float().div_(255.0), card)
+        got = input_array(rgb, card)
+        assert got.dtype == np.float32 and got.shape == (1, 3, 1024, 4096)
+        assert np.array_equal(got.view(np.uint32), ref.numpy().view(np.uint32))
+        t = to_input(rgb, card)
+        assert t.stride() == ref.stride() and torch.equal(t, ref)
