@@ -35,7 +35,8 @@ with InProcessRunner() as runner:
         for _, result in runner.imap_unordered(run_region, plan.regions, plan.spec, predictor):
             kept.append(result)  # as the slide pipeline does until it stitches
             rss.append(psutil.Process().memory_info().rss)
-print(json.dumps({"runtime": predictor.runtime, "regions": len(plan.regions), "nuclei": sum(len(r.table) for r in kept), "rss": rss}))
+nuclei = sum(len(r.table) for r in kept)
+print(json.dumps({"runtime": predictor.runtime, "regions": len(plan.regions), "nuclei": nuclei, "rss": rss}))
 """
 
 
