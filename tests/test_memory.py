@@ -59,17 +59,22 @@ NO_TORCH = """
 import sys
 import histoseg.inference, histoseg.models, histoseg.pipeline.tasks
 from histoseg.distributed.runner import limit_worker_threads
+from histoseg.inference.runtime import math_threads
+before = math_threads()
 limit_worker_threads()
-print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+print(before, math_threads(), sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
 
 
 def test_a_worker_imports_no_torch_to_unpickle_a_region_task() -> None:
     """What a Dask worker imports to run ``run_region`` (the task, the predictor, the card, the thread limit)
     leaves torch out: it costs ~190 MB of resident memory in every worker process (issue 13: 2 workers under
-    3 GB)."""
-    out = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    3 GB). Without torch, the engine's thread count comes from the worker's limit, not the job's environment."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "8"}  # a job's environment: the worker still runs one thread
+    out = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "8 1 []"
 
 
 @pytest.mark.skipif(not available("openvino"), reason="the default engine (OpenVINO) is not installed")

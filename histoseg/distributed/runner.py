@@ -173,6 +173,9 @@ def limit_worker_threads() -> None:
     """Single-threaded math in a Dask worker process (run by ``plugins.SingleThreadPlugin``)."""
     for key, value in SINGLE_THREAD_ENV.items():
         os.environ.setdefault(key, value)
+    # forced, as torch.set_num_threads(1) was: an exported engine takes its thread count from it
+    # (inference.runtime.math_threads) when torch is not loaded, whatever the job's environment says
+    os.environ["OMP_NUM_THREADS"] = "1"
     _limit_threads(1, load_torch=False)
 
 
