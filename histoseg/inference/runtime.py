@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,8 +110,6 @@ def math_threads() -> int:
     """Math threads an engine gets in this process: PyTorch's setting where torch is loaded (a client that
     adapted), else ``OMP_NUM_THREADS`` (one per Dask worker, ``distributed.runner``), else the usable cores.
     Read without importing torch, so a worker that runs an exported engine never loads it."""
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None:
         return int(torch.get_num_threads())

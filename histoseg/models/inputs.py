@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from histoseg.models.arch import STRIDE
 from histoseg.models.card import ModelCard
 
 if TYPE_CHECKING:  # torch only for the PyTorch paths: an exported engine's worker never imports it
     import torch
-from histoseg.models.arch import STRIDE
 
 
 def pad_to_stride(image: np.ndarray) -> np.ndarray:

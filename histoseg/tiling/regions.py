@@ -8,7 +8,8 @@ tissue when the (slightly dilated) thumbnail mask covers at least ``min_tissue_f
 of it). A region runs when its core holds a tissue cell, and a nucleus is kept only when its anchor lies in
 a tissue cell (``stitching.in_tissue``). Region sizes are multiples of the cell, so every cell lies in one
 core, and the kept nuclei do not depend on the region size (a thin tissue strip across a region border is
-no longer lost to a per-region fraction).
+no longer lost to a per-region fraction). A region owns and computes only the bounding box of its core's
+tissue cells (``Region.tissue``), read with the halo around it.
 """
 
 from __future__ import annotations
