@@ -126,6 +126,18 @@ def test_dask_runner_results_by_index_and_clean_close(restore_threads: None) -> 
         assert results == dict(InProcessRunner().imap_unordered(slow_affine, list(range(N_ITEMS)), 7, 0.0))
         assert order[0] != 0, order
 
+        # a result leaves its worker as soon as the caller has it, not when the map ends (flat in slide size)
+        gen = runner.imap_unordered(slow_affine, list(range(N_ITEMS)), 7, 0.0)
+        assert dict(next(gen) for _ in range(N_ITEMS)) == _expected(7)  # all taken; the map has not ended
+        held = [k for k in runner.client.who_has() if "slow_affine" in str(k)]
+        for _ in range(100):  # releases reach the scheduler in batches, a few ms apart
+            if not held:
+                break
+            time.sleep(0.05)
+            held = [k for k in runner.client.who_has() if "slow_affine" in str(k)]
+        assert held == []
+        gen.close()
+
         assert list(runner.imap_unordered(slow_affine, [], 5, UNIT_S)) == []
         with pytest.raises(ZeroDivisionError):  # a task's error reaches the caller (after retries)
             list(runner.imap_unordered(operator.truediv, [1, 2], 0))

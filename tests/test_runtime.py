@@ -189,9 +189,14 @@ def test_int8_cache_key_follows_weights_and_calibration_settings() -> None:
         q.CalibrationSettings(per_channel=False),
         q.CalibrationSettings(fmt="qoperator"),
         q.CalibrationSettings(keep_output_convs=False),
+        q.CalibrationSettings(reduce_range=not base.reduce_range),  # a cache shared by CPUs with and without VNNI
     ]
     keys = {q.int8_path(Path("c"), "w1", s) for s in others}
     assert len(keys) == len(others) and path not in keys
+    # decided by this CPU when not given: 7-bit weights exactly where int8 kernels may saturate (x86 without VNNI)
+    from histoseg.inference.precision import cpu_int8_saturates
+
+    assert base.reduce_range is cpu_int8_saturates()[0]
     with pytest.raises(ConfigError, match="calibration method"):
         q.CalibrationSettings(method="kl")
     with pytest.raises(ConfigError, match="at least 1 crop"):

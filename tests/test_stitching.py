@@ -152,3 +152,33 @@ def test_stitch_ranks_by_anchor_over_the_plane_and_keeps_dtypes() -> None:
             assert getattr(out, c.name).dtype == np.dtype(c.dtype), c.name
     none = stitch([(left[0], left[1].take(np.zeros(0, np.int64)))], template)
     assert len(none) == 0 and list(none.measurements) == ["m"] and none.edge_touching == 1
+
+
+def test_finished_regions_wait_on_disk_and_stitch_band_by_band(slide: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    """With a region store the client holds no region's nuclei: they are read back one band at a time and
+    give the same table as stitching everything in memory; a region file lost before stitching is an error."""
+    from histoseg.errors import OutputError
+    from histoseg.pipeline.plan import plan_slide
+    from histoseg.pipeline.resume import RegionStore
+    from histoseg.pipeline.slide import run_plan
+    from histoseg.pipeline.stitched import stitch_all
+
+    path, labels = slide
+    oracle = OraclePredictor(labels, MPP)
+    cfg = SegmentConfig(region_size=256, min_nucleus_area_um2=0.5)
+    plan = plan_slide(path, cfg, oracle)
+    assert len({r.row for r in plan.regions}) >= 3  # several bands
+    store = RegionStore.open(tmp_path, {"test": "bands"})
+    with InProcessRunner() as runner:
+        outcome, tables = run_plan(plan, runner, oracle, store=store)
+    assert tables._memory == {}  # noqa: SLF001 - what the client keeps is what is tested
+    assert len(list(store.folder.glob("*.npz"))) == len(plan.regions) == outcome.regions_computed
+    streamed = stitch_all(plan, tables, outcome)
+    whole = _run(path, labels, 256)
+    assert outcome.nuclei == len(streamed) == len(whole) > 600
+    assert streamed.ids.tolist() == whole.ids.tolist()
+    assert np.array_equal(streamed.centroids, whole.centroids) and np.array_equal(streamed.anchors, whole.anchors)
+    assert _instance_set(streamed) == _instance_set(whole)
+    store.path(plan.regions[len(plan.regions) // 2]).unlink()
+    with pytest.raises(OutputError, match="run again to recompute it"):
+        stitch_all(plan, tables, outcome)

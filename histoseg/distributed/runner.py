@@ -56,6 +56,7 @@ _DEFAULT_MMAP_MAX = 65536  # glibc's defaults (mallopt(3))
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 KEEP_ALL = 2**31 - 1  # mallopt takes an int: free memory above this at the heap's top is still trimmed
 KEEP_MEMORY_ENV = "HISTOSEG_KEEP_MEMORY"  # "0" leaves the allocator at its defaults
+TRIM_EVERY = 8  # a Dask client returns the heap's free memory to the kernel after this many results
 
 
 def keep_freed_memory(keep_bytes: int = KEEP_ALL) -> bool:
@@ -208,8 +209,12 @@ class DaskRunner:
         futures = [self.client.submit(fn, item, *scattered, pure=False, retries=self.retries) for item in items]
         index = {f.key: i for i, f in enumerate(futures)}
         try:
-            for fut in as_completed(futures):
-                yield index[fut.key], fut.result()
+            for n, fut in enumerate(as_completed(futures), 1):
+                result = fut.result()
+                fut.release()  # the worker drops its copy now, not when the slide ends: flat in slide size
+                yield index[fut.key], result
+                if n % TRIM_EVERY == 0:  # this process only receives results: hand their freed memory back
+                    release_freed_memory()
         finally:
             for f in futures:
                 f.release()

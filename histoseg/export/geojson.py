@@ -31,7 +31,14 @@ from histoseg.export.atomic import atomic_file
 from histoseg.export.geometry import RepairStats, iter_clean_polygons
 from histoseg.types import InstanceTable
 
-__all__ = ["NUCLEUS_NAMESPACE", "QUPATH_MEASUREMENT_NAMES", "feature_uuid", "qupath_name", "write_geojson"]
+__all__ = [
+    "NUCLEUS_NAMESPACE",
+    "QUPATH_MEASUREMENT_NAMES",
+    "GeoJSONWriter",
+    "feature_uuid",
+    "qupath_name",
+    "write_geojson",
+]
 
 NUCLEUS_NAMESPACE = uuid.UUID("6f1c1f0e-3b7a-5d3e-9a57-2f4c8e6b9d10")
 """Fixed namespace of histoseg nucleus UUIDs (never change it: ids must stay stable across versions)."""
@@ -92,45 +99,65 @@ def geojson_target(path: str | os.PathLike[str], gzip: bool) -> Path:
     return p
 
 
-def write_geojson(
-    table: InstanceTable,
-    path: str | os.PathLike[str],
-    *,
-    slide_key: str,
-    gzip: bool = False,
-    polygons: Sequence[Polygon] | None = None,
-) -> int:
-    """Write ``table`` as a QuPath GeoJSON FeatureCollection; return the number of features written.
+class GeoJSONWriter:
+    """A QuPath GeoJSON FeatureCollection written table after table (a slide's bands), then closed.
 
-    ``gzip=True`` (or a ``path`` ending in ``.gz``) writes a gzip stream; ``.gz`` is appended to ``path``
-    when missing (see :func:`geojson_target`). The file appears atomically. Polygons are repaired as in
-    :mod:`histoseg.export.geometry`; repairs are counted and logged. ``polygons``: the table's polygons already
-    cleaned (``geometry.clean_polygons``; the caller logs their repairs), so two writers repair them once.
+    Use as a context manager: the file appears atomically when the block ends without an error, and
+    not at all otherwise. ``gzip=True`` (or a ``path`` ending in ``.gz``) writes a gzip stream; ``.gz`` is
+    appended to ``path`` when missing (see :func:`geojson_target`). ``written`` counts the features.
     """
-    compressed = gzip or Path(path).suffix == ".gz"
-    target = geojson_target(path, compressed)
-    n = len(table)
-    for name, col in table.measurements.items():
-        if len(col) != n:
-            raise ValueError(f"measurement {name!r} has {len(col)} values for {n} nuclei")
-    names = [k for k in table.measurements if k not in ("probability", "id")]
-    columns = [np.asarray(table.measurements[k], dtype=np.float64) for k in names]
-    names = [qupath_name(k) for k in names]
-    names.append(qupath_name("probability"))
-    columns.append(np.asarray(table.probabilities, dtype=np.float64))
-    stats = RepairStats()
-    classes = {int(c): _classification(table, int(c)) for c in np.unique(table.class_ids)}
-    written = 0
-    with atomic_file(target) as tmp, contextlib.ExitStack() as stack:
-        raw = stack.enter_context(open(tmp, "wb", buffering=1 << 20))
-        out: TextIO
-        if compressed:  # mtime=0, no name in the header: identical tables give identical bytes
-            gz = stack.enter_context(gzip_module.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0))
-            out = stack.enter_context(io.TextIOWrapper(gz, encoding="utf-8", newline="\n"))
-        else:
-            out = stack.enter_context(io.TextIOWrapper(raw, encoding="utf-8", newline="\n"))
-        out.write('{"type":"FeatureCollection","features":[\n')
-        for i, poly in enumerate(_polygons(table, polygons, stats)):
+
+    def __init__(self, path: str | os.PathLike[str], *, slide_key: str, gzip: bool = False) -> None:
+        self.compressed = gzip or Path(path).suffix == ".gz"
+        self.target = geojson_target(path, self.compressed)
+        self.slide_key = slide_key
+        self.written = 0
+        self.stats = RepairStats()
+        self._stack = contextlib.ExitStack()
+        self._out: TextIO | None = None
+
+    def __enter__(self) -> GeoJSONWriter:
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(atomic_file(self.target))
+            raw = stack.enter_context(open(tmp, "wb", buffering=1 << 20))
+            if self.compressed:  # mtime=0, no name in the header: identical tables give identical bytes
+                gz = stack.enter_context(gzip_module.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0))
+                self._out = stack.enter_context(io.TextIOWrapper(gz, encoding="utf-8", newline="\n"))
+            else:
+                self._out = stack.enter_context(io.TextIOWrapper(raw, encoding="utf-8", newline="\n"))
+            self._out.write('{"type":"FeatureCollection","features":[\n')
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        stack, self._stack = self._stack, contextlib.ExitStack()
+        out, self._out = self._out, None
+        if exc_type is not None:  # the temporary file is removed; nothing appears
+            stack.__exit__(exc_type, exc, tb)
+            return
+        with stack:  # closes the streams, then renames the temporary file (removes it if this fails)
+            if out is not None:
+                out.write("\n]}\n")
+        self.stats.log(f"GeoJSON {self.target.name}")
+
+    def write(self, table: InstanceTable, polygons: Sequence[Polygon] | None = None) -> int:
+        """Append ``table``'s nuclei as features; return how many. ``polygons``: the table's polygons already
+        cleaned (``geometry.clean_polygons``; the caller logs their repairs), so two writers repair them once;
+        otherwise they are repaired here (:mod:`histoseg.export.geometry`), counted and logged at the end."""
+        out = self._out
+        if out is None:
+            raise RuntimeError("GeoJSONWriter.write outside its with-block")
+        n = len(table)
+        for name, col in table.measurements.items():
+            if len(col) != n:
+                raise ValueError(f"measurement {name!r} has {len(col)} values for {n} nuclei")
+        names = [k for k in table.measurements if k not in ("probability", "id")]
+        columns = [np.asarray(table.measurements[k], dtype=np.float64) for k in names]
+        names = [qupath_name(k) for k in names]
+        names.append(qupath_name("probability"))
+        columns.append(np.asarray(table.probabilities, dtype=np.float64))
+        classes = {int(c): _classification(table, int(c)) for c in np.unique(table.class_ids)}
+        for i, poly in enumerate(_polygons(table, polygons, self.stats)):
             nid = int(table.ids[i])
             measurements: dict[str, float] = {}
             for name, col in zip(names, columns, strict=True):
@@ -146,14 +173,27 @@ def write_geojson(
             properties["isLocked"] = False
             feature = {
                 "type": "Feature",
-                "id": feature_uuid(slide_key, nid),
+                "id": feature_uuid(self.slide_key, nid),
                 "geometry": _geometry(poly),
                 "properties": properties,
             }
-            if written:
+            if self.written:
                 out.write(",\n")
             out.write(json.dumps(feature, allow_nan=False, separators=(",", ":")))
-            written += 1
-        out.write("\n]}\n")
-    stats.log(f"GeoJSON {target.name}")
-    return written
+            self.written += 1
+        return n
+
+
+def write_geojson(
+    table: InstanceTable,
+    path: str | os.PathLike[str],
+    *,
+    slide_key: str,
+    gzip: bool = False,
+    polygons: Sequence[Polygon] | None = None,
+) -> int:
+    """Write ``table`` as a QuPath GeoJSON FeatureCollection (:class:`GeoJSONWriter`, one table); return the
+    number of features written."""
+    with GeoJSONWriter(path, slide_key=slide_key, gzip=gzip) as writer:
+        writer.write(table, polygons)
+    return writer.written

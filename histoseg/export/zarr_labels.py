@@ -23,13 +23,16 @@ Both rasters cover the processing plane (``table.plane_shape``); level ``k`` is 
 
 Rasterisation pulls (design.md section 4 rule 6): each output chunk paints only the instances whose
 mask box meets it (found through a bucket index on the chunk grid), in ascending id order so a later id
-wins an overlap, and is written once. Memory is bounded by a few chunks plus the table itself; lower
-levels are built chunk by chunk from the level above. Chunks left empty are not stored (fill value 0).
-Instance pixels of class 0 read as 0 in ``classes`` (same value as background).
+wins an overlap, and is written once. The nuclei arrive band by band (:class:`LabelZarrWriter`) and a chunk
+row is painted once no later band can reach it, so memory is bounded by a few chunk rows and the nuclei of
+about two bands, whatever the slide's size; lower levels are built chunk by chunk from the level above.
+Chunks left empty are not stored (fill value 0). Instance pixels of class 0 read as 0 in ``classes``
+(same value as background).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Iterator
@@ -40,9 +43,9 @@ import zarr
 
 from histoseg.export.atomic import atomic_dir
 from histoseg.export.zarr_image import SlideImage, pyramid_shapes, write_root_image
-from histoseg.types import InstanceTable
+from histoseg.types import InstanceTable, PlaneInfo
 
-__all__ = ["NGFF_VERSION", "ZSTD", "pyramid_shapes", "write_label_zarr"]
+__all__ = ["NGFF_VERSION", "ZSTD", "LabelZarrWriter", "pyramid_shapes", "write_label_zarr"]
 
 NGFF_VERSION = "0.4"
 ZSTD: dict[str, Any] = {"id": "zstd", "level": 3}
@@ -70,12 +73,13 @@ def _multiscales(name: str, n_levels: int, mpp: float) -> list[dict[str, Any]]:
     ]
 
 
-def _class_label_meta(table: InstanceTable) -> dict[str, Any]:
-    """``image-label`` of ``classes``: a colour and a name for every value it can hold (0 transparent)."""
+def _class_label_meta(plane: PlaneInfo, classes: range) -> dict[str, Any]:
+    """``image-label`` of ``classes``: a colour and a name for every value it can hold (``classes``,
+    :meth:`InstanceTable.class_id_range` over the whole slide; 0 transparent)."""
     colors, props = [], []
-    for c in table.class_id_range():
-        colors.append({"label-value": c, "rgba": [*table.class_color(c), 0 if c == 0 else 255]})
-        props.append({"label-value": c, "name": table.class_name(c)})
+    for c in classes:
+        colors.append({"label-value": c, "rgba": [*plane.class_color(c), 0 if c == 0 else 255]})
+        props.append({"label-value": c, "name": plane.class_name(c)})
     return {"version": NGFF_VERSION, "colors": colors, "properties": props, "source": {"image": "../../"}}
 
 
@@ -156,15 +160,14 @@ def _validate(table: InstanceTable) -> None:
         raise ValueError("label export needs stitched ids in [1, 2**32 - 1] (0 is background)")
 
 
-def write_label_zarr(
-    table: InstanceTable,
-    path: str | os.PathLike[str],
-    *,
-    image: SlideImage | None,
-    chunk: int = 1024,
-    levels: int | None = None,
-) -> None:
-    """Write the OME-NGFF 0.4 container of ``table`` to ``path`` (a ``.zarr`` folder), atomically.
+class LabelZarrWriter:
+    """The OME-NGFF 0.4 container of a slide's nuclei, written table after table (a slide's bands).
+
+    Level 0 is painted chunk row by chunk row as soon as no later table can reach that row: :meth:`write`
+    takes ``final_above``, the plane row above which no later table has a mask pixel (a band's next band
+    starts its masks at its core's top minus the halo), so only the nuclei that may still meet an unpainted
+    row are kept. The lower levels are built from level 0 when the block ends. Use as a context manager:
+    the folder appears atomically when the block ends without an error, and not at all otherwise.
 
     ``image``: the slide whose pyramid becomes the root image (:mod:`histoseg.export.zarr_image`), so
     viewers open the folder itself; ``None`` writes the labels only (the root is then no NGFF image:
@@ -173,52 +176,121 @@ def write_label_zarr(
     (see :func:`pyramid_shapes`). An existing ``path`` is replaced only after the new container is
     complete.
     """
-    _validate(table)
-    shapes = pyramid_shapes(table.plane_shape, chunk, levels)
-    with atomic_dir(path) as tmp:
-        root = zarr.open_group(store=str(tmp), mode="w", zarr_format=2)
-        if image is not None:
-            write_root_image(root, image, table, chunk=chunk, compressors=ZSTD)
-        root.attrs["histoseg"] = {
-            "mpp0": float(table.mpp0),
-            "mpp": float(table.mpp),
-            "scale": float(table.scale),
-            "plane_shape": [int(v) for v in table.plane_shape],
-            "note": "plane pixel (i, j) covers level-0 [j*scale, (j+1)*scale) x [i*scale, (i+1)*scale)",
-        }
-        labels = root.create_group("labels")
-        labels.attrs["labels"] = [name for name, _ in _LABELS]
-        arrays: dict[str, list[Any]] = {}
-        for name, dtype in _LABELS:
-            group = labels.create_group(name)
-            group.attrs["multiscales"] = _multiscales(name, len(shapes), float(table.mpp))
-            group.attrs["image-label"] = _class_label_meta(table) if name == "classes" else _nuclei_label_meta()
-            arrays[name] = [
-                group.create_array(
-                    str(k),
-                    shape=shape,
-                    chunks=(max(1, min(chunk, shape[0])), max(1, min(chunk, shape[1]))),
-                    dtype=dtype,
-                    compressors=ZSTD,
-                    fill_value=0,
-                    chunk_key_encoding={"name": "v2", "separator": "/"},
-                )
-                for k, shape in enumerate(shapes)
-            ]
-        nuclei, classes = arrays["nuclei"], arrays["classes"]
 
-        index = _BucketIndex(table, shapes[0], chunk)
-        filled: set[_Chunk] = set()
-        for cy, cx, ys, xs in _chunk_boxes(shapes[0], chunk):
-            rows = index.candidates(cy, cx)
-            if rows.size == 0:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        plane: PlaneInfo,
+        *,
+        image: SlideImage | None,
+        chunk: int = 1024,
+        levels: int | None = None,
+    ) -> None:
+        self.path = path
+        self.plane = plane
+        self.image = image
+        self.chunk = chunk
+        self.shapes = pyramid_shapes(plane.plane_shape, chunk, levels)
+        self._stack = contextlib.ExitStack()
+        self._groups: dict[str, Any] = {}
+        self._arrays: dict[str, list[Any]] = {}
+        self._pending = InstanceTable.empty(plane)
+        self._next_row = 0  # the first chunk row of level 0 not painted yet
+        self._filled: set[_Chunk] = set()
+        self._top_class = len(plane.class_names)
+
+    def __enter__(self) -> LabelZarrWriter:
+        chunk, shapes, plane = self.chunk, self.shapes, self.plane
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(atomic_dir(self.path))
+            root = zarr.open_group(store=str(tmp), mode="w", zarr_format=2)
+            if self.image is not None:
+                write_root_image(root, self.image, InstanceTable.empty(plane), chunk=chunk, compressors=ZSTD)
+            root.attrs["histoseg"] = {
+                "mpp0": float(plane.mpp0),
+                "mpp": float(plane.mpp),
+                "scale": float(plane.scale),
+                "plane_shape": [int(v) for v in plane.plane_shape],
+                "note": "plane pixel (i, j) covers level-0 [j*scale, (j+1)*scale) x [i*scale, (i+1)*scale)",
+            }
+            labels = root.create_group("labels")
+            labels.attrs["labels"] = [name for name, _ in _LABELS]
+            for name, dtype in _LABELS:
+                group = self._groups[name] = labels.create_group(name)
+                group.attrs["multiscales"] = _multiscales(name, len(shapes), float(plane.mpp))
+                self._arrays[name] = [
+                    group.create_array(
+                        str(k),
+                        shape=shape,
+                        chunks=(max(1, min(chunk, shape[0])), max(1, min(chunk, shape[1]))),
+                        dtype=dtype,
+                        compressors=ZSTD,
+                        fill_value=0,
+                        chunk_key_encoding={"name": "v2", "separator": "/"},
+                    )
+                    for k, shape in enumerate(shapes)
+                ]
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        stack, self._stack = self._stack, contextlib.ExitStack()
+        if exc_type is not None:  # the temporary folder is removed; nothing appears
+            stack.__exit__(exc_type, exc, tb)
+            return
+        with stack:  # renames the finished folder into place (removes it if this fails)
+            self._paint_rows(None)
+            self._build_levels()
+            classes = range(self._top_class + 1)
+            self._groups["classes"].attrs["image-label"] = _class_label_meta(self.plane, classes)
+            self._groups["nuclei"].attrs["image-label"] = _nuclei_label_meta()
+
+    def write(self, table: InstanceTable, final_above: int | None = None) -> None:
+        """Add ``table``'s nuclei (stitched ids, in ascending order over the writes); paint every chunk row
+        that ends at or above ``final_above`` (None: wait for the end)."""
+        if not self._arrays:
+            raise RuntimeError("LabelZarrWriter.write outside its with-block")
+        _validate(table)
+        painted = self._next_row * self.chunk
+        if len(table) and int(np.asarray(table.mask_offsets, np.int64).reshape(-1, 2)[:, 0].min()) < painted:
+            raise ValueError(f"a nucleus reaches above plane row {painted}, which an earlier final_above closed")
+        if len(table):
+            self._top_class = max(self._top_class, int(np.max(table.class_ids)))
+            self._pending = InstanceTable.concat([self._pending, table])
+        self._paint_rows(final_above)
+
+    def _paint_rows(self, final_above: int | None) -> None:
+        """Paint level 0's chunk rows up to ``final_above`` (None: all), then forget the nuclei that cannot
+        reach the rows still to paint."""
+        chunk, shape = self.chunk, self.shapes[0]
+        rows = math.ceil(shape[0] / chunk)
+        stop = rows if final_above is None else min(rows, max(0, final_above) // chunk)
+        if stop <= self._next_row:
+            return
+        table = self._pending
+        nuclei, classes = self._arrays["nuclei"], self._arrays["classes"]
+        index = _BucketIndex(table, shape, chunk)
+        for cy, cx, ys, xs in _chunk_boxes(shape, chunk):
+            if not self._next_row <= cy < stop:
                 continue
-            lab, cls = _paint(table, rows, ys, xs)
+            members = index.candidates(cy, cx)
+            if members.size == 0:
+                continue
+            lab, cls = _paint(table, members, ys, xs)
             if lab.any():
                 nuclei[0][ys, xs] = lab
                 classes[0][ys, xs] = cls
-                filled.add((cy, cx))
+                self._filled.add((cy, cx))
+        self._next_row = stop
+        if len(table):  # keep the nuclei whose mask reaches below the painted rows
+            bottom = np.asarray(table.mask_offsets, np.int64).reshape(-1, 2)[:, 0]
+            bottom = bottom + np.array([m.shape[0] for m in table.masks], np.int64)
+            self._pending = table.take(np.flatnonzero(bottom > stop * chunk))
 
+    def _build_levels(self) -> None:
+        """Levels 1, 2, ... from the level above, chunk by chunk; chunks whose sources are empty are skipped."""
+        nuclei, classes, shapes, chunk = self._arrays["nuclei"], self._arrays["classes"], self.shapes, self.chunk
+        filled = self._filled
         for k in range(1, len(shapes)):
             below, filled = filled, set()
             ph, pw = shapes[k - 1]
@@ -234,3 +306,18 @@ def write_label_zarr(
                 nuclei[k][ys, xs] = lab
                 classes[k][ys, xs] = np.asarray(classes[k - 1][src_y, src_x])[::2, ::2]
                 filled.add((cy, cx))
+
+
+def write_label_zarr(
+    table: InstanceTable,
+    path: str | os.PathLike[str],
+    *,
+    image: SlideImage | None,
+    chunk: int = 1024,
+    levels: int | None = None,
+) -> None:
+    """Write the OME-NGFF 0.4 container of ``table`` to ``path`` (a ``.zarr`` folder), atomically
+    (:class:`LabelZarrWriter`, one table; see there for ``image``, ``chunk`` and ``levels``)."""
+    _validate(table)
+    with LabelZarrWriter(path, table.plane, image=image, chunk=chunk, levels=levels) as writer:
+        writer.write(table)

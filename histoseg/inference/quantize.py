@@ -42,7 +42,10 @@ class CalibrationSettings:
     """Everything that changes the quantised graph besides the weights (all part of its cache key).
 
     ``crops`` crops of ``size``² pixels, drawn with ``seed`` from the MoNuSeg training images at the card's mpp;
-    ``keep_output_convs``: leave the last convolution before each output (the 1x1 heads) in fp32."""
+    ``keep_output_convs``: leave the last convolution before each output (the 1x1 heads) in fp32;
+    ``reduce_range``: 7-bit weights, so that int8 kernels without VNNI do not saturate (None: decided by this
+    CPU, :func:`~histoseg.inference.precision.cpu_int8_saturates`; part of the key, so a cache shared by
+    machines of both kinds keeps one graph each)."""
 
     crops: int = 16
     size: int = 256
@@ -51,8 +54,13 @@ class CalibrationSettings:
     per_channel: bool = True
     fmt: str = "qdq"
     keep_output_convs: bool = True
+    reduce_range: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.reduce_range is None:
+            from histoseg.inference.precision import cpu_int8_saturates
+
+            object.__setattr__(self, "reduce_range", cpu_int8_saturates()[0])
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(
                 f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.method!r}"
@@ -190,6 +198,7 @@ def quantize_onnx(
                 _reader(inputs),
                 quant_format=QuantFormat.QDQ if settings.fmt == "qdq" else QuantFormat.QOperator,
                 per_channel=settings.per_channel,
+                reduce_range=bool(settings.reduce_range),
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=methods[settings.method],

@@ -9,6 +9,7 @@ that artifact like any model.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import asdict, replace
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from histoseg.config import SegmentConfig
+from histoseg.distributed.runner import release_freed_memory
 from histoseg.errors import ConfigError
 from histoseg.inference import DensePredictor, NetworkPredictor
 from histoseg.io import open_slide
@@ -137,6 +139,9 @@ def adapt_slide(
         adapted, report = adapt_to_slide(artifact, crops, settings, target)
     finally:
         torch.set_num_threads(threads)
+        del crops
+        gc.collect()
+        release_freed_memory()  # the crops' activations and gradients: not needed while the regions run
     report["seconds_total"] = time.perf_counter() - t0
     report["settings"] = asdict(settings)
     report["requested"] = config.tta

@@ -23,7 +23,7 @@ from histoseg.models.arch import STRIDE
 from histoseg.pipeline.tasks import SlideTaskSpec
 from histoseg.postprocess import WatershedParams
 from histoseg.tiling import plan_regions, tissue_cells, tissue_mask
-from histoseg.types import InstanceTable, PlaneInfo, Region, SlideMeta
+from histoseg.types import PlaneInfo, Region, SlideMeta
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,11 @@ def plan_slide(path: str | Path, config: SegmentConfig, predictor: DensePredicto
 
 @dataclass
 class PlanOutcome:
-    """The stitched table of a slide, summed stage timings and how many regions were reused/computed."""
+    """Summed stage timings of a slide, how many regions were reused/computed, and, once stitched, how many
+    nuclei it has and how many of them touch a halo edge."""
 
-    table: InstanceTable
     timings: dict[str, float]
     regions_reused: int = 0
     regions_computed: int = 0
+    nuclei: int = 0
+    edge_touching: int = 0

@@ -40,7 +40,7 @@ def provenance_record(
     config: SegmentConfig,
     outcome: PlanOutcome,
 ) -> dict[str, Any]:
-    table, timings = outcome.table, outcome.timings
+    timings = outcome.timings
     art = predictor.artifact if isinstance(predictor, NetworkPredictor) else None
     meta, card, path = plan.meta, plan.card, plan.path
     return {
@@ -77,9 +77,9 @@ def provenance_record(
             "regions": len(plan.regions),
             "regions_reused": outcome.regions_reused,
             "regions_computed": outcome.regions_computed,
-            "halo_edge_nuclei": table.edge_touching,
+            "halo_edge_nuclei": outcome.edge_touching,
         },
         "config": config.to_dict(),
-        "nuclei": len(table),
+        "nuclei": outcome.nuclei,
         "timings_s": timings,
     }

@@ -174,11 +174,7 @@ class RegionStore:
             p.unlink(missing_ok=True)
         return table
 
-    def load_many(self, regions: Sequence[Region], plane: PlaneInfo) -> dict[str, InstanceTable]:
-        """Stored tables of those ``regions`` that are finished, by region key."""
-        out: dict[str, InstanceTable] = {}
-        for r in regions:
-            t = self.load(r, plane)
-            if t is not None:
-                out[r.key] = t
-        return out
+    def finished(self, regions: Sequence[Region], plane: PlaneInfo) -> set[str]:
+        """Keys of those ``regions`` whose stored table is complete and of these settings (each is read to
+        check it, then let go: the tables are read again when the slide is stitched, one band at a time)."""
+        return {r.key for r in regions if self.load(r, plane) is not None}

@@ -25,18 +25,8 @@ from histoseg.config import SegmentConfig, SlideStatus
 from histoseg.distributed import TaskRunner
 from histoseg.distributed.runner import release_freed_memory
 from histoseg.errors import OutputError
-from histoseg.export import (
-    RepairStats,
-    SlideImage,
-    atomic_file,
-    write_geojson,
-    write_label_zarr,
-    write_parquet,
-    write_provenance,
-    write_success,
-)
+from histoseg.export import atomic_file, write_provenance, write_success
 from histoseg.export.atomic import remove_stale_temporaries
-from histoseg.export.geometry import clean_polygons
 from histoseg.inference import DensePredictor, NetworkPredictor
 from histoseg.pipeline import folder as outdir
 from histoseg.pipeline.adapt import adapt_slide, adapt_stage_text
@@ -44,12 +34,10 @@ from histoseg.pipeline.identity import slide_fingerprint
 from histoseg.pipeline.plan import PlanOutcome, SlidePlan, default_predictor, plan_slide
 from histoseg.pipeline.record import provenance_record
 from histoseg.pipeline.resume import RegionStore, resume_settings
-from histoseg.pipeline.tasks import RegionResult, run_region
-from histoseg.postprocess import MEASUREMENTS
+from histoseg.pipeline.stitched import RegionTables, stitch_all, write_outputs
+from histoseg.pipeline.tasks import run_region
 from histoseg.report import report_after_slide
-from histoseg.stitching import in_tissue, stitch
-from histoseg.tiling import TISSUE_CELL
-from histoseg.types import InstanceTable, Region
+from histoseg.types import InstanceTable
 
 log = logging.getLogger(__name__)
 
@@ -82,50 +70,38 @@ def run_plan(
     predictor: DensePredictor,
     on_region: Callable[[int, int], None] | None = None,
     store: RegionStore | None = None,
-) -> PlanOutcome:
-    """Run the region tasks (only the ones ``store`` lacks), then stitch.
+) -> tuple[PlanOutcome, RegionTables]:
+    """Run the region tasks (only the ones ``store`` lacks); return the timings and the finished tables.
 
     Each result is saved to ``store`` here, on the client, as it arrives, so resuming works with any
-    runner. Stitching orders regions by raster and instances by anchor, so reused and recomputed
-    regions give the same table as one uninterrupted run. Timings cover the computed regions only.
+    runner, and waits there (not in memory) until the slide is stitched band by band
+    (:mod:`histoseg.pipeline.stitched`): reused and recomputed regions give the same nuclei as one
+    uninterrupted run. Timings cover the computed regions only.
     """
     total = len(plan.regions)
     t0 = time.perf_counter()
-    reused = store.load_many(plan.regions, plan.spec.plane) if store is not None else {}
-    parts: list[tuple[Region, InstanceTable]] = [(r, reused[r.key]) for r in plan.regions if r.key in reused]
+    reused = store.finished(plan.regions, plan.spec.plane) if store is not None else set()
     todo = [r for r in plan.regions if r.key not in reused]
     if reused:
         log.info("%s: reusing %d of %d finished regions", plan.path.name, len(reused), total)
         if on_region is not None:
             on_region(len(reused), total)
-    results: list[RegionResult] = []
+    tables = RegionTables(plan, store)
+    timings: dict[str, float] = {}
+    computed = 0
     if todo and isinstance(predictor, NetworkPredictor):
         predictor.prepare()  # the engine's graph, written once here instead of in every worker
     stream = runner.imap_unordered(run_region, todo, plan.spec, predictor) if todo else iter(())
     for done, (_, res) in enumerate(stream, len(reused) + 1):
-        if store is not None:
-            store.save(res.region, res.table)
-        results.append(res)
+        tables.add(res.region, res.table)
+        for k, v in res.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+        computed += 1
         if on_region is not None:
             on_region(done, total)
-    timings = _sum_timings(results)
     timings["regions_wall"] = time.perf_counter() - t0
     release_freed_memory()  # the region buffers kept for reuse (--workers 1) are not needed by stitch/export
-    t0 = time.perf_counter()
-    template = InstanceTable.empty(plan.spec.plane, MEASUREMENTS)
-    owned = parts + [(r.region, r.table) for r in results]
-    # a nucleus counts only when its anchor lies in a tissue cell: a grid fixed by the slide, not the regions
-    owned = [(r, t.take(np.flatnonzero(in_tissue(t.anchors, plan.cells, TISSUE_CELL)))) for r, t in owned]
-    table = stitch(owned, template)
-    timings["stitch"] = time.perf_counter() - t0
-    if table.edge_touching:
-        log.warning(
-            "%s: %d owned nuclei touch a halo edge (halo %d px may be too small for them)",
-            plan.path.name,
-            table.edge_touching,
-            plan.halo,
-        )
-    return PlanOutcome(table, timings, len(reused), len(results))
+    return PlanOutcome(timings, len(reused), computed), tables
 
 
 def run_regions_table(
@@ -133,7 +109,9 @@ def run_regions_table(
 ) -> InstanceTable:
     """The stitched nuclei of a slide, without writing anything (tests, notebooks)."""
     predictor = predictor or default_predictor(config)
-    return run_plan(plan_slide(path, config, predictor), runner, predictor).table
+    plan = plan_slide(path, config, predictor)
+    outcome, tables = run_plan(plan, runner, predictor)
+    return stitch_all(plan, tables, outcome)
 
 
 def segment_slide(
@@ -208,30 +186,18 @@ def _segment_locked(
         tmp.write_bytes(png.tobytes())
     fp = slide_fingerprint(path)
     store = _open_store(out_dir, plan, fp, predictor, config)
-    outcome = run_plan(plan, runner, predictor, on_region, store)
-    table, timings = outcome.table, outcome.timings
-    t0 = time.perf_counter()
+    outcome, tables = run_plan(plan, runner, predictor, on_region, store)
+    timings = outcome.timings
     if on_stage is not None:
         on_stage("writing " + ", ".join(config.formats))
-    polygons = None
-    if "geojson" in config.formats and "parquet" in config.formats:  # both need them: repair them once
-        stats = RepairStats()
-        polygons = clean_polygons(table, stats)
-        stats.log(f"{stem} polygons (GeoJSON, Parquet)")
-    if "geojson" in config.formats:
-        write_geojson(
-            table, out_dir / f"{stem}.geojson", slide_key=fp["hex"], gzip=config.geojson_gzip, polygons=polygons
+    write_outputs(plan, tables, outcome, out_dir, stem, config, fp["hex"])
+    if outcome.edge_touching:
+        log.warning(
+            "%s: %d owned nuclei touch a halo edge (halo %d px may be too small for them)",
+            plan.path.name,
+            outcome.edge_touching,
+            plan.halo,
         )
-    if "zarr" in config.formats:
-        write_label_zarr(
-            table,
-            out_dir / f"{stem}.zarr",
-            image=SlideImage(path, backend=config.backend, slide_mpp=config.slide_mpp),
-            chunk=config.region_size,
-        )
-    if "parquet" in config.formats:
-        write_parquet(table, out_dir / f"{stem}.nuclei.parquet", polygons=polygons)
-    timings["export"] = time.perf_counter() - t0
     seconds = time.perf_counter() - t_start
     timings["total"] = seconds
     record = provenance_record(plan, fp, predictor, config, outcome)
@@ -239,13 +205,13 @@ def _segment_locked(
     write_provenance(out_dir / "provenance.json", record)
     report_after_slide(out_dir, config)  # QC report.html (unless --no-report), from the files just written
     outdir.fsync_tree(out_dir)
-    outdir.fsync_paths(write_success(out_dir, outdir.success_record(path, fp, config, len(table))), out_dir)
+    outdir.fsync_paths(write_success(out_dir, outdir.success_record(path, fp, config, outcome.nuclei)), out_dir)
     RegionStore.discard(out_dir)  # the final outputs are the record now
     outdir.remove_intermediates(out_dir, stem, config)  # adapted weights (unless --keep-adapted); hash in provenance
     return SlideReport(
         str(path),
         "ok",
-        nuclei=len(table),
+        nuclei=outcome.nuclei,
         seconds=seconds,
         output=str(out_dir),
         regions=len(plan.regions),
@@ -274,11 +240,3 @@ def _open_store(
         RegionStore.discard(out_dir)
         return None
     return RegionStore.open(out_dir, settings)
-
-
-def _sum_timings(results: list[RegionResult]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for r in results:
-        for k, v in r.timings.items():
-            out[k] = out.get(k, 0.0) + v
-    return out
