@@ -123,9 +123,10 @@ class _BucketIndex:
         return self.members[self.starts[b] : self.starts[b + 1]]  # type: ignore[no-any-return]
 
 
-def _chunk_boxes(shape: _Chunk, chunk: int) -> Iterator[tuple[int, int, slice, slice]]:
+def _chunk_boxes(shape: _Chunk, chunk: int, rows: range | None = None) -> Iterator[tuple[int, int, slice, slice]]:
+    """Every chunk of a level (or of its chunk ``rows``): indices and pixel slices, in raster order."""
     h, w = shape
-    for cy in range(math.ceil(h / chunk)):
+    for cy in rows if rows is not None else range(math.ceil(h / chunk)):
         for cx in range(math.ceil(w / chunk)):
             ys = slice(cy * chunk, min(h, (cy + 1) * chunk))
             yield cy, cx, ys, slice(cx * chunk, min(w, (cx + 1) * chunk))
@@ -270,9 +271,7 @@ class LabelZarrWriter:
         table = self._pending
         nuclei, classes = self._arrays["nuclei"], self._arrays["classes"]
         index = _BucketIndex(table, shape, chunk)
-        for cy, cx, ys, xs in _chunk_boxes(shape, chunk):
-            if not self._next_row <= cy < stop:
-                continue
+        for cy, cx, ys, xs in _chunk_boxes(shape, chunk, range(self._next_row, stop)):
             members = index.candidates(cy, cx)
             if members.size == 0:
                 continue
