@@ -199,6 +199,8 @@ def compile_engine(artifact: ModelArtifact, key: str, runtime: str, bf16: bool, 
     if engine == "openvino":
         import openvino as ov
 
+        from histoseg.inference.openvino_engine import OpenVinoEngine
+
         core = ov.Core()
         compiled = core.compile_model(
             core.read_model(str(path)),
@@ -210,13 +212,7 @@ def compile_engine(artifact: ModelArtifact, key: str, runtime: str, bf16: bool, 
                 "ENABLE_CPU_PINNING": False,
             },
         )
-        names = [o.get_any_name() for o in compiled.outputs]
-
-        def run_ov(x: np.ndarray) -> dict[str, np.ndarray]:
-            res = compiled([x])
-            return {n: np.asarray(res[i]) for i, n in enumerate(names)}
-
-        return run_ov
+        return OpenVinoEngine(compiled)  # hands its buffers back when idle (inference.openvino_engine)
     if engine == "onnxruntime":
         import onnxruntime as ort
 
