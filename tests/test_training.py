@@ -119,8 +119,12 @@ def test_evaluate_command_writes_table_and_json(
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")))
 def test_shipped_training_configs_are_valid(path: Path) -> None:
     cfg = TrainConfig.load(path)
-    assert cfg.name == path.stem or path.stem.startswith(("small", "base"))
-    assert (cfg.types != []) == (path.stem == "typed")
+    typed = path.stem == "typed" or path.stem.startswith("typed-")  # the typed model's recipe: 3 configs
+    assert cfg.name == path.stem or path.stem.startswith(("small", "base")) or (typed and cfg.name == "typed")
+    assert (cfg.types != []) == typed
+    if path.stem.startswith("typed-distill"):  # steps 2 and 3: from the previous step's typed weights
+        assert cfg.init is not None and cfg.init.startswith("runs/typed-") and cfg.init.endswith("/typed.safetensors")
+        assert (cfg.point_target, cfg.teacher, cfg.relation_from) == ("hard", "default", 1)
     if path.stem == "typed":  # the typed model's recipe, starting from the untyped default's
         assert cfg.types and cfg.init == "runs/default/default.safetensors" and cfg.relation_from < cfg.iterations
         assert {d["name"] for d in cfg.datasets} == {"monuseg", "crchisto"}

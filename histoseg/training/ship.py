@@ -102,6 +102,8 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
 
 def _recipe(card: ModelCard) -> str:
     """How the model was trained, from the training configuration its card records."""
+    if card.training.get("recipe"):  # a model trained in several steps states them itself
+        return str(card.training["recipe"])
     cfg = card.training.get("config", {})
     name = card.name
     it = cfg.get("iterations", "?")
