@@ -37,13 +37,13 @@ REL_TOL = 1e-5  # on the weighted probability sum: far above fp32 kernel noise, 
 
 DEMO: dict[str, object] = {
     "geojson": "e03f1ce385d99eaf398052de7b203e5b52cd15e7d8a060cb032ce1e5cdc43240",
-    "parquet": "9fa3fa6199f329965b6a75516608e912eb403acb93fe9eb4c5cbac8167e0c479",
+    "parquet": "1798519c3332c99a22ce38d4bbffee675d063508b0dd399018aab291bf9e62be",
     "zarr": "5cfa54f0d46dca62b465353ebb5790dbbc9bf64a02c40be001427a0590476fcf",
     "probability": 118.80647606787181,
 }
 CMU: dict[str, object] = {
     "geojson": "d441a5c0a322f40ca1d3f0dad21d85cf5ae1b1638a96ef36f954d7cb2290f505",
-    "parquet": "393b7888ae89c02fe15f9d3b6ffa65b23deb58bce6cdad6ec0b3bbf882e078c5",
+    "parquet": "565f8c7ba68b059bcc214630b567d25ad4f3475ad2d8a5ce085ebdcd38467b5a",
     "zarr": "95de6082f95ae57583f2561e4cb69098c171cdf3b25a963eed1244e8ab7ab95c",
     "probability": 1311.2508329543698,
 }
