@@ -54,6 +54,7 @@ def test_finetune_from_qupath_points_then_segment_with_it(
     # the model's own types are kept in order; the clicked classes join (matching names are not duplicated)
     assert list(card.class_names[: len(old)]) == old
     assert {"Tumor", "Lymphocyte", "Fibroblast", "Other"} <= set(card.class_names)
+    assert card.type_weights is None  # a new label space: the base model's type weights do not carry over
     assert len({n.lower() for n in card.class_names}) == len(card.class_names)
     assert card.net.n_types == len(card.class_names)
     assert card.class_colors[card.class_names.index("Tumor")] == COLOURS["Tumor"]

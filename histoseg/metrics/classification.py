@@ -58,7 +58,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from histoseg.errors import ConfigError, DatasetError
-from histoseg.metrics.detection import DetectionTally, PointMatch, _as_points
+from histoseg.metrics.detection import DetectionTally, PointMatch, _as_points, match_points
 
 __all__ = [
     "ClassCounts",
@@ -172,16 +172,31 @@ class ClassificationTally:
         p = _as_points(pred_xy, "predicted points")
         tc = _as_classes(true_classes, len(t), "true classes")
         pc = _as_classes(pred_classes, len(p), "predicted classes")
-        m = self.detection.add(t, p, radius)
+        m = match_points(t, p, radius)
+        self._count(m, tc, pc)
+        return m
+
+    def add_match(self, match: PointMatch, true_classes: ArrayLike, pred_classes: ArrayLike) -> None:
+        """Add one image whose points were matched already (``match`` from :func:`match_points` on that
+        image's points), with new classes: scoring many class rules on the same detections matches once."""
+        n_true = match.tp + match.fn
+        n_pred = match.tp + match.fp
+        tc = _as_classes(true_classes, n_true, "true classes")
+        pc = _as_classes(pred_classes, n_pred, "predicted classes")
+        if len(match.pairs) != match.tp:
+            raise DatasetError(f"a match of {match.tp} true positives lists {len(match.pairs)} pairs")
+        self._count(match, tc, pc)
+
+    def _count(self, m: PointMatch, tc: np.ndarray, pc: np.ndarray) -> None:
+        self.detection.add_counts(m.tp, m.fp, m.fn)
         ti, pi = m.pairs[:, 0], m.pairs[:, 1]
         self.pairs.update(zip(tc[ti].tolist(), pc[pi].tolist(), strict=True))
-        left_t = np.ones(len(t), bool)
+        left_t = np.ones(len(tc), bool)
         left_t[ti] = False
-        left_p = np.ones(len(p), bool)
+        left_p = np.ones(len(pc), bool)
         left_p[pi] = False
         self.unmatched_true.update(tc[left_t].tolist())
         self.unmatched_pred.update(pc[left_p].tolist())
-        return m
 
     def observed_classes(self) -> tuple[int, ...]:
         """Sorted classes >= 1 seen so far on either side, matched or not."""

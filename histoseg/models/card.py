@@ -32,6 +32,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "mean": (0.0, 1.0),
     "std": (1e-3, 10.0),  # > 0: a zero std divides by zero and silently gives no nuclei
     "halo_px": (0, 4096),
+    "type_weight": (0.01, 100.0),  # per-class factor on a type's mean probability (postprocess.decide_types)
 }
 
 
@@ -52,6 +53,9 @@ class ModelCard:
     postprocess: dict[str, Any] = field(default_factory=dict)
     source_stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     description: str = ""
+    # per-class factors on the mean type probabilities before the highest is taken (typed models only; None:
+    # plain highest mean); fitted on training images by histoseg.training.typecal, recorded in training
+    type_weights: tuple[float, ...] | None = None
 
     def halo_px(self) -> int:
         """Halo that makes stitching exact: context radius plus the largest nucleus, rounded up to the
@@ -60,6 +64,7 @@ class ModelCard:
         return int(math.ceil(need / STRIDE) * STRIDE)
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {} if self.type_weights is None else {"type_weights": list(self.type_weights)}
         return {
             "format": CARD_FORMAT,
             "name": self.name,
@@ -74,6 +79,7 @@ class ModelCard:
             "context_radius_px": self.context_radius_px,
             "max_nucleus_um": self.max_nucleus_um,
             "postprocess": self.postprocess,
+            **extra,
             "training": self.training,
             "license": self.license,
             "metrics": self.metrics,
@@ -137,6 +143,7 @@ class ModelCard:
             license=str(d.get("license", "")),
             metrics=dict(_obj(d, "metrics", default={})),
             source_stats=dict(_obj(d, "source_stats", default={})),
+            type_weights=_type_weights(d.get("type_weights"), net.n_types),
         )
 
     def save(self, path: str | Path) -> None:
@@ -229,6 +236,16 @@ def _class(c: Any, i: int) -> tuple[int, str, tuple[int, int, int]]:
     color = _list(c, "color", 3, 3)
     r, g, b = (int(_num(x, f"classes[{i}].color", 0, 255, integer=True)) for x in color)
     return cid, name, (r, g, b)
+
+
+def _type_weights(v: Any, n_types: int) -> tuple[float, ...] | None:
+    if v is None:
+        return None
+    if not n_types:
+        raise _bad("type_weights", "are only for a typed model (architecture.n_types > 0)")
+    if not isinstance(v, list) or len(v) != n_types:
+        raise _bad("type_weights", f"must be a list of {n_types} numbers (one per type), got {v!r}"[:200])
+    return tuple(_num(x, "type_weights", *LIMITS["type_weight"]) for x in v)
 
 
 def _postprocess(v: Any) -> dict[str, Any]:

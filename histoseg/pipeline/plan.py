@@ -113,6 +113,7 @@ def plan_slide(path: str | Path, config: SegmentConfig, predictor: DensePredicto
         plane=PlaneInfo(card.class_names, card.class_colors, mpp0, scale, plane_shape),
         params=params,
         strict_halo=config.strict_halo,
+        type_weights=card.type_weights,
     )
     return SlidePlan(path, meta, card, mask, halo, regions, spec, cells)
 

@@ -34,6 +34,7 @@ class SlideTaskSpec:
     plane: PlaneInfo  # classes, scales and plane shape: the same for every region
     params: WatershedParams
     strict_halo: bool = False
+    type_weights: tuple[float, ...] | None = None  # the card's per-class type weights (postprocess.decide_types)
 
 
 @dataclass
@@ -78,7 +79,16 @@ def run_region(region: Region, spec: SlideTaskSpec, predictor: DensePredictor) -
     keep, keep_c = ids[own], cyx[own]
     edge = touches_halo_edge(slices, keep, labels.shape, region, spec.plane.plane_shape)
     table = measure_instances(
-        labels, keep, keep_c, slices, origin_yx=(rb.y, rb.x), image=image, np_prob=np_prob, tp_prob=tp, plane=spec.plane
+        labels,
+        keep,
+        keep_c,
+        slices,
+        origin_yx=(rb.y, rb.x),
+        image=image,
+        np_prob=np_prob,
+        tp_prob=tp,
+        plane=spec.plane,
+        type_weights=spec.type_weights,
     )
     table.edge_touching = int(edge.sum())
     if spec.strict_halo and table.edge_touching:

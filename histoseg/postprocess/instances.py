@@ -183,6 +183,19 @@ def pixel_outline(mask: np.ndarray) -> np.ndarray:
     return pts
 
 
+def decide_types(mean_tp: np.ndarray, weights: np.ndarray | tuple[float, ...] | None = None) -> np.ndarray:
+    """0-based class of each nucleus from its mean per-class probabilities ``mean_tp`` ((N, C) or (C,)).
+
+    The class whose mean probability, times its card weight, is highest (``weights`` ``None``: all 1, the
+    plain highest mean). The weights are a typed card's ``type_weights``: a per-class prior correction fitted
+    on training images (:mod:`histoseg.training.typecal`), because a per-class sigmoid trained with a class
+    rarer in the data ("Other") rarely wins a plain argmax. One rule for the pipeline and the evaluation."""
+    m = np.asarray(mean_tp, dtype=np.float64)
+    if weights is not None:
+        m = m * np.asarray(weights, dtype=np.float64)
+    return np.asarray(np.argmax(m, axis=-1), dtype=np.int64)
+
+
 def measure_instances(
     labels: np.ndarray,
     keep: np.ndarray,
@@ -194,13 +207,15 @@ def measure_instances(
     np_prob: np.ndarray,
     tp_prob: np.ndarray | None,
     plane: PlaneInfo,
+    type_weights: tuple[float, ...] | None = None,
 ) -> InstanceTable:
     """Measure the instances ``keep`` (label ids) of ``labels`` whose pixel [0, 0] is plane ``origin_yx``.
 
     ``centroids_yx`` are plane centroids aligned with ``keep`` (``instance_centroids`` with the same origin).
     With a type map ``tp_prob`` ((C, H, W) independent per-class probabilities, no background channel) a
-    nucleus gets the class with the highest mean probability over its mask, and that mean as its
-    probability; without one it is class 1 with its mean nucleus probability.
+    nucleus gets the class :func:`decide_types` picks from its mean probabilities over its mask (the highest,
+    after the card's ``type_weights``), and that class's mean as its probability; without one it is class 1
+    with its mean nucleus probability.
     """
     mpp, scale = plane.mpp, plane.scale
     oy, ox = origin_yx
@@ -226,7 +241,7 @@ def measure_instances(
         masks.append(mask)
         if tp_prob is not None:
             mean_tp = tp_prob[:, sl[0], sl[1]][:, mask].mean(axis=1)  # (C,) mean per-class probability
-            c = int(np.argmax(mean_tp))
+            c = int(decide_types(mean_tp, type_weights))
             cls_ids[i] = c + 1
             probs[i] = float(mean_tp[c])
         else:

@@ -9,7 +9,7 @@ are comparable across processing resolutions. Detection radius: 3 µm for instan
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cv2
@@ -21,7 +21,7 @@ from histoseg.errors import ConfigError
 from histoseg.inference import run_network
 from histoseg.metrics import DetectionTally, centroids, evaluate_instances, match_points, mean_over_images
 from histoseg.models import load_model, resolve_model
-from histoseg.postprocess import WatershedParams, separate_instances
+from histoseg.postprocess import WatershedParams, decide_types, separate_instances
 from histoseg.training.validate import predict_instances
 
 RADIUS_UM = {"monuseg-test": 3.0, "dsb": 3.0, "crchisto-val": 3.3}
@@ -112,11 +112,9 @@ def evaluate(dataset: str, model: str = "default", limit: int | None = None, bf1
     return {**res, "model": card.name, "model_mpp": card.mpp}
 
 
-def predict_typed_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Centroids (x, y) on the sample's native grid and the model's type per nucleus (1-based card class).
-
-    Types follow the pipeline's rule (:func:`histoseg.postprocess.measure_instances`): the class with the
-    highest mean probability over the nucleus's mask."""
+def typed_nuclei_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids (x, y) on the sample's native grid and each nucleus's mean per-class probabilities (N, C)
+    over its mask (``C = 0`` for an untyped model)."""
     h, w = s.image.shape[:2]
     f = s.mpp / card.mpp
     img = s.image
@@ -128,14 +126,34 @@ def predict_typed_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> 
     inst = separate_instances(np_prob, hv, card.mpp, params)
     ids = np.unique(inst)
     ids = ids[ids > 0]
+    n_types = 0 if tp is None else tp.shape[0]
     if not len(ids):
-        return np.zeros((0, 2)), np.zeros(0, np.int64)
+        return np.zeros((0, 2)), np.zeros((0, n_types))
     cyx = np.asarray(ndimage.center_of_mass(np.ones_like(inst), inst, ids), dtype=np.float64).reshape(-1, 2)
     xy = (cyx[:, ::-1] + 0.5) * (w / img.shape[1], h / img.shape[0]) - 0.5
     if tp is None:
-        return xy, np.ones(len(ids), np.int64)
-    means = np.stack([ndimage.mean(tp[c], inst, ids) for c in range(tp.shape[0])], axis=1)
-    return xy, np.argmax(means, axis=1).astype(np.int64) + 1
+        return xy, np.zeros((len(ids), 0))
+    return xy, np.stack([ndimage.mean(tp[c], inst, ids) for c in range(n_types)], axis=1)
+
+
+def predict_typed_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids (x, y) on the sample's native grid and the model's type per nucleus (1-based card class).
+
+    Types follow the pipeline's rule (:func:`histoseg.postprocess.decide_types`: the highest mean probability
+    over the nucleus's mask, after the card's type weights)."""
+    xy, means = typed_nuclei_native(net, card, s, bf16)
+    if not means.shape[1]:
+        return xy, np.ones(len(xy), np.int64)
+    return xy, decide_types(means, card.type_weights).astype(np.int64) + 1
+
+
+def crchisto_lut(class_names: Sequence[str]) -> np.ndarray:
+    """Model class (0 = none, 1..C in card order) -> CRCHisto class (1..4), matched by name through
+    ``labels.CRCHISTO_TO_TYPES``; 0 where the model's class has no CRCHisto counterpart."""
+    from histoseg.training.labels import CRCHISTO_TO_TYPES
+
+    to_crc = {t: CRCHISTO_CLASSES.index(c) + 1 for c, t in CRCHISTO_TO_TYPES.items()}
+    return np.array([0] + [to_crc.get(n, 0) for n in class_names], dtype=np.int64)
 
 
 def score_typing(
@@ -146,10 +164,8 @@ def score_typing(
     types are compared with CRCHisto's classes by name (``labels.CRCHISTO_TO_TYPES``); a type with no
     CRCHisto counterpart counts as "no class". ``radius_um`` overrides the matching radius."""
     from histoseg.metrics import ClassificationTally
-    from histoseg.training.labels import CRCHISTO_TO_TYPES
 
-    to_crc = {t: CRCHISTO_CLASSES.index(c) + 1 for c, t in CRCHISTO_TO_TYPES.items()}
-    lut = np.array([0] + [to_crc.get(n, 0) for n in card.class_names], dtype=np.int64)
+    lut = crchisto_lut(card.class_names)
     tally = ClassificationTally(classes=tuple(range(1, len(CRCHISTO_CLASSES) + 1)))
     samples = load_crchisto("validation", None)[: limit or None]
     radius = RADIUS_UM["crchisto-val"] if radius_um is None else float(radius_um)

@@ -43,6 +43,7 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
         f"| receptive-field radius | {card.context_radius_px} px; largest training nucleus {card.max_nucleus_um} µm; "
         f"halo {card.halo_px()} px |",
         f"| post-processing | {json.dumps(card.postprocess)} (tuned on held-out training images) |",
+        *_type_weight_lines(card),
         f"| source feature statistics | {len(card.source_stats)} BatchNorm layers "
         "(input mean/var pooled over the training set, and the mean and spread over training images of each "
         "image's own mean and log-variance, for test-time adaptation) |",
@@ -100,6 +101,22 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _type_weight_lines(card: ModelCard) -> list[str]:
+    """The type decision rule's per-class weights, when the card has them."""
+    if not card.type_weights:
+        return []
+    fit = card.training.get("type_weights_fit", {})
+    w = ", ".join(f"{n} x{v:g}" for n, v in zip(card.class_names, card.type_weights, strict=True))
+    how = f"fitted on {fit['data']}, " if fit.get("data") else ""
+    gain = ""
+    if "weighted_f1_plain" in fit:
+        gain = f"; weighted class F1 there {fit['weighted_f1_plain']:.3f} -> {fit['weighted_f1_fitted']:.3f}"
+    return [
+        f"| type decision | highest mean probability over the nucleus after per-class weights: {w} "
+        f"({how}`python -m histoseg.training.typecal`{gain}) |"
+    ]
+
+
 def _recipe(card: ModelCard) -> str:
     """How the model was trained, from the training configuration its card records."""
     if card.training.get("recipe"):  # a model trained in several steps states them itself
@@ -154,11 +171,24 @@ def main() -> None:
     ap.add_argument("--description", default="")
     ap.add_argument("--evaluate", action="store_true")
     ap.add_argument("--extra-md", default=None, help="markdown file appended to MODEL_CARD.md")
+    ap.add_argument(
+        "--card-only",
+        action="store_true",
+        help="keep the shipped weights file as it is: re-evaluate (with --evaluate) and re-render its card only "
+        "(after a card-only change such as typecal's type weights)",
+    )
     args = ap.parse_args()
-    net, card = load_model(resolve_model(args.weights))
+    source = resolve_model(args.weights)
+    net, card = load_model(source)
     card = replace(card, name=args.name, description=args.description or card.description)
     target = WEIGHTS_DIR / f"{args.name}.safetensors"
-    art = save_model(net, card, target, half=True)
+    if args.card_only:
+        if source.weights.resolve() != target.resolve():
+            raise SystemExit(f"--card-only re-renders a shipped model's own card: give {target}, not {source.weights}")
+        art = source
+        card.save(art.card_path)
+    else:
+        art = save_model(net, card, target, half=True)
     if args.evaluate:
         from histoseg.training.evaluate import evaluate
 
