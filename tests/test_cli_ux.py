@@ -28,7 +28,7 @@ def test_segment_help_shows_defaults_and_examples(capsys: pytest.CaptureFixture[
                for m in re.finditer(r"^  (-{1,2}[\w-]+)(?:, --[\w-]+)?.*?(?=^  -|\Z)", options, flags=re.M | re.S)}
     for flag, default in (("--region-size", "1024"), ("--precision", "auto"), ("--tta", "auto"),
                           ("--formats", "geojson,zarr,parquet"), ("--model", "default"), ("--runtime", "auto"),
-                          ("--tta-regions", "4"), ("--tta-steps", "10"), ("--cluster", "local")):
+                          ("--tta-regions", "4"), ("--tta-steps", "10"), ("--cluster", "local"), ("--views", "1")):
         assert f"default: {default}" in entries[flag], (flag, entries[flag])
     assert "(default: None)" not in text and "(default: False)" not in text
     examples = " ".join(text[text.index("examples:"):].replace("\\\n", " ").split())

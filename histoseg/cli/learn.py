@@ -62,7 +62,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     bf16 = resolve_precision(args.precision).bf16
     if args.json:
         check_writable_target(args.json)  # before minutes of evaluation, not after
-    res = evaluate(args.dataset, args.model, limit=args.limit, bf16=bf16)
+    res = evaluate(args.dataset, args.model, limit=args.limit, bf16=bf16, views=args.views)
     rows = res["images"]
     cols = [c for c in _COLUMNS if rows and c in rows[0]] or ["det_tp", "det_fp", "det_fn"]
     width = max([len("mean")] + [len(r["image"]) for r in rows])
@@ -74,7 +74,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(
         f"detection F1 (pooled, radius {res['radius_um']} µm): {mean['det_f1']:.4f}  "
         f"precision {mean['det_precision']:.4f}  recall {mean['det_recall']:.4f}  "
-        f"[{args.dataset}, model {res['model']} at {res['model_mpp']} µm/px, {res['seconds']:.1f} s]"
+        f"[{args.dataset}, model {res['model']} at {res['model_mpp']} µm/px, {args.views} view(s), "
+        f"{res['seconds']:.1f} s]"
     )
     ty = res.get("typing")
     if ty:

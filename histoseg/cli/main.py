@@ -26,6 +26,7 @@ from histoseg.config import (
     PRECISION_CHOICES,
     RUNTIME_CHOICES,
     TTA_CHOICES,
+    VIEW_CHOICES,
     SegmentConfig,
 )
 from histoseg.errors import HistosegError
@@ -49,7 +50,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, True, argparse.SUPPRESS) or not action.option_strings:
+        plain = any(action.default is v for v in (None, False, True, argparse.SUPPRESS))  # "is": 1 == True
+        if "default" in text or plain or not action.option_strings:
             return text
         return text + " (default: %(default)s)"
 
@@ -117,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "accuracy), PyTorch elsewhere; torch is the reference; onnxruntime and the -int8 engines (a "
                      "post-training int8 quantisation: faster again, MoNuSeg-test PQ within 0.002, other nuclei at "
                      "the margin) need pip install 'histoseg[fast]'; provenance.json records the engine and why")
+    seg.add_argument("--views", type=int, default=SegmentConfig.views, choices=list(VIEW_CHOICES),
+                     help="average the network's maps over 1, 4 (mirrored) or 8 (mirrored and transposed) views of "
+                     "each region: better nuclei and types (typed model, MoNuSeg test: PQ 0.588 -> 0.603 with 4) at "
+                     "4x or 8x the network time")
     seg.add_argument("--keep-adapted", action="store_true",
                      help="keep the per-slide adapted weights (<stem>.adapted.safetensors) after _SUCCESS")
     seg.add_argument("--no-report", dest="report", action="store_false",
@@ -157,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="also write the results as JSON to this file")
     ev.add_argument("--precision", default=SegmentConfig.precision, choices=list(PRECISION_CHOICES),
                     help="network arithmetic (auto: bf16 only where native)")
+    ev.add_argument("--views", type=int, default=SegmentConfig.views, choices=list(VIEW_CHOICES),
+                    help="average the maps over 1, 4 or 8 views, as segment --views")
 
     sub.add_parser("models", help="list registered models")
     add_report_parser(sub)

@@ -57,6 +57,7 @@ def config_from_args(args: argparse.Namespace, cluster: ClusterSpec | None = Non
         tta_steps=args.tta_steps,
         precision=args.precision,
         runtime=args.runtime,
+        views=args.views,
         keep_adapted=args.keep_adapted,
         report=args.report,
     )

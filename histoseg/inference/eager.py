@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from histoseg.inference.predict import CACHE_SIZE
+from histoseg.inference.views import run_views
 from histoseg.models import ModelArtifact, ModelCard, NucleiNet, load_model
 from histoseg.models.inputs import pad_to_stride, to_input
 
@@ -32,11 +33,18 @@ def cached_model(content: str, artifact: ModelArtifact, device: str) -> tuple[Nu
         return _CACHE[key]
 
 
-@torch.no_grad()
 def run_network(
-    net: NucleiNet, card: ModelCard, image: np.ndarray, device: str = "cpu", bf16: bool = False
+    net: NucleiNet, card: ModelCard, image: np.ndarray, device: str = "cpu", bf16: bool = False, views: int = 1
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """One forward pass over the whole image (padded with white to the network stride, then cropped)."""
+    """One forward pass over the whole image (padded with white to the network stride, then cropped), or the
+    mean of ``views`` passes over its flipped/transposed views (:mod:`histoseg.inference.views`)."""
+    return run_views(lambda im: _run_once(net, card, im, device, bf16), image, views)
+
+
+@torch.no_grad()
+def _run_once(
+    net: NucleiNet, card: ModelCard, image: np.ndarray, device: str, bf16: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     h, w = image.shape[:2]
     x = to_input(pad_to_stride(image), card).to(device)
     if device.startswith("cuda"):

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from histoseg.inference.runtime import Engine, compile_engine, engine_graph, math_threads
+from histoseg.inference.views import Maps, run_views
 from histoseg.models import ModelArtifact, ModelCard, load_model
 from histoseg.models.inputs import input_array, pad_to_stride
 from histoseg.types import Region
@@ -95,6 +96,7 @@ class NetworkPredictor:
     device: str = "cpu"
     bf16: bool = False
     runtime: str = "torch"  # torch | openvino | onnxruntime (resolved by ``inference.runtime``)
+    views: int = 1  # maps averaged over this many flipped/transposed views (``inference.views``)
 
     def check(self) -> None:
         """Load the weights once on the CPU (ModelError when they are unreadable or do not fit the card), so a
@@ -121,11 +123,11 @@ class NetworkPredictor:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         if self.runtime != "torch":
             engine, card = _cached_engine(self.artifact, self.runtime, self.bf16)
-            return run_engine(engine, card, image)
+            return run_engine(engine, card, image, self.views)
         from histoseg.inference.eager import cached_model, run_network  # torch: only on this path
 
         net, card = cached_model(_content_key(self.artifact), self.artifact, self.device)
-        return run_network(net, card, image, device=self.device, bf16=self.bf16)
+        return run_network(net, card, image, device=self.device, bf16=self.bf16, views=self.views)
 
 
 def _softmax0(logits: np.ndarray) -> np.ndarray:
@@ -141,8 +143,15 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def run_engine(engine: Engine, card: ModelCard, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``run_network`` through a compiled engine (OpenVINO, ONNX Runtime): same padding, inputs and outputs."""
+def run_engine(
+    engine: Engine, card: ModelCard, image: np.ndarray, views: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``run_network`` through a compiled engine (OpenVINO, ONNX Runtime): same padding, inputs, outputs and
+    view averaging."""
+    return run_views(lambda im: _run_engine_once(engine, card, im), image, views)
+
+
+def _run_engine_once(engine: Engine, card: ModelCard, image: np.ndarray) -> Maps:
     h, w = image.shape[:2]
     out = engine(input_array(pad_to_stride(image), card))
     np_prob = _softmax0(out["np"][0].astype(np.float32))[1, :h, :w]

@@ -57,7 +57,7 @@ def predictor_identity(predictor: DensePredictor) -> dict[str, Any] | None:
     """What identifies a predictor's outputs, or None when nothing does (then nothing is reused).
 
     A predictor may define ``fingerprint() -> str``; a ``NetworkPredictor`` is identified by the SHA-256
-    of its weights and card, its device, ``bf16`` and its runtime (all change the numbers).
+    of its weights and card, its device, ``bf16``, its runtime and its views (all change the numbers).
     """
     custom = getattr(predictor, "fingerprint", None)
     if callable(custom):
@@ -71,6 +71,7 @@ def predictor_identity(predictor: DensePredictor) -> dict[str, Any] | None:
             "device": predictor.device,
             "bf16": predictor.bf16,
             "runtime": predictor.runtime,
+            **({"views": predictor.views} if predictor.views != 1 else {}),  # absent at 1: old stores stay valid
         }
     return None
 

@@ -40,7 +40,7 @@ def default_predictor(config: SegmentConfig) -> DensePredictor:
     art = resolve_model(config.model)
     bf16 = resolve_precision(config.precision, config.device).bf16
     runtime = resolve_runtime(config.runtime, config.device).runtime
-    return NetworkPredictor(art, device=config.device, bf16=bf16, runtime=runtime)
+    return NetworkPredictor(art, device=config.device, bf16=bf16, runtime=runtime, views=config.views)
 
 
 @dataclass

@@ -67,6 +67,7 @@ def provenance_record(
         },
         "precision": _precision_record(predictor, config),
         "runtime": _runtime_record(predictor, config),
+        "views": predictor.views if isinstance(predictor, NetworkPredictor) else 1,
         "adaptation": {"method": "none"},
         "processing": {
             "mpp": card.mpp,

@@ -38,7 +38,7 @@ def load_dataset(name: str) -> list[Sample]:
     raise ConfigError(f"unknown dataset {name!r}")
 
 
-def predict_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> np.ndarray:
+def predict_native(net: Any, card: Any, s: Sample, bf16: bool = False, views: int = 1) -> np.ndarray:
     """Instance map on the sample's native grid, predicted at the model's mpp."""
     h, w = s.image.shape[:2]
     f = s.mpp / card.mpp  # model px per native px
@@ -48,7 +48,7 @@ def predict_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> np.nda
         img = cv2.resize(s.image, size, interpolation=interp)
     else:
         img = s.image
-    pred = predict_instances(net, card, img, bf16=bf16)
+    pred = predict_instances(net, card, img, bf16=bf16, views=views)
     if pred.shape != (h, w):
         pred = cv2.resize(pred.astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int32)
     return pred
@@ -103,16 +103,21 @@ def score_dataset(dataset: str, predict: Callable[[Sample], np.ndarray], limit: 
     }
 
 
-def evaluate(dataset: str, model: str = "default", limit: int | None = None, bf16: bool = False) -> dict[str, Any]:
-    """Per-image rows and the mean (segmentation) / pooled (detection) summary of a model."""
+def evaluate(
+    dataset: str, model: str = "default", limit: int | None = None, bf16: bool = False, views: int = 1
+) -> dict[str, Any]:
+    """Per-image rows and the mean (segmentation) / pooled (detection) summary of a model; ``views``: the maps
+    averaged over that many views (``inference.views``, ``--views``)."""
     net, card = load_model(resolve_model(model))
-    res = score_dataset(dataset, lambda s: predict_native(net, card, s, bf16), limit)
+    res = score_dataset(dataset, lambda s: predict_native(net, card, s, bf16, views), limit)
     if dataset == "crchisto-val" and card.net.n_types:
-        res["typing"] = score_typing(net, card, limit, bf16)
-    return {**res, "model": card.name, "model_mpp": card.mpp}
+        res["typing"] = score_typing(net, card, limit, bf16, views=views)
+    return {**res, "model": card.name, "model_mpp": card.mpp, "views": views}
 
 
-def typed_nuclei_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def typed_nuclei_native(
+    net: Any, card: Any, s: Sample, bf16: bool = False, views: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Centroids (x, y) on the sample's native grid and each nucleus's mean per-class probabilities (N, C)
     over its mask (``C = 0`` for an untyped model)."""
     h, w = s.image.shape[:2]
@@ -121,7 +126,7 @@ def typed_nuclei_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> t
     if abs(f - 1.0) > 1e-3:
         size = (max(16, int(round(w * f))), max(16, int(round(h * f))))
         img = cv2.resize(s.image, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
-    np_prob, hv, tp = run_network(net, card, img, bf16=bf16)
+    np_prob, hv, tp = run_network(net, card, img, bf16=bf16, views=views)
     params = WatershedParams(**card.postprocess) if card.postprocess else WatershedParams()
     inst = separate_instances(np_prob, hv, card.mpp, params)
     ids = np.unique(inst)
@@ -136,12 +141,14 @@ def typed_nuclei_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> t
     return xy, np.stack([ndimage.mean(tp[c], inst, ids) for c in range(n_types)], axis=1)
 
 
-def predict_typed_native(net: Any, card: Any, s: Sample, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict_typed_native(
+    net: Any, card: Any, s: Sample, bf16: bool = False, views: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Centroids (x, y) on the sample's native grid and the model's type per nucleus (1-based card class).
 
     Types follow the pipeline's rule (:func:`histoseg.postprocess.decide_types`: the highest mean probability
     over the nucleus's mask, after the card's type weights)."""
-    xy, means = typed_nuclei_native(net, card, s, bf16)
+    xy, means = typed_nuclei_native(net, card, s, bf16, views)
     if not means.shape[1]:
         return xy, np.ones(len(xy), np.int64)
     return xy, decide_types(means, card.type_weights).astype(np.int64) + 1
@@ -157,7 +164,7 @@ def crchisto_lut(class_names: Sequence[str]) -> np.ndarray:
 
 
 def score_typing(
-    net: Any, card: Any, limit: int | None = None, bf16: bool = False, radius_um: float | None = None
+    net: Any, card: Any, limit: int | None = None, bf16: bool = False, radius_um: float | None = None, views: int = 1
 ) -> dict[str, Any]:
     """Detection and classification F1 on CRCHisto validation (Sirinukunwattana et al. 2016 protocol:
     centroids matched within 6 px at 20x, i.e. 3.3 µm; classes scored on the detected nuclei). The model's
@@ -170,7 +177,7 @@ def score_typing(
     samples = load_crchisto("validation", None)[: limit or None]
     radius = RADIUS_UM["crchisto-val"] if radius_um is None else float(radius_um)
     for s in samples:
-        xy, cls = predict_typed_native(net, card, s, bf16)
+        xy, cls = predict_typed_native(net, card, s, bf16, views)
         if s.points is None or s.point_classes is None:
             continue
         tally.add(s.points, s.point_classes, xy, lut[cls], radius / s.mpp)

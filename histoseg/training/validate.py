@@ -16,10 +16,10 @@ DETECTION_RADIUS_UM = 3.0
 
 
 def predict_instances(
-    net: NucleiNet, card: ModelCard, image: np.ndarray, device: str = "cpu", bf16: bool = False
+    net: NucleiNet, card: ModelCard, image: np.ndarray, device: str = "cpu", bf16: bool = False, views: int = 1
 ) -> np.ndarray:
-    """Instance map of one image at the card's mpp."""
-    np_prob, hv, _ = run_network(net, card, image, device=device, bf16=bf16)
+    """Instance map of one image at the card's mpp (maps averaged over ``views`` views, ``inference.views``)."""
+    np_prob, hv, _ = run_network(net, card, image, device=device, bf16=bf16, views=views)
     params = WatershedParams(**card.postprocess) if card.postprocess else WatershedParams()
     return separate_instances(np_prob, hv, card.mpp, params)
 
