@@ -51,6 +51,14 @@ VIEW_CHOICES: tuple[Views, ...] = get_args(Views)
 each region (``histoseg.inference.views``): better nuclei and types at 4x or 8x the network time (README,
 "Accuracy"); outputs stay independent of the region size and the worker count."""
 
+
+
+def check_views(views: object, option: str = "--views") -> None:
+    """ConfigError unless ``views`` is one of ``VIEW_CHOICES`` (1 but not True: ``True == 1`` in Python)."""
+    if isinstance(views, bool) or views not in VIEW_CHOICES:
+        raise ConfigError(f"{option} must be one of {', '.join(map(str, VIEW_CHOICES))}, got {views!r}")
+
+
 Backend = Literal["auto", "tiffslide", "openslide", "image", "omezarr"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
 """``--backend``: the slide reader; ``auto`` picks one from the path and the file signature (``histoseg.io.open``)."""
@@ -121,8 +129,7 @@ class SegmentConfig:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
         if self.runtime not in RUNTIME_CHOICES:
             raise ConfigError(f"--runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {self.runtime!r}")
-        if self.views not in VIEW_CHOICES:
-            raise ConfigError(f"--views must be one of {', '.join(map(str, VIEW_CHOICES))}, got {self.views!r}")
+        check_views(self.views)
         if self.tta not in TTA_CHOICES:
             raise ConfigError(f"--tta must be one of {', '.join(TTA_CHOICES)}; got {self.tta!r}")
         if not (1 <= self.tta_regions <= MAX_TTA_REGIONS and 0 <= self.tta_steps <= MAX_TTA_STEPS):

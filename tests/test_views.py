@@ -12,7 +12,9 @@ import pytest
 from histoseg.cli.main import main
 from histoseg.config import SegmentConfig
 from histoseg.errors import ConfigError
+from histoseg.inference import NetworkPredictor
 from histoseg.inference.views import run_views
+from histoseg.models import resolve_model
 
 from .conftest import make_demo_slide
 
@@ -61,6 +63,10 @@ def test_views_outside_the_choices_are_refused() -> None:
         run_views(_equivariant, np.zeros((16, 16, 3), np.uint8), 2)
     with pytest.raises(ConfigError, match="--views must be one of 1, 4, 8"):
         SegmentConfig(views=3)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="--views must be one of 1, 4, 8, got True"):
+        SegmentConfig(views=True)  # type: ignore[arg-type]  # True == 1, but not a number of views
+    with pytest.raises(ConfigError, match="views must be one of"):  # at construction, not in a worker
+        NetworkPredictor(resolve_model("default"), views=2)  # type: ignore[arg-type]
     assert "views" not in SegmentConfig().output_affecting()  # old outputs keep their resume identity
     assert SegmentConfig(views=8).output_affecting()["views"] == 8
 

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from histoseg.config import Views, check_views
 from histoseg.inference.runtime import Engine, compile_engine, engine_graph, math_threads
 from histoseg.inference.views import Maps, run_views
 from histoseg.models import ModelArtifact, ModelCard, load_model
@@ -96,7 +97,10 @@ class NetworkPredictor:
     device: str = "cpu"
     bf16: bool = False
     runtime: str = "torch"  # torch | openvino | onnxruntime (resolved by ``inference.runtime``)
-    views: int = 1  # maps averaged over this many flipped/transposed views (``inference.views``)
+    views: Views = 1  # maps averaged over this many flipped/transposed views (``inference.views``)
+
+    def __post_init__(self) -> None:
+        check_views(self.views, "views")  # here, not in a worker on every region
 
     def check(self) -> None:
         """Load the weights once on the CPU (ModelError when they are unreadable or do not fit the card), so a

@@ -12,9 +12,11 @@ weighted classification F1 of the CRCHisto protocol on the **training** images (
 
 The fit is a coordinate search over log-factors on a fixed grid (the first class fixed at 1: only ratios
 matter), a few rounds, first best kept on ties, so it is deterministic. Three numbers fitted on ~13,000
-matched nuclei do not overfit the way a classifier on the same features would (a logistic recalibration of
-the four log-probabilities fitted by cross-entropy gave a lower validation F1, 0.699 against 0.703, because
-it optimises accuracy, not the weighted F1). ``--write`` stores the factors and how they were fitted in the
+matched nuclei generalise: fitted on one half of the training images and scored on the other (both ways),
+they gained +0.031 and +0.016 weighted F1, more than a logistic recalibration of the four log-probabilities
+(cross-entropy, which optimises accuracy rather than the weighted F1) with or without nucleus morphology
+(area, hematoxylin, eccentricity) on the same halves. The maps are one view's (``--views 1``), as the card's
+post-processing thresholds were tuned. ``--write`` stores the factors and how they were fitted in the
 model's card, atomically; the card's content is part of the predictor's identity, so earlier results of the
 model are not reused after a change.
 """
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": f"CRCHisto training set, {len(images)} images (centroids matched within {radius} µm)",
             "objective": "weighted classification F1 (Sirinukunwattana et al. 2016), coordinate search on "
             f"log-factors {LOG_GRID[0]}..{LOG_GRID[-1]} step 0.1",
+            "views": 1,
             "weighted_f1_plain": round(before, 4),
             "weighted_f1_fitted": round(after, 4),
         }
