@@ -36,14 +36,14 @@ PROBABILITY = re.compile(rb'("Detection probability":)([^,}]+)')
 REL_TOL = 1e-5  # on the weighted probability sum: far above fp32 kernel noise, far below any real change
 
 DEMO: dict[str, object] = {
-    "geojson": "e03f1ce385d99eaf398052de7b203e5b52cd15e7d8a060cb032ce1e5cdc43240",
-    "parquet": "1798519c3332c99a22ce38d4bbffee675d063508b0dd399018aab291bf9e62be",
+    "geojson": "1b9c21e50ff5998002e6120f304eb89910e090b5c2836c677aee0f18a88eba9d",
+    "parquet": "1b5bb68d7f8759c41af28fdd1ad61a88800edd90b3d1915553601fa5728ac28b",
     "zarr": "5cfa54f0d46dca62b465353ebb5790dbbc9bf64a02c40be001427a0590476fcf",
     "probability": 118.80647606787181,
 }
 CMU: dict[str, object] = {
-    "geojson": "d441a5c0a322f40ca1d3f0dad21d85cf5ae1b1638a96ef36f954d7cb2290f505",
-    "parquet": "565f8c7ba68b059bcc214630b567d25ad4f3475ad2d8a5ce085ebdcd38467b5a",
+    "geojson": "0a12bda094d6cc740d0c6058769fa4c50d9e6dfe9a070e00e0cd715f091d1e15",
+    "parquet": "c7a812f700dd635b132c87e0a317fed351f7f346b9784709477a386cc1cd3d32",
     "zarr": "95de6082f95ae57583f2561e4cb69098c171cdf3b25a963eed1244e8ab7ab95c",
     "probability": 1311.2508329543698,
 }
