@@ -182,3 +182,55 @@ def test_finished_regions_wait_on_disk_and_stitch_band_by_band(slide: tuple[Path
     store.path(plan.regions[len(plan.regions) // 2]).unlink()
     with pytest.raises(OutputError, match="run again to recompute it"):
         stitch_all(plan, tables, outcome)
+
+
+def test_bands_are_written_while_later_regions_run(slide: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    """SlideOutputs writes a band as soon as it and every band above it are finished (the export runs beside
+    the region tasks), whatever order regions finish in; the files equal those of writing after every region
+    is done; a region never finished leaves no output at all."""
+    from histoseg.errors import OutputError
+    from histoseg.pipeline.plan import plan_slide
+    from histoseg.pipeline.slide import run_plan
+    from histoseg.pipeline.stitched import RegionTables, SlideOutputs
+    from histoseg.stitching import bands
+
+    path, labels = slide
+    oracle = OraclePredictor(labels, MPP)
+    cfg = SegmentConfig(region_size=256, min_nucleus_area_um2=0.5, formats=("geojson", "parquet"))
+    plan = plan_slide(path, cfg, oracle)
+    rows = list(bands(plan.regions))
+    assert len(rows) >= 3
+
+    def outputs_of(order: list[int], folder: Path) -> list[int]:
+        """Regions handed in ``order``; the bands written after each hand-in."""
+        folder.mkdir()
+        tables = RegionTables(plan, None)
+        with InProcessRunner() as runner:
+            run_plan(plan, runner, oracle, tables=tables)
+        written = []
+        with SlideOutputs(plan, tables, folder, "s", cfg, "key") as out:
+            for i in order:
+                out.region_done(plan.regions[i])
+                written.append(out._next)  # noqa: SLF001 - the bands written so far is what is tested
+            assert not (folder / "s.geojson").exists()  # nothing appears before the block ends
+        assert out.nuclei > 600
+        return written
+
+    n = len(plan.regions)
+    first_band = len(rows[0])
+    in_order = outputs_of(list(range(n)), tmp_path / "a")
+    assert in_order[first_band - 1] == 1 and in_order[-1] == len(rows)  # band 0 written with its last region
+    backwards = outputs_of(list(range(n))[::-1], tmp_path / "b")
+    assert backwards[:-1] == [0] * (n - 1) and backwards[-1] == len(rows)  # nothing until the top band is done
+    assert (tmp_path / "a" / "s.geojson").read_bytes() == (tmp_path / "b" / "s.geojson").read_bytes()
+    assert (tmp_path / "a" / "s.nuclei.parquet").read_bytes() == (tmp_path / "b" / "s.nuclei.parquet").read_bytes()
+
+    (tmp_path / "c").mkdir()
+    tables = RegionTables(plan, None)
+    with InProcessRunner() as runner:
+        run_plan(plan, runner, oracle, tables=tables)
+    with pytest.raises(OutputError, match="never finished"):
+        with SlideOutputs(plan, tables, tmp_path / "c", "s", cfg, "key") as out:
+            for r in plan.regions[:-1]:
+                out.region_done(r)
+    assert list((tmp_path / "c").iterdir()) == []

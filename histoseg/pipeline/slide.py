@@ -34,10 +34,10 @@ from histoseg.pipeline.identity import slide_fingerprint
 from histoseg.pipeline.plan import PlanOutcome, SlidePlan, default_predictor, plan_slide
 from histoseg.pipeline.record import provenance_record
 from histoseg.pipeline.resume import RegionStore, resume_settings
-from histoseg.pipeline.stitched import RegionTables, stitch_all, write_outputs
+from histoseg.pipeline.stitched import RegionTables, SlideOutputs, stitch_all
 from histoseg.pipeline.tasks import run_region
 from histoseg.report import report_after_slide
-from histoseg.types import InstanceTable
+from histoseg.types import InstanceTable, Region
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,18 @@ def run_plan(
     predictor: DensePredictor,
     on_region: Callable[[int, int], None] | None = None,
     store: RegionStore | None = None,
+    on_done: Callable[[Region], None] | None = None,
+    tables: RegionTables | None = None,
 ) -> tuple[PlanOutcome, RegionTables]:
     """Run the region tasks (only the ones ``store`` lacks); return the timings and the finished tables.
 
     Each result is saved to ``store`` here, on the client, as it arrives, so resuming works with any
     runner, and waits there (not in memory) until the slide is stitched band by band
     (:mod:`histoseg.pipeline.stitched`): reused and recomputed regions give the same nuclei as one
-    uninterrupted run. Timings cover the computed regions only.
+    uninterrupted run. ``on_done(region)`` is called once for every region whose table is ready (the reused
+    ones first, in plan order), e.g. :meth:`SlideOutputs.region_done` to write bands while others still run;
+    ``tables``: where the results go (default: a new ``RegionTables`` over ``store``). Timings cover the
+    computed regions only.
     """
     total = len(plan.regions)
     t0 = time.perf_counter()
@@ -86,7 +91,11 @@ def run_plan(
         log.info("%s: reusing %d of %d finished regions", plan.path.name, len(reused), total)
         if on_region is not None:
             on_region(len(reused), total)
-    tables = RegionTables(plan, store)
+    tables = tables if tables is not None else RegionTables(plan, store)
+    if on_done is not None:
+        for r in plan.regions:
+            if r.key in reused:
+                on_done(r)
     timings: dict[str, float] = {}
     computed = 0
     if todo and isinstance(predictor, NetworkPredictor):
@@ -94,6 +103,8 @@ def run_plan(
     stream = runner.imap_unordered(run_region, todo, plan.spec, predictor) if todo else iter(())
     for done, (_, res) in enumerate(stream, len(reused) + 1):
         tables.add(res.region, res.table)
+        if on_done is not None:
+            on_done(res.region)
         for k, v in res.timings.items():
             timings[k] = timings.get(k, 0.0) + v
         computed += 1
@@ -186,11 +197,14 @@ def _segment_locked(
         tmp.write_bytes(png.tobytes())
     fp = slide_fingerprint(path)
     store = _open_store(out_dir, plan, fp, predictor, config)
-    outcome, tables = run_plan(plan, runner, predictor, on_region, store)
+    # the writers are open while the regions run: each finished band is written at once (SlideOutputs)
+    tables = RegionTables(plan, store)
+    with SlideOutputs(plan, tables, out_dir, stem, config, fp["hex"]) as outputs:
+        outcome, _ = run_plan(plan, runner, predictor, on_region, store, on_done=outputs.region_done, tables=tables)
+        if on_stage is not None:
+            on_stage("writing " + ", ".join(config.formats))
+    outputs.fill(outcome)
     timings = outcome.timings
-    if on_stage is not None:
-        on_stage("writing " + ", ".join(config.formats))
-    write_outputs(plan, tables, outcome, out_dir, stem, config, fp["hex"])
     if outcome.edge_touching:
         log.warning(
             "%s: %d owned nuclei touch a halo edge (halo %d px may be too small for them)",

@@ -1,10 +1,11 @@
 """A slide's finished regions, stitched and written band by band, so memory stays flat in slide size.
 
 Region results wait in the slide's region store on disk (:mod:`histoseg.pipeline.resume`), not in memory;
-without a store (a predictor that cannot be identified) they wait in memory. Once every region is done,
-the regions are read back one band (row of regions) at a time, top to bottom: each band's nuclei get their
-global ids (:class:`~histoseg.stitching.BandStitcher`) and go to every output writer, which keeps only what
-a later band can still change (the label raster's chunk rows within a halo of the next band).
+without a store (a predictor that cannot be identified) they wait in memory. As soon as a band (row of
+regions) and every band above it are done, its regions are read back, top to bottom, while later regions
+still run (:class:`SlideOutputs`): the band's nuclei get their global ids
+(:class:`~histoseg.stitching.BandStitcher`) and go to every output writer, which keeps only what a later
+band can still change (the label raster's chunk rows within a halo of the next band).
 """
 
 from __future__ import annotations
@@ -58,18 +59,25 @@ class RegionTables:
         return table
 
 
+def stitch_band(
+    plan: SlidePlan, tables: RegionTables, stitcher: BandStitcher, band: list[Region]
+) -> tuple[InstanceTable, int]:
+    """One band's nuclei with their global ids, and the plane row above which no later band has a mask pixel
+    (a region's masks lie in its read box: at most the halo above its core)."""
+    owned = []
+    for region in band:
+        t = tables.take(region)
+        # a nucleus counts only when its anchor lies in a tissue cell: a grid fixed by the slide, not the regions
+        owned.append(t.take(np.flatnonzero(in_tissue(t.anchors, plan.cells, TISSUE_CELL))))
+    return stitcher.band(owned), band[0].core.y1 - plan.halo
+
+
 def stitched_bands(
     plan: SlidePlan, tables: RegionTables, stitcher: BandStitcher
 ) -> Iterator[tuple[InstanceTable, int]]:
-    """The slide's nuclei band by band with their global ids, each with the plane row above which no later
-    band has a mask pixel (a region's masks lie in its read box: at most the halo above its core)."""
+    """The slide's nuclei band by band (:func:`stitch_band`), top to bottom."""
     for band in bands(plan.regions):
-        owned = []
-        for region in band:
-            t = tables.take(region)
-            # a nucleus counts only when its anchor lies in a tissue cell: a grid fixed by the slide, not the regions
-            owned.append(t.take(np.flatnonzero(in_tissue(t.anchors, plan.cells, TISSUE_CELL))))
-        yield stitcher.band(owned), band[0].core.y1 - plan.halo
+        yield stitch_band(plan, tables, stitcher, band)
 
 
 def template(plan: SlidePlan) -> InstanceTable:
@@ -85,51 +93,93 @@ def stitch_all(plan: SlidePlan, tables: RegionTables, outcome: PlanOutcome) -> I
     return InstanceTable.concat([stitcher.template, *parts])
 
 
-def write_outputs(
-    plan: SlidePlan,
-    tables: RegionTables,
-    outcome: PlanOutcome,
-    out_dir: Path,
-    stem: str,
-    config: SegmentConfig,
-    slide_key: str,
-) -> None:
-    """Stitch the slide band by band into every format of ``config.formats``; each file or folder appears
-    atomically once complete. Fills ``outcome``'s counts and its ``stitch`` and ``export`` timings."""
-    stitcher = BandStitcher(template(plan))
-    stats = RepairStats()
-    stitch_s = export_s = 0.0
-    with contextlib.ExitStack() as stack:
+class SlideOutputs:
+    """The slide's output writers, open while its regions run: each band is stitched and written as soon as
+    its regions and every band above it are finished (:meth:`region_done`), so the export runs beside the
+    region tasks instead of after them, while the workers would idle (issue 13). Bands go out in the same
+    order, top to bottom, as when every region is finished first: the outputs are identical.
+
+    Use as a context manager: every file or folder appears atomically when the block ends without an
+    exception, and not at all otherwise. ``nuclei``, ``edge_touching`` and the ``stitch`` and ``export``
+    seconds are known once it has ended."""
+
+    def __init__(
+        self, plan: SlidePlan, tables: RegionTables, out_dir: Path, stem: str, config: SegmentConfig, slide_key: str
+    ) -> None:
+        self.plan, self.tables, self.out_dir, self.stem = plan, tables, out_dir, stem
+        self.config, self.slide_key = config, slide_key
+        self.stitcher = BandStitcher(template(plan))
+        self.stats = RepairStats()
+        self.stitch_s = self.export_s = 0.0
+        self.nuclei = self.edge_touching = 0
+        self._bands = list(bands(plan.regions))
+        self._next = 0  # the first band not written yet
+        self._done: set[str] = set()
+        self._stack = contextlib.ExitStack()
+        self._writers: dict[str, Any] = {}
+
+    def __enter__(self) -> SlideOutputs:
         t0 = time.perf_counter()
-        writers: dict[str, Any] = {}
-        if "geojson" in config.formats:
-            path = out_dir / f"{stem}.geojson"
-            writers["geojson"] = stack.enter_context(GeoJSONWriter(path, slide_key=slide_key, gzip=config.geojson_gzip))
-        if "zarr" in config.formats:
-            image = SlideImage(plan.path, backend=config.backend, slide_mpp=config.slide_mpp)
-            zarr_writer = LabelZarrWriter(
-                out_dir / f"{stem}.zarr", plan.spec.plane, image=image, chunk=config.region_size
-            )
-            writers["zarr"] = stack.enter_context(zarr_writer)
-        if "parquet" in config.formats:
-            path = out_dir / f"{stem}.nuclei.parquet"
-            writers["parquet"] = stack.enter_context(ParquetTableWriter(path, stitcher.template))
-        export_s += time.perf_counter() - t0
+        out_dir, stem, config = self.out_dir, self.stem, self.config
+        with contextlib.ExitStack() as stack:
+            if "geojson" in config.formats:
+                path = out_dir / f"{stem}.geojson"
+                geo = GeoJSONWriter(path, slide_key=self.slide_key, gzip=config.geojson_gzip)
+                self._writers["geojson"] = stack.enter_context(geo)
+            if "zarr" in config.formats:
+                image = SlideImage(self.plan.path, backend=config.backend, slide_mpp=config.slide_mpp)
+                zarr_writer = LabelZarrWriter(
+                    out_dir / f"{stem}.zarr", self.plan.spec.plane, image=image, chunk=config.region_size
+                )
+                self._writers["zarr"] = stack.enter_context(zarr_writer)
+            if "parquet" in config.formats:
+                path = out_dir / f"{stem}.nuclei.parquet"
+                self._writers["parquet"] = stack.enter_context(ParquetTableWriter(path, self.stitcher.template))
+            self._stack = stack.pop_all()
+        self.export_s += time.perf_counter() - t0
+        return self
+
+    def region_done(self, region: Region) -> None:
+        """``region``'s table is in ``tables``: write every band that is now complete, top to bottom."""
+        self._done.add(region.key)
+        while self._next < len(self._bands) and all(r.key in self._done for r in self._bands[self._next]):
+            self._write_band(self._bands[self._next])
+            self._next += 1
+
+    def _write_band(self, band: list[Region]) -> None:
         t0 = time.perf_counter()
-        for band, final_above in stitched_bands(plan, tables, stitcher):
-            t1 = time.perf_counter()
-            stitch_s += t1 - t0
-            polygons = clean_polygons(band, stats) if "geojson" in writers or "parquet" in writers else None
-            for name, writer in writers.items():
-                if name == "zarr":
-                    writer.write(band, final_above)
-                else:
-                    writer.write(band, polygons)
-            t0 = time.perf_counter()
-            export_s += t0 - t1
+        table, final_above = stitch_band(self.plan, self.tables, self.stitcher, band)
+        t1 = time.perf_counter()
+        self.stitch_s += t1 - t0
+        writers = self._writers
+        polygons = clean_polygons(table, self.stats) if "geojson" in writers or "parquet" in writers else None
+        for name, writer in writers.items():
+            if name == "zarr":
+                writer.write(table, final_above)
+            else:
+                writer.write(table, polygons)
+        self.export_s += time.perf_counter() - t1
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        stack, self._stack = self._stack, contextlib.ExitStack()
+        if exc_type is not None:  # every writer removes its temporary output; nothing appears
+            stack.__exit__(exc_type, exc, tb)
+            return
+        if self._next < len(self._bands):
+            missing = sum(r.key not in self._done for band in self._bands[self._next :] for r in band)
+            err = OutputError(f"{self.plan.path.name}: {missing} region(s) were never finished; nothing was written")
+            stack.__exit__(OutputError, err, None)
+            raise err
         t0 = time.perf_counter()
-    export_s += time.perf_counter() - t0  # closing: the label pyramid's lower levels, renames
-    stats.log(f"{stem} polygons ({', '.join(n for n in ('geojson', 'parquet') if n in writers)})")
-    outcome.nuclei, outcome.edge_touching = stitcher.nuclei, stitcher.edge_touching
-    outcome.timings["stitch"] = stitch_s
-    outcome.timings["export"] = export_s
+        with stack:  # closing: the label pyramid's lower levels, the renames into place
+            pass
+        self.export_s += time.perf_counter() - t0
+        names = ", ".join(n for n in ("geojson", "parquet") if n in self._writers)
+        self.stats.log(f"{self.stem} polygons ({names})")
+        self.nuclei, self.edge_touching = self.stitcher.nuclei, self.stitcher.edge_touching
+
+    def fill(self, outcome: PlanOutcome) -> None:
+        """Put the counts and the ``stitch`` and ``export`` seconds into ``outcome`` (after the block)."""
+        outcome.nuclei, outcome.edge_touching = self.nuclei, self.edge_touching
+        outcome.timings["stitch"] = self.stitch_s
+        outcome.timings["export"] = self.export_s

@@ -184,7 +184,7 @@ def main() -> None:
     target = WEIGHTS_DIR / f"{args.name}.safetensors"
     if args.card_only:
         if source.weights.resolve() != target.resolve():
-            raise SystemExit(f"--card-only re-renders a shipped model's own card: give {target}, not {source.weights}")
+            ap.error(f"--card-only re-renders a shipped model's own card: give {target}, not {source.weights}")
         art = source
         card.save(art.card_path)
     else:
