@@ -43,6 +43,7 @@ def test_known_square_and_line() -> None:
     # scikit-image's estimator: the square's 8 border pixels, the line's 6, the lone pixel's 0
     assert s.perimeter_px(ids)[0] == pytest.approx(sk_perimeter(lab == 1), abs=1e-12)
     assert s.perimeter_px(ids)[1] == pytest.approx(sk_perimeter(lab == 2), abs=1e-12)
+    assert s.perimeter_px(ids)[2] == 0.0 == sk_perimeter(lab == 3)
     rings = label_outlines(px, ids)
     # pixel corners from the top-left one, counter-clockwise in (x, y) (positive shoelace area)
     assert rings[0] is not None and rings[0].tolist() == [[1, 1], [4, 1], [4, 4], [1, 4]]
@@ -133,5 +134,46 @@ def test_fast_morphology_equals_scipy(seed: int) -> None:
         yy, xx = np.ogrid[-r : r + 1, -r : r + 1]
         assert np.array_equal(binary_open(m, r), ndi.binary_opening(m, structure=(xx * xx + yy * yy) <= r * r))
     lab, _ = ndi.label(m)
-    assert np.array_equal(_drop_small(m, 5), _remove_small(lab, 5) > 0)
-    assert np.array_equal(_remove_small(lab, 5) > 0, np.isin(lab, np.flatnonzero(np.bincount(lab.ravel()) >= 5)[1:]))
+    big_ids = np.flatnonzero(np.bincount(lab.ravel()) >= 5)[1:]
+    want = np.where(np.isin(lab, big_ids), lab, 0)  # the big parts keep their ids, gaps and all
+    got = _remove_small(lab, 5)
+    assert got.dtype == lab.dtype and np.array_equal(got, want)
+    assert np.array_equal(_drop_small(m, 5), want > 0)
+    assert label_outlines(LabelledPixels(np.zeros((4, 4), np.int32)), np.array([1])) == [None]  # id not present
+
+
+def test_measured_table_does_not_depend_on_the_region_origin() -> None:
+    """measure_instances on the same labels and maps at two offsets of larger regions (other origins): the same
+    polygons, measurements, classes and probabilities to the last bit (non-solid nuclei included)."""
+    from histoseg.postprocess import instance_centroids, measure_instances
+    from histoseg.types import PlaneInfo
+
+    rng = np.random.default_rng(7)
+    lab = _random_labels(rng, (48, 56))
+    img = rng.integers(0, 256, (*lab.shape, 3), dtype=np.uint8)
+    npp = rng.random(lab.shape).astype(np.float32)
+    tp = rng.random((3, *lab.shape)).astype(np.float32)
+    colors = ((1, 2, 3), (4, 5, 6), (7, 8, 9))
+    plane = PlaneInfo(class_names=("a", "b", "c"), class_colors=colors, mpp0=0.25, scale=2.0, plane_shape=(4000, 4000))
+    tables = []
+    origin = (1000, 2037)  # the plane pixel of the labels' own pixel [0, 0] in both regions
+    for py, px_ in ((5, 9), (71, 30)):
+        big = np.zeros((140, 120), np.int32)
+        big_img = rng.integers(0, 256, (140, 120, 3), dtype=np.uint8)
+        big_np = rng.random((140, 120)).astype(np.float32)
+        big_tp = rng.random((3, 140, 120)).astype(np.float32)
+        sl = (slice(py, py + lab.shape[0]), slice(px_, px_ + lab.shape[1]))
+        big[sl], big_img[sl], big_np[sl], big_tp[:, sl[0], sl[1]] = lab, img, npp, tp
+        oy, ox = origin[0] - py, origin[1] - px_  # the labels' own pixel [0, 0] lands on the same plane pixel
+        ids, cyx, slices = instance_centroids(big, origin_yx=(oy, ox))
+        tables.append(
+            measure_instances(
+                big, ids, cyx, slices, origin_yx=(oy, ox), image=big_img, np_prob=big_np, tp_prob=big_tp, plane=plane
+            )
+        )
+    a, b = tables
+    assert len(a) == len(b) > 20
+    assert all(np.array_equal(p, q) for p, q in zip(a.polygons, b.polygons, strict=True))
+    assert np.array_equal(a.class_ids, b.class_ids) and np.array_equal(a.probabilities, b.probabilities)
+    for k in a.measurements:
+        assert np.array_equal(a.measurements[k], b.measurements[k]), k

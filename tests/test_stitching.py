@@ -185,13 +185,13 @@ def test_finished_regions_wait_on_disk_and_stitch_band_by_band(slide: tuple[Path
 
 
 def test_bands_are_written_while_later_regions_run(slide: tuple[Path, np.ndarray], tmp_path: Path) -> None:
-    """SlideOutputs writes a band as soon as it and every band above it are finished (the export runs beside
+    """BandExport writes a band as soon as it and every band above it are finished (the export runs beside
     the region tasks), whatever order regions finish in; the files equal those of writing after every region
     is done; a region never finished leaves no output at all."""
     from histoseg.errors import OutputError
     from histoseg.pipeline.plan import plan_slide
     from histoseg.pipeline.slide import run_plan
-    from histoseg.pipeline.stitched import RegionTables, SlideOutputs
+    from histoseg.pipeline.stitched import BandExport, RegionTables
     from histoseg.stitching import bands
 
     path, labels = slide
@@ -208,7 +208,7 @@ def test_bands_are_written_while_later_regions_run(slide: tuple[Path, np.ndarray
         with InProcessRunner() as runner:
             run_plan(plan, runner, oracle, tables=tables)
         written = []
-        with SlideOutputs(plan, tables, folder, "s", cfg, "key") as out:
+        with BandExport(plan, tables, folder, "s", cfg, "key") as out:
             for i in order:
                 out.region_done(plan.regions[i])
                 written.append(out._next)  # noqa: SLF001 - the bands written so far is what is tested
@@ -224,13 +224,46 @@ def test_bands_are_written_while_later_regions_run(slide: tuple[Path, np.ndarray
     assert backwards[:-1] == [0] * (n - 1) and backwards[-1] == len(rows)  # nothing until the top band is done
     assert (tmp_path / "a" / "s.geojson").read_bytes() == (tmp_path / "b" / "s.geojson").read_bytes()
     assert (tmp_path / "a" / "s.nuclei.parquet").read_bytes() == (tmp_path / "b" / "s.nuclei.parquet").read_bytes()
+    import pyarrow.parquet as pq
+
+    from histoseg.pipeline.plan import PlanOutcome
+    from histoseg.pipeline.stitched import stitch_all
+
+    whole_tables = RegionTables(plan, None)
+    with InProcessRunner() as runner:
+        run_plan(plan, runner, oracle, tables=whole_tables)
+    whole = stitch_all(plan, whole_tables, PlanOutcome({}))  # everything at once, in memory
+    written = pq.read_table(tmp_path / "a" / "s.nuclei.parquet")
+    assert written.column("id").to_pylist() == whole.ids.tolist()
+    assert np.array_equal(written.column("centroid_x").to_numpy(), whole.centroids[:, 0])
 
     (tmp_path / "c").mkdir()
     tables = RegionTables(plan, None)
     with InProcessRunner() as runner:
         run_plan(plan, runner, oracle, tables=tables)
     with pytest.raises(OutputError, match="never finished"):
-        with SlideOutputs(plan, tables, tmp_path / "c", "s", cfg, "key") as out:
+        with BandExport(plan, tables, tmp_path / "c", "s", cfg, "key") as out:
             for r in plan.regions[:-1]:
                 out.region_done(r)
     assert list((tmp_path / "c").iterdir()) == []
+
+    # a writer that fails while a band is written, in the middle of the regions: nothing appears either
+    from histoseg.export import ParquetTableWriter
+
+    (tmp_path / "d").mkdir()
+    tables = RegionTables(plan, None)
+    with InProcessRunner() as runner:
+        run_plan(plan, runner, oracle, tables=tables)
+    calls = []
+
+    def failing_write(self: ParquetTableWriter, table: object, polygons: object = None) -> int:
+        calls.append(1)
+        raise OSError("disk full")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ParquetTableWriter, "write", failing_write)
+        with pytest.raises(OutputError, match="disk full"):  # the atomic writer names the file
+            with BandExport(plan, tables, tmp_path / "d", "s", cfg, "key") as out:
+                for r in plan.regions:
+                    out.region_done(r)
+    assert calls == [1] and list((tmp_path / "d").iterdir()) == []

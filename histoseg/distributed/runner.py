@@ -106,7 +106,8 @@ def release_freed_memory() -> None:
     """Give the heap's free memory back to the kernel now (glibc ``malloc_trim``; a no-op elsewhere).
 
     Called when a slide's regions are done: the buffers kept for the next region are not needed while the
-    client stitches and exports, and would otherwise add to that stage's peak."""
+    client stitches and exports the slide's last bands and closes its outputs, and would otherwise add to
+    that stage's peak."""
     trim = _glibc("malloc_trim", ctypes.c_size_t)
     if trim is not None:
         trim(0)

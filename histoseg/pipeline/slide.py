@@ -34,7 +34,7 @@ from histoseg.pipeline.identity import slide_fingerprint
 from histoseg.pipeline.plan import PlanOutcome, SlidePlan, default_predictor, plan_slide
 from histoseg.pipeline.record import provenance_record
 from histoseg.pipeline.resume import RegionStore, resume_settings
-from histoseg.pipeline.stitched import RegionTables, SlideOutputs, stitch_all
+from histoseg.pipeline.stitched import BandExport, RegionTables, stitch_all
 from histoseg.pipeline.tasks import run_region
 from histoseg.report import report_after_slide
 from histoseg.types import InstanceTable, Region
@@ -73,15 +73,16 @@ def run_plan(
     on_done: Callable[[Region], None] | None = None,
     tables: RegionTables | None = None,
 ) -> tuple[PlanOutcome, RegionTables]:
-    """Run the region tasks (only the ones ``store`` lacks); return the timings and the finished tables.
+    """Run the region tasks (only the ones ``store`` lacks); return the timings and the results' tables.
 
     Each result is saved to ``store`` here, on the client, as it arrives, so resuming works with any
     runner, and waits there (not in memory) until the slide is stitched band by band
     (:mod:`histoseg.pipeline.stitched`): reused and recomputed regions give the same nuclei as one
-    uninterrupted run. ``on_done(region)`` is called once for every region whose table is ready (the reused
-    ones first, in plan order), e.g. :meth:`SlideOutputs.region_done` to write bands while others still run;
-    ``tables``: where the results go (default: a new ``RegionTables`` over ``store``). Timings cover the
-    computed regions only.
+    uninterrupted run. ``on_done(region)`` is called once for every region whose table is ready, e.g.
+    :meth:`BandExport.region_done`, which writes bands (and takes their tables) while other regions still run;
+    the reused regions are handed over once the first task has been sent out, so the workers never wait for
+    them. ``tables``: where the results go (default: a new ``RegionTables`` over ``store``). Timings cover the
+    computed regions only; ``regions_wall`` leaves out the time spent in ``on_done``.
     """
     total = len(plan.regions)
     t0 = time.perf_counter()
@@ -92,26 +93,40 @@ def run_plan(
         if on_region is not None:
             on_region(len(reused), total)
     tables = tables if tables is not None else RegionTables(plan, store)
-    if on_done is not None:
-        for r in plan.regions:
-            if r.key in reused:
-                on_done(r)
+    waiting = [r for r in plan.regions if r.key in reused] if on_done is not None else []
+    callback_s = 0.0
+
+    def hand_over(regions: list[Region]) -> None:
+        nonlocal callback_s
+        if on_done is None:
+            return
+        t = time.perf_counter()
+        for r in regions:
+            on_done(r)
+        callback_s += time.perf_counter() - t
+
     timings: dict[str, float] = {}
     computed = 0
     if todo and isinstance(predictor, NetworkPredictor):
         predictor.prepare()  # the engine's graph, written once here instead of in every worker
     stream = runner.imap_unordered(run_region, todo, plan.spec, predictor) if todo else iter(())
-    for done, (_, res) in enumerate(stream, len(reused) + 1):
-        tables.add(res.region, res.table)
-        if on_done is not None:
-            on_done(res.region)
-        for k, v in res.timings.items():
-            timings[k] = timings.get(k, 0.0) + v
-        computed += 1
-        if on_region is not None:
-            on_region(done, total)
-    timings["regions_wall"] = time.perf_counter() - t0
-    release_freed_memory()  # the region buffers kept for reuse (--workers 1) are not needed by stitch/export
+    try:
+        for done, (_, res) in enumerate(stream, len(reused) + 1):
+            tables.add(res.region, res.table)
+            hand_over([*waiting, res.region])  # the reused ones once the tasks are out: a lazy runner sends on next()
+            waiting = []
+            for k, v in res.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+            computed += 1
+            if on_region is not None:
+                on_region(done, total)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:  # a failure here stops the runner's generator (its pending tasks) at once
+            close()
+    hand_over(waiting)  # every region was reused
+    timings["regions_wall"] = time.perf_counter() - t0 - callback_s
+    release_freed_memory()  # the region buffers kept for reuse (--workers 1) are not needed by the export's end
     return PlanOutcome(timings, len(reused), computed), tables
 
 
@@ -197,9 +212,9 @@ def _segment_locked(
         tmp.write_bytes(png.tobytes())
     fp = slide_fingerprint(path)
     store = _open_store(out_dir, plan, fp, predictor, config)
-    # the writers are open while the regions run: each finished band is written at once (SlideOutputs)
+    # the writers are open while the regions run: each finished band is written at once (BandExport)
     tables = RegionTables(plan, store)
-    with SlideOutputs(plan, tables, out_dir, stem, config, fp["hex"]) as outputs:
+    with BandExport(plan, tables, out_dir, stem, config, fp["hex"]) as outputs:
         outcome, _ = run_plan(plan, runner, predictor, on_region, store, on_done=outputs.region_done, tables=tables)
         if on_stage is not None:
             on_stage("writing " + ", ".join(config.formats))

@@ -3,7 +3,7 @@
 Region results wait in the slide's region store on disk (:mod:`histoseg.pipeline.resume`), not in memory;
 without a store (a predictor that cannot be identified) they wait in memory. As soon as a band (row of
 regions) and every band above it are done, its regions are read back, top to bottom, while later regions
-still run (:class:`SlideOutputs`): the band's nuclei get their global ids
+still run (:class:`BandExport`): the band's nuclei get their global ids
 (:class:`~histoseg.stitching.BandStitcher`) and go to every output writer, which keeps only what a later
 band can still change (the label raster's chunk rows within a halo of the next band).
 """
@@ -93,7 +93,7 @@ def stitch_all(plan: SlidePlan, tables: RegionTables, outcome: PlanOutcome) -> I
     return InstanceTable.concat([stitcher.template, *parts])
 
 
-class SlideOutputs:
+class BandExport:
     """The slide's output writers, open while its regions run: each band is stitched and written as soon as
     its regions and every band above it are finished (:meth:`region_done`), so the export runs beside the
     region tasks instead of after them, while the workers would idle (issue 13). Bands go out in the same
@@ -118,7 +118,7 @@ class SlideOutputs:
         self._stack = contextlib.ExitStack()
         self._writers: dict[str, Any] = {}
 
-    def __enter__(self) -> SlideOutputs:
+    def __enter__(self) -> BandExport:
         t0 = time.perf_counter()
         out_dir, stem, config = self.out_dir, self.stem, self.config
         with contextlib.ExitStack() as stack:

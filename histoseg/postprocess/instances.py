@@ -230,7 +230,8 @@ def measure_instances(
     with its mean nucleus probability.
 
     Counts, moments, perimeter codes and means come from one pass over the label image
-    (:mod:`histoseg.postprocess.pixelsums`); only the outline is traced per nucleus. A nucleus that is not
+    (:mod:`histoseg.postprocess.pixelsums`) and the outlines from one trace of all of them
+    (:mod:`histoseg.postprocess.outlines`). A nucleus that is not
     solid (:func:`solid_mask` changes it, rare) is measured from a label image of its solid crop instead, by
     the same sums, so its figures too are those of the pixels its polygon encloses.
     """
@@ -263,8 +264,7 @@ def measure_instances(
         if ring is not None:
             poly = ring - np.array([x0, y0], np.float64)  # local to the box, as pixel_outline gives it
         else:  # not solid: made solid, and its figures are those of the solid crop
-            mask = solid_mask(mask)
-            poly = pixel_outline(mask)
+            mask, poly = _solid_outline(mask)
             crop = LabelledPixels(mask.astype(np.int32))
             tp_crop = None if tp_prob is None else tp_prob[:, sl[0], sl[1]]
             one = crop.sums(_pixel_values(crop, image[sl], np_prob[sl], tp_crop))

@@ -38,12 +38,11 @@ def label_outlines(px: LabelledPixels, ids: np.ndarray) -> list[np.ndarray | Non
     wp = w + 2  # the label image padded by one pixel of background
     stride = wp + 1  # corners of the padded image: (h + 3) x (w + 3)
     ncorner = (h + 3) * stride
-    wanted = np.zeros(px.n + 1, bool)
+    wanted = np.zeros(max(px.n, int(ids.max())) + 1, bool)
     wanted[ids] = True
     sel = wanted[px.label]
     lab, y, x = px.label[sel], px.y[sel] + 1, px.x[sel] + 1  # padded pixel coordinates
-    padded = np.zeros((h + 2) * wp, np.int64)
-    padded[(px.y + 1) * wp + px.x + 1] = px.label
+    padded = px.padded()
     pidx = y * wp + x
     starts: list[np.ndarray] = []
     ends: list[np.ndarray] = []
@@ -53,10 +52,12 @@ def label_outlines(px: LabelledPixels, ids: np.ndarray) -> list[np.ndarray | Non
         starts.append(base + (sy * stride + sx))
         ends.append(base + (ey * stride + ex))
     start, end = np.concatenate(starts), np.concatenate(ends)
+    if start.size == 0:  # none of ``ids`` is in the image
+        return out
     order = np.argsort(start, kind="stable")
     start, end = start[order], end[order]
     owner = start // ncorner
-    bad = np.zeros(px.n + 1, bool)
+    bad = np.zeros(wanted.size, bool)
     bad[owner[1:][start[1:] == start[:-1]]] = True  # a corner that starts two edges
     succ = np.minimum(np.searchsorted(start, end), start.size - 1)
     bad[owner[start[succ] != end]] = True  # cannot happen for a closed boundary; checked all the same

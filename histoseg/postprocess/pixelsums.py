@@ -39,6 +39,16 @@ class LabelledPixels:
         self.index = np.flatnonzero(flat)
         self.label = flat[self.index].astype(np.int64)
         self.y, self.x = np.divmod(self.index, self.shape[1])
+        self._padded: np.ndarray | None = None
+
+    def padded(self) -> np.ndarray:
+        """The label image with a ring of background around it, flat int64 ((H + 2) x (W + 2)); built once."""
+        if self._padded is None:
+            h, w = self.shape
+            padded = np.zeros((h + 2) * (w + 2), np.int64)
+            padded[(self.y + 1) * (w + 2) + self.x + 1] = self.label
+            self._padded = padded
+        return self._padded
 
     def take(self, image: np.ndarray) -> np.ndarray:
         """``image``'s values at the labelled pixels: (P,) for an (H, W) map, (P, K) for (H, W, K)."""
@@ -67,10 +77,9 @@ class LabelledPixels:
         """(n + 1, 3) counts of border pixels per label and perimeter weight (see ``_CODE_CLASS``)."""
         h, w = self.shape
         wp = w + 2
-        padded = np.zeros((h + 2) * wp, np.int64)  # the label image with a ring of background around it
+        padded = self.padded()
         pidx = (self.y + 1) * wp + self.x + 1
         lab = self.label
-        padded[pidx] = lab
         border = np.zeros(lab.size, bool)
         for off in (-1, 1, -wp, wp):
             border |= padded[pidx + off] != lab
@@ -98,7 +107,7 @@ class LabelSums:
     values: np.ndarray  # (n + 1, K) float64 sums of the per-pixel values
 
     def mean(self, ids: np.ndarray, k: int) -> np.ndarray:
-        """Mean of value ``k`` over each nucleus ``ids``."""
+        """Mean of value ``k`` over each nucleus ``ids`` (ids present in the image: an absent one has no pixels)."""
         return np.asarray(self.values[ids, k] / self.count[ids])
 
     def perimeter_px(self, ids: np.ndarray) -> np.ndarray:
@@ -112,7 +121,8 @@ class LabelSums:
         0 for a circle, towards 1 for a line, 0 for a single pixel).
 
         The central moments are ``(n·Σx² − (Σx)²) / n²``: the numerator is an exact integer whatever the
-        coordinates' origin (below 2**53 for any nucleus a region can hold), so the figure is too."""
+        coordinates' origin, so the figure is too. Keep it in int64: for a huge nucleus far from the origin
+        ``n·Σx²`` may wrap around, but the difference still comes out exact (it is small); floats would not."""
         n = self.count[ids].astype(np.int64)
         sy, sx, syy, sxx, sxy = (self.moments[ids, j] for j in range(5))
         n2 = np.maximum(n * n, 1).astype(np.float64)

@@ -190,7 +190,8 @@ def _timings_html(outputs: SlideOutputs) -> str:
         timings = {"adaptation": float(adapt_s), **timings}
     total = timings.pop("total", None)
     note = ("<p class=\"muted\">read, network and postprocess are summed over regions (worker seconds); "
-            "regions_wall is the wall time of the region stage.</p>")  # fmt: skip
+            "regions_wall is the wall time of the region stage; stitch and export, written band by band beside "
+            "it, are the client's seconds.</p>")  # fmt: skip
     head = f"<p>total {fmt(total)} s</p>" if total is not None else ""
     chart = bars([(k, float(v), (91, 132, 196), f"{v:.2f} s") for k, v in timings.items()])
     return head + chart + note

@@ -124,7 +124,8 @@ def typed_nuclei_native(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Centroids (x, y) on the sample's native grid and each nucleus's mean per-class probabilities (N, C)
     over its mask (``C = 0`` for an untyped model): the pipeline's per-nucleus sums
-    (:mod:`histoseg.postprocess.pixelsums`), so the type rule sees the same means in both."""
+    (:mod:`histoseg.postprocess.pixelsums`), so the type rule sees the same means as the pipeline for every
+    solid nucleus (the pipeline averages a rare non-solid one over its solid part)."""
     h, w = s.image.shape[:2]
     img = model_grid(s, card)
     np_prob, hv, tp = run_network(net, card, img, bf16=bf16, views=views)
