@@ -26,7 +26,6 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
@@ -36,7 +35,7 @@ from histoseg.config import data_dir
 from histoseg.datasets import Sample
 from histoseg.metrics import DetectionTally, centroids, evaluate_instances, match_points, mean_over_images
 from histoseg.models import load_model, resolve_model
-from histoseg.training.evaluate import RADIUS_UM, load_dataset, predict_native
+from histoseg.training.evaluate import RADIUS_UM, load_dataset, model_grid, predict_native
 from histoseg.tta import TTASettings, adapt
 
 try:  # python -m benchmarks.cohort
@@ -66,9 +65,7 @@ def score(samples: list[Sample], net: Any, card: Any, g2p: TTASettings | None, d
     for i, s in enumerate(samples):
         use = net
         if g2p is not None:
-            f = s.mpp / card.mpp
-            size = (max(16, round(s.image.shape[1] * f)), max(16, round(s.image.shape[0] * f)))
-            img = cv2.resize(s.image, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+            img = model_grid(s, card)
             t0 = time.perf_counter()
             res = adapt(net, card, crops_of(img, g2p.regions, g2p.crop, seed=i), g2p)
             adapt_s += time.perf_counter() - t0

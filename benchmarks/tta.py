@@ -34,7 +34,7 @@ import torch
 from histoseg.datasets import Sample
 from histoseg.metrics import DetectionTally, centroids, evaluate_instances, match_points, mean_over_images
 from histoseg.models import load_model, resolve_model
-from histoseg.training.evaluate import RADIUS_UM, load_dataset, predict_native
+from histoseg.training.evaluate import RADIUS_UM, load_dataset, model_grid, predict_native
 from histoseg.tta import TTASettings, adapt
 
 # Ruifrok-Johnston stain matrix (rows: H, E, DAB optical-density vectors) for the shift model
@@ -75,12 +75,9 @@ def crops_of(image: np.ndarray, k: int, crop: int, seed: int) -> list[np.ndarray
 
 def run_set(name: str, samples: list[Sample], net: Any, card: Any, settings: TTASettings) -> dict[str, Any]:
     rows, tally, adapt_s, seg_s = [], DetectionTally(), 0.0, 0.0
-    model_px = card.mpp
     for i, s in enumerate(samples):
         # crops at the model's resolution
-        f = s.mpp / model_px
-        img_m = cv2.resize(s.image, (max(16, round(s.image.shape[1] * f)), max(16, round(s.image.shape[0] * f))),
-                           interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+        img_m = model_grid(s, card)
         t0 = time.perf_counter()
         res = adapt(net, card, crops_of(img_m, settings.regions, settings.crop, seed=i), settings)
         adapt_s += time.perf_counter() - t0

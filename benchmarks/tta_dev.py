@@ -34,7 +34,7 @@ import torch
 from histoseg.datasets import Sample
 from histoseg.metrics import centroids, evaluate_instances, match_points
 from histoseg.models import load_model, resolve_model
-from histoseg.training.evaluate import RADIUS_UM, load_dataset, predict_native
+from histoseg.training.evaluate import RADIUS_UM, load_dataset, model_grid, predict_native
 from histoseg.tta import TTASettings, adapt
 from histoseg.tta import guard as plausibility
 
@@ -130,9 +130,7 @@ def score(set_name: str, s: Sample, true_mpp: float, pred: np.ndarray) -> float:
 def run_image(set_name: str, idx: int, s: Sample, true_mpp: float, net: Any, card: Any, methods: list[str],
               base: TTASettings) -> dict[str, Any]:
     """Every method on one image: score without and with the plausibility guard, census ratios, timings."""
-    f = s.mpp / card.mpp
-    img_m = cv2.resize(s.image, (max(16, round(s.image.shape[1] * f)), max(16, round(s.image.shape[0] * f))),
-                       interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+    img_m = model_grid(s, card)
     crops = crops_of(img_m, base.regions, base.crop, seed=idx)
     none = score(set_name, s, true_mpp, predict_native(net, card, s))
     src_maps = plausibility.segment_crops(net, card, crops)

@@ -25,15 +25,15 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from benchmarks.precision import cpu_line
+from histoseg.datasets import load_crchisto
 from histoseg.models import load_model, resolve_model
 from histoseg.training.config import TrainConfig
-from histoseg.training.evaluate import evaluate, score_typing
+from histoseg.training.evaluate import RADIUS_UM, crchisto_lut, evaluate, typed_images, typing_scores
 from histoseg.training.train import train
 
 ABLATION = {
@@ -50,10 +50,13 @@ def _fmt(v: float) -> str:
 def typed_rows(model: str, limit: int | None) -> dict[str, Any]:
     net, card = load_model(resolve_model(model))
     t0 = time.perf_counter()
-    typing = score_typing(net, card, limit)
-    typing_3um = score_typing(net, card, limit, radius_um=3.0)
+    # the network runs once per image; every row below scores the same detections
+    images = typed_images(net, card, load_crchisto("validation", None)[: limit or None], RADIUS_UM["crchisto-val"])
+    lut = crchisto_lut(card.class_names)
+    typing = typing_scores(images, card.type_weights, lut)
+    typing_3um = typing_scores([im.at_radius(3.0) for im in images], card.type_weights, lut)
     # the same detections typed by the plain highest mean: what the card's type weights add, in this run
-    typing_plain = score_typing(net, replace(card, type_weights=None), limit) if card.type_weights else None
+    typing_plain = typing_scores(images, None, lut) if card.type_weights else None
     mon = evaluate("monuseg-test", model, limit)["mean"]
     return {
         "model": card.name,

@@ -241,15 +241,12 @@ def test_changed_nuclei_contrast_on_a_hand_built_crop() -> None:
 def test_guard_rejects_a_real_adaptation_that_multiplies_nuclei(shared_data: Path) -> None:
     """AdaBN on a CRCHisto image (colorectal, 20x) finds far more nuclei than the source model on the same crops
     (fibres and debris taken for nuclei); the guard keeps the source weights and says why."""
-    import cv2
-
     from histoseg.models import load_model, resolve_model
-    from histoseg.training.evaluate import load_dataset
+    from histoseg.training.evaluate import load_dataset, model_grid
 
     net, card = load_model(resolve_model("default"))
     s = load_dataset("crchisto-val")[0]
-    f = s.mpp / card.mpp
-    img = cv2.resize(s.image[..., :3], (round(s.image.shape[1] * f), round(s.image.shape[0] * f)))
+    img = model_grid(s, card)
     crops = [np.ascontiguousarray(img[y : y + 256, x : x + 256]) for y in (0, 256) for x in (0, 256)]
     raw = adapt(net, card, crops, TTASettings(method="bn", guard=False))
     assert raw.state is not None and "census" not in raw.report

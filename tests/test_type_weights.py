@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histoseg.errors import ModelError
+from histoseg.errors import ConfigError, ModelError
 from histoseg.metrics import ClassificationTally
 from histoseg.metrics.detection import match_points
 from histoseg.models import ModelCard, load_model, resolve_model
 from histoseg.postprocess import decide_types, instance_centroids, measure_instances
-from histoseg.training.typecal import TypedImage, fit_type_weights, main, score
+from histoseg.training.evaluate import TypedImage, classify
+from histoseg.training.typecal import fit_type_weights, main
 from histoseg.types import PlaneInfo
 
 LUT = np.array([0, 1, 2, 3, 4])  # model class k is CRCHisto class k
@@ -69,7 +70,7 @@ def test_measure_instances_types_nuclei_with_the_card_weights() -> None:
 
 def _image(true_classes: list[int], means: list[list[float]]) -> TypedImage:
     xy = np.array([[10.0 * i, 0.0] for i in range(len(true_classes))])
-    return TypedImage("x", np.array(means), np.array(true_classes), match_points(xy, xy, 1.0))
+    return TypedImage("x", xy, np.array(means), xy, np.array(true_classes), 1.0, 1.0, match_points(xy, xy, 1.0))
 
 
 def test_fit_finds_the_weight_that_separates_an_under_called_class() -> None:
@@ -80,7 +81,23 @@ def test_fit_finds_the_weight_that_separates_an_under_called_class() -> None:
     weights, before, after = fit_type_weights([im], LUT)
     assert before == pytest.approx(1 / 3) and after == 1.0
     assert weights[0] == 1.0 and weights[1] == pytest.approx(np.exp(0.5), abs=1e-4)
-    assert score([im], weights, LUT).weighted_f1 == 1.0
+    assert classify([im], weights, LUT).weighted_f1 == 1.0
+
+
+def test_typed_images_rescore_at_another_radius_and_type_an_untyped_model_as_class_1() -> None:
+    """Two points, one nucleus 1 px off each: within 1.5 µm (mpp 0.5: 3 px) both match, within 0.25 µm (0.5 px)
+    none; an untyped model's nuclei (no means) are its class 1, which LUT maps to CRCHisto class 1."""
+    from histoseg.training.evaluate import typing_scores
+
+    pts = np.array([[10.0, 10.0], [40.0, 10.0]])
+    xy = pts + [1.0, 0.0]
+    im = TypedImage("x", xy, np.zeros((2, 0)), pts, np.array([1, 2]), 0.5, 1.5, match_points(pts, xy, 3.0))
+    wide = typing_scores([im], None, LUT)
+    assert wide["radius_um"] == 1.5 and wide["det_f1"] == 1.0 and wide["accuracy"] == 0.5
+    narrow = typing_scores([im.at_radius(0.25)], None, LUT)
+    assert narrow["radius_um"] == 0.25 and narrow["det_f1"] == 0.0
+    with pytest.raises(ConfigError, match="different radii"):
+        typing_scores([im, im.at_radius(0.25)], None, LUT)
 
 
 def test_add_match_counts_exactly_as_add() -> None:

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from histoseg.postprocess.outlines import label_outlines
+from histoseg.postprocess.outlines import PIXEL_EDGES, label_outlines
 from histoseg.postprocess.pixelsums import LabelledPixels
 from histoseg.types import InstanceTable, PlaneInfo
 
@@ -112,13 +112,6 @@ def _solid_outline(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return solid, pixel_outline(solid)
 
 
-def eccentricity(mask: np.ndarray) -> float:
-    """Eccentricity of the ellipse with the same second central moments as the mask's pixel centres
-    (scikit-image's ``regionprops`` definition; one mask's :meth:`LabelSums.eccentricity`)."""
-    sums = LabelledPixels(np.asarray(mask, dtype=np.int32)).sums()
-    return float(sums.eccentricity(np.array([1]))[0]) if sums.count.size > 1 else 0.0
-
-
 def solidity(area_px: float, ring: np.ndarray) -> float:
     """Area over the area of the outline's convex hull, as QuPath defines ``Solidity`` for a polygon ROI.
 
@@ -147,13 +140,9 @@ def pixel_outline(mask: np.ndarray) -> np.ndarray:
     stride = m.shape[1] + 1  # corner (x, y) of the padded crop has key y * stride + x
     starts: list[np.ndarray] = []
     ends: list[np.ndarray] = []
-    # (neighbour that is background, start corner offset (dy, dx), end corner offset (dy, dx))
-    for nb, (sy, sx), (ey, ex) in (
-        (m[:-2, 1:-1], (0, 0), (0, 1)),  # top edge, walking +x
-        (m[1:-1, 2:], (0, 1), (1, 1)),  # right edge, walking +y
-        (m[2:, 1:-1], (1, 1), (1, 0)),  # bottom edge, walking -x
-        (m[1:-1, :-2], (1, 0), (0, 0)),  # left edge, walking -y
-    ):
+    h, w = src.shape
+    for (oy, ox), (sy, sx), (ey, ex) in PIXEL_EDGES:
+        nb = m[1 + oy : 1 + oy + h, 1 + ox : 1 + ox + w]  # each pixel's neighbour on that side
         ys, xs = np.nonzero(src & ~nb)
         key = (ys + 1) * stride + xs + 1  # the pixel's top-left corner in the padded crop
         starts.append(key + (sy * stride + sx))

@@ -17,14 +17,15 @@ import numpy as np
 
 from histoseg.postprocess.pixelsums import LabelledPixels
 
-# (neighbour offset (dy, dx) that is outside, start corner offset (dy, dx), end corner offset (dy, dx)):
-# each boundary edge is directed with the nucleus on the same side (pixel_outline's convention)
-_EDGES = (
+PIXEL_EDGES = (
     ((-1, 0), (0, 0), (0, 1)),  # top edge, walking +x
     ((0, 1), (0, 1), (1, 1)),  # right edge, walking +y
     ((1, 0), (1, 1), (1, 0)),  # bottom edge, walking -x
     ((0, -1), (1, 0), (0, 0)),  # left edge, walking -y
 )
+"""The four edges of pixel ``(y, x)`` as (neighbour offset (dy, dx) that must be outside, start corner offset
+(dy, dx), end corner offset (dy, dx)): each boundary edge is directed with the nucleus on the same side, so the
+ring is counter-clockwise in (x, y). One table for :func:`label_outlines` and ``instances.pixel_outline``."""
 
 
 def label_outlines(px: LabelledPixels, ids: np.ndarray) -> list[np.ndarray | None]:
@@ -46,7 +47,7 @@ def label_outlines(px: LabelledPixels, ids: np.ndarray) -> list[np.ndarray | Non
     pidx = y * wp + x
     starts: list[np.ndarray] = []
     ends: list[np.ndarray] = []
-    for (ny, nx), (sy, sx), (ey, ex) in _EDGES:
+    for (ny, nx), (sy, sx), (ey, ex) in PIXEL_EDGES:
         on = padded[pidx + ny * wp + nx] != lab
         base = lab[on] * ncorner + y[on] * stride + x[on]
         starts.append(base + (sy * stride + sx))

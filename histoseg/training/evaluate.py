@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cv2
@@ -18,7 +19,16 @@ import numpy as np
 from histoseg.datasets import CRCHISTO_CLASSES, Sample, load_crchisto, load_dsb, load_monuseg
 from histoseg.errors import ConfigError
 from histoseg.inference import run_network
-from histoseg.metrics import DetectionTally, centroids, evaluate_instances, match_points, mean_over_images
+from histoseg.metrics import (
+    ClassificationTally,
+    DetectionTally,
+    centroids,
+    evaluate_instances,
+    match_points,
+    mean_over_images,
+)
+from histoseg.metrics.classification import ClassificationResult
+from histoseg.metrics.detection import PointMatch
 from histoseg.models import load_model, resolve_model
 from histoseg.postprocess import WatershedParams, decide_types, separate_instances
 from histoseg.postprocess.pixelsums import LabelledPixels
@@ -142,17 +152,75 @@ def typed_nuclei_native(
     return xy, means
 
 
-def predict_typed_native(
-    net: Any, card: Any, s: Sample, bf16: bool = False, views: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """Centroids (x, y) on the sample's native grid and the model's type per nucleus (1-based card class).
+@dataclass(frozen=True)
+class TypedImage:
+    """One point-annotated image's typed detections: the predicted centroids ``xy`` (x, y, native px) and mean
+    class probabilities ``means`` (N, C; ``C = 0`` for an untyped model), the true points, their classes
+    (CRCHisto label order, 0 = no class), and their match within ``radius_um``. The network ran once: every
+    class rule (:func:`classify`) and radius (:meth:`at_radius`) is scored on the same detections."""
 
-    Types follow the pipeline's rule (:func:`histoseg.postprocess.decide_types`: the highest mean probability
-    over the nucleus's mask, after the card's type weights)."""
-    xy, means = typed_nuclei_native(net, card, s, bf16, views)
-    if not means.shape[1]:
-        return xy, np.ones(len(xy), np.int64)
-    return xy, decide_types(means, card.type_weights).astype(np.int64) + 1
+    name: str
+    xy: np.ndarray
+    means: np.ndarray
+    points: np.ndarray
+    true_classes: np.ndarray
+    mpp: float
+    radius_um: float
+    match: PointMatch
+
+    def at_radius(self, radius_um: float) -> TypedImage:
+        """The same detections matched within another radius."""
+        match = match_points(self.points, self.xy, radius_um / self.mpp)
+        return replace(self, radius_um=float(radius_um), match=match)
+
+
+def typed_images(
+    net: Any, card: Any, samples: Sequence[Sample], radius_um: float, bf16: bool = False, views: int = 1
+) -> list[TypedImage]:
+    """Run the model once per image (:func:`typed_nuclei_native`) and match its nuclei to the image's points."""
+    out = []
+    for s in samples:
+        if s.points is None or s.point_classes is None:
+            raise ConfigError(f"image {s.name} has no classified points to score types against")
+        xy, means = typed_nuclei_native(net, card, s, bf16, views)
+        match = match_points(s.points, xy, radius_um / s.mpp)
+        out.append(TypedImage(s.name, xy, means, s.points, s.point_classes, s.mpp, float(radius_um), match))
+    return out
+
+
+def classify(images: Sequence[TypedImage], weights: Sequence[float] | None, lut: np.ndarray) -> ClassificationResult:
+    """CRCHisto-protocol scores of ``images`` typed by the pipeline's rule
+    (:func:`histoseg.postprocess.decide_types`: the highest mean probability after ``weights``; None: plain
+    highest); ``lut`` maps model classes to CRCHisto classes (:func:`crchisto_lut`). An untyped model's
+    nuclei are all its class 1."""
+    tally = ClassificationTally(classes=tuple(range(1, len(CRCHISTO_CLASSES) + 1)))
+    w = None if weights is None else tuple(weights)
+    for im in images:
+        if im.means.shape[1] and len(im.means):
+            pred = decide_types(im.means, w).astype(np.int64) + 1
+        else:
+            pred = np.ones(len(im.xy), np.int64)
+        tally.add_match(im.match, im.true_classes, lut[pred])
+    return tally.result()
+
+
+def typing_scores(images: Sequence[TypedImage], weights: Sequence[float] | None, lut: np.ndarray) -> dict[str, Any]:
+    """:func:`classify`'s figures as a JSON-ready dict (the card's ``crchisto_typing``, the benchmark's rows)."""
+    r = classify(images, weights, lut)
+    radii = {im.radius_um for im in images}
+    if len(radii) > 1:
+        raise ConfigError(f"images matched within different radii: {sorted(radii)}")
+    return {
+        "radius_um": radii.pop() if radii else float("nan"),
+        "n_images": len(images),
+        "det_precision": r.detection_precision,
+        "det_recall": r.detection_recall,
+        "det_f1": r.detection_f1,
+        "weighted_f1": r.weighted_f1,
+        "accuracy": r.accuracy,
+        "per_class_f1": {CRCHISTO_CLASSES[c - 1]: v for c, v in r.per_class_f1.items()},
+        "hovernet_fc": {CRCHISTO_CLASSES[c - 1]: v for c, v in r.hovernet_fc.items()},
+    }
 
 
 def crchisto_lut(class_names: Sequence[str]) -> np.ndarray:
@@ -171,26 +239,7 @@ def score_typing(
     centroids matched within 6 px at 20x, i.e. 3.3 µm; classes scored on the detected nuclei). The model's
     types are compared with CRCHisto's classes by name (``labels.CRCHISTO_TO_TYPES``); a type with no
     CRCHisto counterpart counts as "no class". ``radius_um`` overrides the matching radius."""
-    from histoseg.metrics import ClassificationTally
-
-    lut = crchisto_lut(card.class_names)
-    tally = ClassificationTally(classes=tuple(range(1, len(CRCHISTO_CLASSES) + 1)))
-    samples = load_crchisto("validation", None)[: limit or None]
     radius = RADIUS_UM["crchisto-val"] if radius_um is None else float(radius_um)
-    for s in samples:
-        xy, cls = predict_typed_native(net, card, s, bf16, views)
-        if s.points is None or s.point_classes is None:
-            continue
-        tally.add(s.points, s.point_classes, xy, lut[cls], radius / s.mpp)
-    r = tally.result()
-    return {
-        "radius_um": radius,
-        "n_images": len(samples),
-        "det_precision": r.detection_precision,
-        "det_recall": r.detection_recall,
-        "det_f1": r.detection_f1,
-        "weighted_f1": r.weighted_f1,
-        "accuracy": r.accuracy,
-        "per_class_f1": {CRCHISTO_CLASSES[c - 1]: v for c, v in r.per_class_f1.items()},
-        "hovernet_fc": {CRCHISTO_CLASSES[c - 1]: v for c, v in r.hovernet_fc.items()},
-    }
+    samples = load_crchisto("validation", None)[: limit or None]
+    images = typed_images(net, card, samples, radius, bf16, views)
+    return typing_scores(images, card.type_weights, crchisto_lut(card.class_names))

@@ -26,55 +26,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 
-from histoseg.datasets import CRCHISTO_CLASSES, Sample, load_crchisto
+from histoseg.datasets import load_crchisto
 from histoseg.errors import ConfigError, HistosegError
-from histoseg.metrics import ClassificationTally
-from histoseg.metrics.classification import ClassificationResult
-from histoseg.metrics.detection import PointMatch, match_points
-from histoseg.postprocess import decide_types
-from histoseg.training.evaluate import RADIUS_UM, crchisto_lut, typed_nuclei_native
+from histoseg.training.evaluate import RADIUS_UM, TypedImage, classify, crchisto_lut, typed_images
 
 LOG_GRID = tuple(round(-2.0 + 0.1 * i, 1) for i in range(41))  # log-factors -2.0 .. 2.0: x0.14 .. x7.4
 ROUNDS = 3
-
-
-@dataclass(frozen=True)
-class TypedImage:
-    """One image's matched detections: mean class probabilities (N, C) of the predicted nuclei, the true
-    classes of its points (CRCHisto label order, 0 = no class) and the point match."""
-
-    name: str
-    means: np.ndarray
-    true_classes: np.ndarray
-    match: PointMatch
-
-
-def collect(net: Any, card: Any, samples: Sequence[Sample], radius_um: float, bf16: bool = False) -> list[TypedImage]:
-    """Run the model once per image and match its nuclei to the points (the slow part of a fit)."""
-    if not card.net.n_types:
-        raise ConfigError(f"model {card.name!r} has no type head: there are no type weights to fit")
-    out = []
-    for s in samples:
-        if s.points is None or s.point_classes is None:
-            raise ConfigError(f"image {s.name} has no classified points to fit type weights on")
-        xy, means = typed_nuclei_native(net, card, s, bf16)
-        out.append(TypedImage(s.name, means, s.point_classes, match_points(s.points, xy, radius_um / s.mpp)))
-    return out
-
-
-def score(images: Sequence[TypedImage], weights: Sequence[float] | None, lut: np.ndarray) -> ClassificationResult:
-    """CRCHisto-protocol scores of the images with the decision rule's ``weights`` (None: plain highest)."""
-    tally = ClassificationTally(classes=tuple(range(1, len(CRCHISTO_CLASSES) + 1)))
-    w = None if weights is None else tuple(weights)
-    for im in images:
-        pred = decide_types(im.means, w) + 1 if len(im.means) else np.zeros(0, np.int64)
-        tally.add_match(im.match, im.true_classes, lut[pred])
-    return tally.result()
 
 
 def fit_type_weights(
@@ -88,14 +49,14 @@ def fit_type_weights(
         raise ConfigError("no images to fit type weights on")
     n = images[0].means.shape[1]
     logw = np.zeros(n)
-    before = best = score(images, None, lut).weighted_f1
+    before = best = classify(images, None, lut).weighted_f1
     for _ in range(rounds):
         changed = False
         for c in range(1, n):
             for g in grid:
                 trial = logw.copy()
                 trial[c] = g
-                f = score(images, np.exp(trial).tolist(), lut).weighted_f1
+                f = classify(images, np.exp(trial).tolist(), lut).weighted_f1
                 if f > best + 1e-12:
                     best, logw, changed = f, trial, True
         if not changed:
@@ -123,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"none of model {card.name!r}'s classes is a CRCHisto class: {card.class_names}")
         radius = RADIUS_UM["crchisto-val"]
         samples = load_crchisto("train", None)[: args.limit or None]
-        images = collect(net, card, samples, radius, args.bf16)
+        images = typed_images(net, card, samples, radius, args.bf16)
         weights, before, after = fit_type_weights(images, lut)
     except HistosegError as exc:
         print(f"histoseg typecal: {exc}", file=sys.stderr)
         return 2
-    old = score(images, card.type_weights, lut).weighted_f1 if card.type_weights else before
+    old = classify(images, card.type_weights, lut).weighted_f1 if card.type_weights else before
     print(f"{card.name}: weighted class F1 on {len(images)} CRCHisto training images: plain {before:.4f}, "
           f"card's weights {old:.4f}, fitted {after:.4f}; weights {dict(zip(card.class_names, weights, strict=True))}")
     if args.write:
