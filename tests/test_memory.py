@@ -91,9 +91,12 @@ def test_dask_workers_run_the_default_engine_without_torch(tmp_path: Path) -> No
     with local_dask_runner(2) as runner:
         two = segment_slide(slide, tmp_path / "two", config, runner)
         loaded = runner.client.run(lambda: "torch" in __import__("sys").modules)
+        tunables = runner.client.run(lambda: __import__("os").environ.get("GLIBC_TUNABLES", ""))
     one = segment_slide(slide, tmp_path / "one", config, InProcessRunner())
     assert two.status == one.status == "ok" and two.nuclei == one.nuclei > 100
     assert loaded and not any(loaded.values()), loaded
+    # the workers started with huge pages for their engine buffers (distributed.runner.huge_pages)
+    assert all("glibc.malloc.hugetlb=1" in v for v in tunables.values()), tunables
     import pyarrow.parquet as pq
 
     a, b = (pq.read_table(tmp_path / run / "demo" / "demo.nuclei.parquet") for run in ("one", "two"))

@@ -1,5 +1,6 @@
-"""An idle OpenVINO engine hands its working buffers back (issue 13: peak memory while the client exports), and
-the network's outputs do not depend on it."""
+"""The OpenVINO engine compiles each input shape (less memory than one dynamic compilation, same outputs) and
+hands its working buffers back when idle (issue 13: peak memory while the client exports); the network's outputs
+depend on neither."""
 
 from __future__ import annotations
 
@@ -16,14 +17,41 @@ from histoseg.inference.runtime import available
 pytestmark = pytest.mark.skipif(not available("openvino"), reason="the default engine (OpenVINO) is not installed")
 
 
-def _engine(idle: float):  # type: ignore[no-untyped-def]
+def _engine(idle: float, shapes_kept: int = 4, per_shape: bool = True):  # type: ignore[no-untyped-def]
     from histoseg.inference.openvino_engine import OpenVinoEngine
     from histoseg.inference.predict import _cached_engine
     from histoseg.models import resolve_model
 
     engine, _ = _cached_engine(resolve_model("default"), "openvino", False)
     assert isinstance(engine, OpenVinoEngine)
-    return OpenVinoEngine(engine._compiled, idle_release_s=idle)
+    assert engine.per_shape  # fp32 (the cached engine's precision here) compiles per shape
+    return OpenVinoEngine(
+        engine._core, engine._model, engine._config, per_shape=per_shape, idle_release_s=idle, shapes_kept=shapes_kept
+    )
+
+
+def test_each_shape_is_compiled_once_with_the_outputs_of_a_dynamic_compilation() -> None:
+    """Outputs bit-identical to one compilation for any input shape (what the engine did before); a shape in use
+    again is not compiled again; beyond ``shapes_kept`` the least recently used compilation is dropped."""
+    engine = _engine(idle=3600.0, shapes_kept=2)
+    dynamic = engine._core.compile_model(engine._model, "CPU", engine._config)
+    rng = np.random.default_rng(1)
+    xs = {s: rng.random((1, 3, *s), dtype=np.float32) for s in ((160, 224), (96, 128), (224, 96))}
+    for shape in ((160, 224), (96, 128), (160, 224), (224, 96), (96, 128)):
+        got = engine(xs[shape])
+        want = dynamic([xs[shape]])
+        for i, name in enumerate(engine.names):
+            np.testing.assert_array_equal(got[name], np.asarray(want[i]))
+    # compiled: 160x224, 96x128, (160x224 reused), 224x96 (drops 96x128), 96x128 again
+    assert engine.compilations == 4
+    assert list(engine._compiled) == [(1, 3, 224, 96), (1, 3, 96, 128)]
+    once = _engine(idle=3600.0, per_shape=False)  # bf16's way: one dynamic compilation for every shape
+    for x in xs.values():
+        got = once(x)
+        want = dynamic([x])
+        for i, name in enumerate(once.names):
+            np.testing.assert_array_equal(got[name], np.asarray(want[i]))
+    assert once.compilations == 1 and list(once._compiled) == [None]
 
 
 def test_release_waits_for_idleness_and_keeps_outputs_bit_identical() -> None:

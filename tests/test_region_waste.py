@@ -4,6 +4,7 @@ background, centroids from the labelled pixels only; and the allocator setting t
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,7 +100,8 @@ def test_kept_buffers_stop_the_page_faults_and_close_restores_the_defaults() -> 
     import sys
 
     def faults(mode: str, keep: str) -> int:
-        env = {**os.environ, KEEP_MEMORY_ENV: keep}
+        # without tunables: a Dask cluster started earlier in this process leaves its workers' in os.environ
+        env = {**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, KEEP_MEMORY_ENV: keep}
         out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, capture_output=True, text=True, check=True)
         return int(out.stdout.strip())
 
@@ -108,6 +110,69 @@ def test_kept_buffers_stop_the_page_faults_and_close_restores_the_defaults() -> 
     assert default >= 5 * 32
     assert kept < default // 20
     assert closed >= 5 * 32  # restored
+
+
+def test_huge_pages_tunable_respects_the_users_own_and_the_off_switch() -> None:
+    from histoseg.distributed.runner import HUGE_PAGES_TUNABLE, huge_pages
+
+    assert huge_pages({}) == HUGE_PAGES_TUNABLE == "glibc.malloc.hugetlb=1"
+    own = "glibc.malloc.arena_max=2"
+    assert huge_pages({"GLIBC_TUNABLES": own}) == f"{own}:{HUGE_PAGES_TUNABLE}"
+    assert huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == "glibc.malloc.hugetlb=0"  # the user's stands
+    assert huge_pages({KEEP_MEMORY_ENV: "0"}) is None  # the allocator at its defaults
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else "never"
+
+
+_MAPS = """
+import ctypes, resource
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+n = 64 << 20
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):  # a worker's engine buffers, allocated afresh at each change of input shape (plain malloc:
+    p = libc.malloc(n)  # numpy asks for huge pages for its own arrays, OpenVINO does not)
+    ctypes.memset(p, 1, n)
+    libc.free(p)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc" or tuple(int(v) for v in platform.libc_ver()[1].split(".")[:2]) < (2, 35)
+    or _thp_mode() == "never",
+    reason="needs glibc 2.35+ (the hugetlb tunable) and transparent huge pages",
+)
+def test_workers_tunable_maps_large_buffers_with_huge_pages() -> None:
+    """Five 64 MiB allocate/free rounds in a process started with the workers' tunable: 2 MiB pages, so at most
+    ~32 faults a round instead of 16k (with THP ``always`` both are low; the tunable must never be worse)."""
+    import os
+    import subprocess
+    import sys
+
+    from histoseg.distributed.runner import huge_pages
+
+    def faults(tunables: str | None) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if tunables:
+            env["GLIBC_TUNABLES"] = tunables
+        out = subprocess.run([sys.executable, "-c", _MAPS], env=env, capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+
+    tunable = huge_pages({})
+    assert tunable is not None
+    with_huge, plain = faults(tunable), faults(None)
+    assert with_huge < 5 * 16384 // 10
+    if _thp_mode() == "madvise":  # only the tunable asks for huge pages
+        assert plain >= 5 * 16384 // 2 > with_huge
 
 
 @pytest.mark.parametrize("seed", range(4))

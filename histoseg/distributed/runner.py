@@ -102,6 +102,29 @@ def restore_allocator_defaults() -> None:
     release_freed_memory()
 
 
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def huge_pages(environ: dict[str, str] | None = None) -> str | None:
+    """The ``GLIBC_TUNABLES`` value that starts a worker process with transparent huge pages for its large
+    allocations: the environment's own tunables with ``glibc.malloc.hugetlb=1`` added, unless they set it
+    themselves (then they stand as they are); None with ``HISTOSEG_KEEP_MEMORY=0`` (the allocator's defaults).
+
+    Why: a worker's OpenVINO engine allocates its working buffers afresh whenever the input shape changes
+    (:mod:`histoseg.inference.openvino_engine`), ~0.65 GB in fp32, and glibc maps them page by page: 4 KiB pages
+    cost ~17 s of system time on a 10000² slide. With ``glibc.malloc.hugetlb=1`` (glibc 2.35+; older ones and
+    other C libraries ignore it) glibc asks for 2 MiB pages for those mappings (``madvise``), which the kernel
+    grants where transparent huge pages are ``always`` or ``madvise``. Tunables are read when a process starts,
+    so this is for worker processes, not the running one. The results do not change: only where the bytes live."""
+    env = os.environ if environ is None else environ
+    if env.get(KEEP_MEMORY_ENV, "1") == "0":
+        return None
+    own = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in own:  # the user's choice, or this process's own earlier cluster (Dask's
+        return own  # nannies copy the workers' spawn environment into the client's)
+    return f"{own}:{HUGE_PAGES_TUNABLE}" if own else HUGE_PAGES_TUNABLE
+
+
 def release_freed_memory() -> None:
     """Give the heap's free memory back to the kernel now (glibc ``malloc_trim``; a no-op elsewhere).
 
@@ -288,18 +311,21 @@ class LazyRunner:
 
 def local_dask_runner(n_workers: int, memory_limit: str = "auto") -> DaskRunner:
     """A local cluster of ``n_workers`` single-threaded worker processes."""
+    import dask
     from distributed import Client, LocalCluster
 
     if n_workers < 1:
         raise ConfigError(f"need at least one worker, got {n_workers}")
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        memory_limit=memory_limit,
-        dashboard_address=":0",
-        env=SINGLE_THREAD_ENV,
-    )
+    spawn_env = {"distributed.nanny.pre-spawn-environ.GLIBC_TUNABLES": tunables} if (tunables := huge_pages()) else {}
+    with dask.config.set(spawn_env):  # read by each nanny when it is made, set before its worker process starts
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=memory_limit,
+            dashboard_address=":0",
+            env=SINGLE_THREAD_ENV,
+        )
     client = Client(cluster)
     log_dashboard(client)
     return DaskRunner(client, cluster)

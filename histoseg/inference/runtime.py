@@ -201,18 +201,16 @@ def compile_engine(artifact: ModelArtifact, key: str, runtime: str, bf16: bool, 
 
         from histoseg.inference.openvino_engine import OpenVinoEngine
 
+        config = {
+            "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",  # never let it pick bf16 on its own
+            "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": False,
+        }
         core = ov.Core()
-        compiled = core.compile_model(
-            core.read_model(str(path)),
-            "CPU",
-            {
-                "INFERENCE_NUM_THREADS": threads,
-                "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",  # never let it pick bf16 on its own
-                "PERFORMANCE_HINT": "LATENCY",
-                "ENABLE_CPU_PINNING": False,
-            },
-        )
-        return OpenVinoEngine(compiled)  # hands its buffers back when idle (inference.openvino_engine)
+        # fp32: compiled per input shape, for the memory budget; hands its buffers back when idle (see there)
+        per_shape = runtime == "openvino" and not bf16
+        return OpenVinoEngine(core, core.read_model(str(path)), config, per_shape=per_shape)
     if engine == "onnxruntime":
         import onnxruntime as ort
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from histoseg.config import SegmentConfig
+from histoseg.distributed.runner import release_freed_memory
 from histoseg.errors import OutputError
 from histoseg.export import GeoJSONWriter, LabelZarrWriter, ParquetTableWriter, RepairStats, SlideImage
 from histoseg.export.geometry import clean_polygons
@@ -136,6 +137,9 @@ class BandExport:
                 path = out_dir / f"{stem}.nuclei.parquet"
                 self._writers["parquet"] = stack.enter_context(ParquetTableWriter(path, self.stitcher.template))
             self._stack = stack.pop_all()
+        # the root image's reading and compression (zarr's threads) leave freed memory in the allocator's arenas:
+        # handed back here, it is not held beside the workers all through the regions (~80 MB, issue 13)
+        release_freed_memory()
         self.export_s += time.perf_counter() - t0
         return self
 
