@@ -9,6 +9,7 @@ history does not count; the figure is resident memory as the kernel sees it, not
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,10 +89,15 @@ def test_dask_workers_run_the_default_engine_without_torch(tmp_path: Path) -> No
 
     slide = make_demo_slide(tmp_path / "demo.tif", 4096, seed=3)  # 0.25 µm/px: 2x2 regions of 1024 at 0.5
     config = SegmentConfig(precision="fp32")
+    keys = ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+    before = {k: os.environ.get(k) for k in keys}
     with local_dask_runner(2) as runner:
         two = segment_slide(slide, tmp_path / "two", config, runner)
         loaded = runner.client.run(lambda: "torch" in __import__("sys").modules)
         tunables = runner.client.run(lambda: __import__("os").environ.get("GLIBC_TUNABLES", ""))
+        leaked = os.environ.get("GLIBC_TUNABLES", "")  # Dask's nannies copy their spawn environment here
+    # ... and the caller's environment is back once the runner closes
+    assert "glibc.malloc.hugetlb" in leaked and {k: os.environ.get(k) for k in keys} == before
     one = segment_slide(slide, tmp_path / "one", config, InProcessRunner())
     assert two.status == one.status == "ok" and two.nuclei == one.nuclei > 100
     assert loaded and not any(loaded.values()), loaded

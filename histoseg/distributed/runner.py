@@ -207,12 +207,19 @@ def limit_worker_threads() -> None:
 class DaskRunner:
     """Runs tasks on a Dask distributed client (local processes, a job-queue cluster, or an address)."""
 
-    def __init__(self, client: Any, cluster: Any | None = None, retries: int = 2) -> None:
+    def __init__(
+        self,
+        client: Any,
+        cluster: Any | None = None,
+        retries: int = 2,
+        restore_env: dict[str, str | None] | None = None,
+    ) -> None:
         from histoseg.distributed.plugins import SingleThreadPlugin
 
         self.client = client
         self.cluster = cluster
         self.retries = retries
+        self.restore_env = restore_env or {}  # put back into os.environ at close (None: the variable was unset)
         # a plugin, not client.run: workers of a job queue join later and must be limited too
         client.register_plugin(SingleThreadPlugin(), name=SingleThreadPlugin.name)
 
@@ -247,6 +254,11 @@ class DaskRunner:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+        for key, value in self.restore_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
     def __enter__(self) -> DaskRunner:
         return self
@@ -317,6 +329,10 @@ def local_dask_runner(n_workers: int, memory_limit: str = "auto") -> DaskRunner:
     if n_workers < 1:
         raise ConfigError(f"need at least one worker, got {n_workers}")
     spawn_env = {"distributed.nanny.pre-spawn-environ.GLIBC_TUNABLES": tunables} if (tunables := huge_pages()) else {}
+    # each nanny copies its pre-spawn environment into this process's os.environ whenever it (re)starts a worker
+    # (threads 1, huge pages): the caller's environment is put back when the runner closes
+    spawned = {**(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}), "GLIBC_TUNABLES": ""}
+    saved = {key: os.environ.get(key) for key in spawned}
     with dask.config.set(spawn_env):  # read by each nanny when it is made, set before its worker process starts
         cluster = LocalCluster(
             n_workers=n_workers,
@@ -328,7 +344,7 @@ def local_dask_runner(n_workers: int, memory_limit: str = "auto") -> DaskRunner:
         )
     client = Client(cluster)
     log_dashboard(client)
-    return DaskRunner(client, cluster)
+    return DaskRunner(client, cluster, restore_env=saved)
 
 
 def log_dashboard(client: Any) -> None:
