@@ -6,12 +6,16 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from histoseg.datasets import Sample
 from histoseg.errors import ConfigError
 from histoseg.models import load_model, resolve_model
+from histoseg.training.augment import STRONG_PHOTOMETRIC, Augmenter
 from histoseg.training.config import TrainConfig
+from histoseg.training.data import TrainingData
 from histoseg.training.distill import Teacher, distill_loss
 from histoseg.training.ship import card_markdown_name, render_card
 from histoseg.training.train import train
@@ -71,3 +75,93 @@ def test_a_cheaper_network_learns_from_the_shipped_teacher(tmp_path: Path, share
     assert "bottleneck blocks, bottleneck decoder, shared NP/HV heads" in text
     assert "configs/student.yaml` (2 iterations of batch 2, distilled from the `default` model's NP/HV maps" in text
     assert card_markdown_name("default") == "MODEL_CARD.md" and card_markdown_name("lite") == "LITE_MODEL_CARD.md"
+
+
+def test_unlabeled_distillation_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="distill_images must name"):
+        TrainConfig.from_dict({"teacher": "default", "distill_images": ["tcga"]})
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        TrainConfig.from_dict({"distill_images": ["crchisto"]})
+    with pytest.raises(ConfigError, match="distill_crops"):
+        TrainConfig.from_dict({"teacher": "default", "distill_images": ["crchisto"], "distill_crops": 0})
+
+
+def _unlabeled_data(seed: int, images: list[np.ndarray], strong: bool) -> TrainingData:
+    rng = np.random.default_rng(seed)
+    return TrainingData(
+        sources=[],
+        val=[],
+        rng=rng,
+        augmenter=Augmenter(rng, 32),
+        semantic_fraction=0.0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.2, 0.2, 0.2),
+        max_nucleus_um=10.0,
+        types=(),
+        unlabeled=[Sample(name=f"u{i}", image=im, mpp=0.5) for i, im in enumerate(images)],
+        strong=Augmenter(rng, 32, **STRONG_PHOTOMETRIC) if strong else None,  # type: ignore[arg-type]
+    )
+
+
+def test_unlabeled_crops_give_the_teacher_the_clean_crop_and_the_student_a_stain_shift() -> None:
+    gen = np.random.default_rng(7)
+    images = [gen.integers(40, 220, size=(48, 56, 3), dtype=np.uint8) for _ in range(3)]
+    pairs = _unlabeled_data(3, images, strong=True).distill_batch(4)
+    # replay the same random stream: the teacher's image is exactly the geometric crop, colours untouched
+    rng = np.random.default_rng(3)
+    replay = Augmenter(rng, 32)
+    strong = Augmenter(rng, 32, **STRONG_PHOTOMETRIC)  # type: ignore[arg-type]
+    assert len(pairs) == 4
+    for student, teacher in pairs:
+        crop = replay.geometric(Sample(name="x", image=images[int(rng.integers(0, 3))], mpp=0.5))
+        np.testing.assert_array_equal(teacher, crop.image)
+        np.testing.assert_array_equal(student, strong.photometric(crop.image))
+        assert student.shape == teacher.shape == (32, 32, 3)
+        assert np.abs(student.astype(int) - teacher.astype(int)).mean() > 1.0
+    # without strong both see the same ordinarily augmented crop
+    for student, teacher in _unlabeled_data(3, images, strong=False).distill_batch(2):
+        assert student is teacher
+    # no unlabeled images: nothing drawn, so existing recipes keep their random stream
+    data = _unlabeled_data(5, [], strong=True)
+    before = data.rng.bit_generator.state
+    assert data.distill_batch(4) == [] and data.rng.bit_generator.state == before
+
+
+def test_unlabeled_crops_without_a_teacher_are_refused() -> None:
+    from histoseg.models import ModelCard, NucleiNet
+    from histoseg.models.arch import NetConfig
+    from histoseg.training.objective import Stage
+    from histoseg.training.points import PointSupervision
+    from histoseg.training.train import train_step
+
+    card = ModelCard(name="t", net=NetConfig(width=8), mpp=0.5, mean=(0.5,) * 3, std=(0.2,) * 3)  # type: ignore[arg-type]
+    net = NucleiNet(card.net)
+    img = np.full((32, 32, 3), 128, np.uint8)
+    opt = torch.optim.AdamW(net.parameters())
+    with pytest.raises(ConfigError, match="need a teacher"):
+        train_step(net, PointSupervision(0.5), opt, [], [], card, Stage(types=()), False, extra=[(img, img)])
+
+
+def test_a_student_learns_from_unlabeled_crops_of_another_lab(tmp_path: Path, shared_data: Path) -> None:
+    cfg = TrainConfig(
+        name="student",
+        output=str(tmp_path / "run"),
+        width=8,
+        teacher="default",
+        distill_images=["crchisto"],
+        distill_crops=2,
+        distill_strong=True,
+        crop=64,
+        batch_size=2,
+        iterations=2,
+        val_every=2,
+        warmup=1,
+        threads=1,
+        precision="fp32",
+    )
+    train(cfg, progress=False)
+    (rec,) = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert rec["distill"] > 0 and math.isfinite(rec["distill"])
+    _, card = load_model(resolve_model(str(tmp_path / "run" / "student.safetensors")))
+    assert card.training["config"]["distill_images"] == ["crchisto"]
+    assert "2 unlabeled crops per batch of the crchisto training images (teacher on the clean crop" in render_card(card)

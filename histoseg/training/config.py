@@ -51,6 +51,13 @@ class TrainConfig:
     affinity_from: int | None = None  # hard targets: iteration at which the affinity starts learning (None: half)
     teacher: str | None = None  # model (name or safetensors) whose NP/HV maps the network also learns (distillation)
     distill_weight: float = 1.0  # weight of the distillation term when a teacher is given
+    # datasets (monuseg | crchisto) whose training *images* add unlabeled crops learnt from the teacher alone:
+    # the student then sees the teacher's behaviour on other labs' colours and tissues, not only on its labels
+    distill_images: list[str] = field(default_factory=list)
+    distill_crops: int = 4  # unlabeled crops added to each batch when distill_images is set
+    # unlabeled crops: the teacher sees the crop before its colour augmentation and the student after a
+    # stronger one (consistency distillation: the student learns the teacher's clean answer under stain shift)
+    distill_strong: bool = False
 
     @staticmethod
     def load(path: str | Path) -> TrainConfig:
@@ -83,6 +90,16 @@ class TrainConfig:
             raise ConfigError("types must be a list of distinct, non-empty names")
         if cfg.distill_weight < 0:
             raise ConfigError(f"distill_weight must be >= 0, got {cfg.distill_weight}")
+        if cfg.distill_images:
+            from histoseg.training.labels import DATASET_NAMES
+
+            bad = sorted(set(cfg.distill_images) - set(DATASET_NAMES))
+            if bad:
+                raise ConfigError(f"distill_images must name datasets among {', '.join(DATASET_NAMES)}, got {bad}")
+            if not cfg.teacher:
+                raise ConfigError("distill_images needs a teacher: unlabeled crops learn from its maps alone")
+            if cfg.distill_crops < 1:
+                raise ConfigError(f"distill_crops must be >= 1, got {cfg.distill_crops}")
         cfg.net_config(0)  # the architecture is checked before hours of training
         from histoseg.training.labels import DatasetSpec
 

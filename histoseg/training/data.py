@@ -11,14 +11,14 @@ its images that only have binary masks).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from histoseg.datasets import CRCHISTO_CLASSES, Sample, load_crchisto, load_monuseg
 from histoseg.errors import DatasetError
-from histoseg.training.augment import Augmenter
+from histoseg.training.augment import STRONG_PHOTOMETRIC, Augmenter
 from histoseg.training.config import TrainConfig
 from histoseg.training.labels import DatasetSpec
 
@@ -68,6 +68,8 @@ class TrainingData:
     std: tuple[float, float, float]
     max_nucleus_um: float
     types: tuple[str, ...]
+    unlabeled: list[Sample] = field(default_factory=list)  # distill_images: crops learnt from the teacher alone
+    strong: Augmenter | None = None  # distill_strong: the student's colour augmentation of those crops
 
     @staticmethod
     def build(cfg: TrainConfig) -> TrainingData:
@@ -105,7 +107,12 @@ class TrainingData:
             for sl in ndi.find_objects(s.inst):
                 if sl is not None:
                     extent = max(extent, sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
+        unlabeled = []
+        for name in cfg.distill_images:
+            images = mon_train if name == "monuseg" else load_crchisto("train", cfg.mpp)
+            unlabeled += [Sample(name=s.name, image=s.image, mpp=s.mpp, source=s.source) for s in images]
         rng = np.random.default_rng(cfg.seed)
+        strong = Augmenter(rng, cfg.crop, **STRONG_PHOTOMETRIC) if cfg.distill_strong else None  # type: ignore[arg-type]
         return TrainingData(
             sources=sources,
             val=val,
@@ -116,6 +123,8 @@ class TrainingData:
             std=std,  # type: ignore[arg-type]
             max_nucleus_um=float(np.ceil(extent * cfg.mpp)),
             types=types,
+            unlabeled=unlabeled,
+            strong=strong,
         )
 
     def _pick(self, source: TrainingSource) -> int:
@@ -134,6 +143,21 @@ class TrainingData:
             k = int(self.rng.choice(len(self.sources), p=shares)) if len(self.sources) > 1 else 0
             src = self.sources[k]
             out.append((self.augmenter(src.samples[self._pick(src)]), k))
+        return out
+
+    def distill_batch(self, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``n`` unlabeled crops as (student image, teacher image), seeded; empty without ``distill_images``.
+
+        Both see the same geometric augmentation. With ``strong``, the teacher sees the crop before any colour
+        change and the student after the strong one; otherwise both see the same ordinary augmentation."""
+        out = []
+        for _ in range(n if self.unlabeled else 0):
+            crop = self.augmenter.geometric(self.unlabeled[int(self.rng.integers(0, len(self.unlabeled)))])
+            if self.strong is not None:
+                out.append((self.strong.photometric(crop.image), crop.image))
+            else:
+                image = self.augmenter.photometric(crop.image)
+                out.append((image, image))
         return out
 
     def train_images(self) -> Iterator[np.ndarray]:

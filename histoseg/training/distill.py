@@ -5,16 +5,21 @@ NP head (cross-entropy against a distribution, so the student learns the teacher
 boundaries) and its HV maps are regression targets. This gives dense targets on every crop, also on the
 semantic-only MoNuSeg images that have no instance outlines and so no HV ground truth, which is what lets
 a smaller network reach the teacher's accuracy in the same short CPU schedule.
+
+Labels tie the student to the labelled lab's images; unlabeled crops from other datasets
+(``distill_images``) let it learn the teacher's answers where the teacher generalises, and with
+``distill_strong`` the teacher answers on the clean crop while the student sees it under a strong stain
+shift, so the student may become *more* robust to colour than its teacher.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histoseg.datasets import Sample
 from histoseg.errors import ConfigError, HistosegError
 from histoseg.models import ModelCard, NucleiNet
 from histoseg.models.inputs import to_input
@@ -44,12 +49,13 @@ class Teacher:
             p.requires_grad_(False)
         return Teacher(net, card, weight)
 
-    def targets(self, crops: list[tuple[Sample, int]], bf16: bool) -> dict[str, torch.Tensor]:
-        """The teacher's NP probabilities (B, H, W) and HV maps (B, 2, H, W) on these crops, in float32."""
+    def targets(self, images: list[np.ndarray], bf16: bool) -> dict[str, torch.Tensor]:
+        """The teacher's NP probabilities (B, H, W) and HV maps (B, 2, H, W) on these (H, W, 3) uint8 crops,
+        in float32."""
         device = next(self.net.parameters()).device
-        images = to_input([c.image for c, _ in crops], self.card).to(device)
+        batch = to_input(images, self.card).to(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = self.net(images.contiguous(memory_format=torch.channels_last))
+            out = self.net(batch.contiguous(memory_format=torch.channels_last))
         return {"np": torch.softmax(out["np"].float(), dim=1)[:, 1], "hv": out["hv"].float()}
 
 

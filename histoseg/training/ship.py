@@ -133,6 +133,13 @@ def _recipe(card: ModelCard) -> str:
     how = f"{it} iterations of batch {cfg.get('batch_size', '?')}"
     if teacher:
         how += f", distilled from the `{teacher}` model's NP/HV maps, weight {cfg.get('distill_weight')}"
+        if cfg.get("distill_images"):
+            how += (
+                f", also on {cfg.get('distill_crops')} unlabeled crops per batch of the "
+                f"{' and '.join(cfg['distill_images'])} training images"
+            )
+            if cfg.get("distill_strong"):
+                how += " (teacher on the clean crop, student under strong colour augmentation)"
     return f"Recipe: `histoseg train --config configs/{name}.yaml` ({how})"
 
 

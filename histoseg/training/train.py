@@ -142,9 +142,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         stage.train_affinity = it >= start_affinity  # the network first learns from the image-only walk
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, it) * g["lr_scale"]
-        loss, terms = train_step(
-            net, points, opt, data.batch(cfg.batch_size), data.sources, card, stage, bf16, teacher=teacher
-        )
+        crops = data.batch(cfg.batch_size)
+        extra = data.distill_batch(cfg.distill_crops)
+        loss, terms = train_step(net, points, opt, crops, data.sources, card, stage, bf16, teacher=teacher, extra=extra)
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **{k: f"{v:.3f}" for k, v in terms.items()})
         last = it + 1 == cfg.iterations
         if (it + 1) % cfg.val_every == 0 or last:
@@ -189,18 +189,26 @@ def train_step(
     stage: Stage,
     bf16: bool,
     teacher: Teacher | None = None,
+    extra: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One optimiser step on a batch of crops (each with its source index); shared by train and finetune.
 
-    With a ``teacher``, its NP/HV maps on the same crops add a distillation term (``terms["distill"]``)."""
+    With a ``teacher``, its NP/HV maps on the same crops add a distillation term (``terms["distill"]``);
+    ``extra`` unlabeled crops (student image, teacher image) join the same forward pass and learn from that
+    term alone."""
     device = next(net.parameters()).device
-    images = to_input([c.image for c, _ in crops], card).to(device)
+    extra = extra or []
+    if extra and (teacher is None or teacher.weight <= 0):
+        raise ConfigError("unlabeled distillation crops need a teacher with a positive weight")
+    n = len(crops)
+    images = to_input([c.image for c, _ in crops] + [s for s, _ in extra], card).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         outp = net(images.contiguous(memory_format=torch.channels_last))
     outp = {k: v.float() for k, v in outp.items()}
-    loss, terms = batch_loss(outp, images, crops, sources, points, stage)
+    labelled = {k: v[:n] for k, v in outp.items()} if extra else outp
+    loss, terms = batch_loss(labelled, images[:n], crops, sources, points, stage)
     if teacher is not None and teacher.weight > 0:
-        d = distill_loss(outp, teacher.targets(crops, bf16))
+        d = distill_loss(outp, teacher.targets([c.image for c, _ in crops] + [t for _, t in extra], bf16))
         loss = loss + teacher.weight * d
         terms = {**terms, "distill": float(d.detach())}
     opt.zero_grad(set_to_none=True)
