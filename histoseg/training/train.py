@@ -47,6 +47,10 @@ DATA_TEXT = {
     ("monuseg", "points"): "MoNuSeg 2018 training images with instance polygons, reduced to their centre points",
     ("crchisto", "points"): "CRCHisto training set (70 images, nucleus centre points with 4 classes)",
 }
+UNLABELED_TEXT = {
+    "monuseg": "MoNuSeg 2018 training images, unlabeled (distillation crops)",
+    "crchisto": "CRCHisto training images (70), unlabeled: their labels unused (distillation crops)",
+}
 
 
 def _seed_all(seed: int) -> None:
@@ -58,14 +62,17 @@ def _seed_all(seed: int) -> None:
 def build_card(cfg: TrainConfig, mean: tuple[float, ...], std: tuple[float, ...], max_nucleus_um: float) -> ModelCard:
     types = tuple(cfg.types)
     net_cfg = cfg.net_config(len(types))
-    names = {str(d.get("name")) for d in cfg.datasets}
+    names = {str(d.get("name")) for d in cfg.datasets} | set(cfg.distill_images)
     data = "; ".join(
-        v
-        for (n, lab), v in DATA_TEXT.items()
-        if any(
-            d.get("name") == n and d.get("labels", "points" if n == "crchisto" else "instances") == lab
-            for d in cfg.datasets
-        )
+        [
+            v
+            for (n, lab), v in DATA_TEXT.items()
+            if any(
+                d.get("name") == n and d.get("labels", "points" if n == "crchisto" else "instances") == lab
+                for d in cfg.datasets
+            )
+        ]
+        + [UNLABELED_TEXT[n] for n in cfg.distill_images]
     )
     return ModelCard(
         name=cfg.name,
