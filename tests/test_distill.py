@@ -164,6 +164,8 @@ def test_a_student_learns_from_unlabeled_crops_of_another_lab(tmp_path: Path, sh
     assert rec["distill"] > 0 and math.isfinite(rec["distill"])
     _, card = load_model(resolve_model(str(tmp_path / "run" / "student.safetensors")))
     assert card.training["config"]["distill_images"] == ["crchisto"]
+    # a distilled model keeps its teacher's watershed thresholds (not ones tuned on two held-out images)
+    assert card.postprocess == resolve_model("default").card().postprocess
     # the card names the unlabeled images and their licence terms
     assert "CRCHisto training images (70), unlabeled" in card.training["data"] and "research use" in card.license
     assert "2 unlabeled crops per batch of the crchisto training images (teacher on the clean crop" in render_card(card)

@@ -120,7 +120,17 @@ def test_evaluate_command_writes_table_and_json(
 def test_shipped_training_configs_are_valid(path: Path) -> None:
     cfg = TrainConfig.load(path)
     typed = path.stem == "typed" or path.stem.startswith("typed-")  # the typed model's recipe: 3 configs
-    assert cfg.name == path.stem or path.stem.startswith(("small", "base")) or (typed and cfg.name == "typed")
+    lite = path.stem.startswith("lite")  # the lite model's recipe: 2 configs
+    assert (
+        cfg.name == path.stem
+        or path.stem.startswith(("small", "base"))
+        or (typed and cfg.name == "typed")
+        or (lite and cfg.name == "lite")
+    )
+    if path.stem == "lite-distill":  # step 2: from step 1's weights, on unlabeled images of another lab too
+        assert cfg.init == "runs/lite/lite.safetensors" and cfg.teacher == "default"
+        assert cfg.distill_images == ["crchisto"] and cfg.distill_strong
+        assert TrainConfig.load(path.with_name("lite.yaml")).net_config(0) == cfg.net_config(0)
     assert (cfg.types != []) == typed
     if path.stem.startswith("typed-distill"):  # steps 2 and 3: from the previous step's typed weights
         assert cfg.init is not None and cfg.init.startswith("runs/typed-") and cfg.init.endswith("/typed.safetensors")

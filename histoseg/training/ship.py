@@ -42,7 +42,12 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
         " |",
         f"| receptive-field radius | {card.context_radius_px} px; largest training nucleus {card.max_nucleus_um} µm; "
         f"halo {card.halo_px()} px |",
-        f"| post-processing | {json.dumps(card.postprocess)} (tuned on held-out training images) |",
+        f"| post-processing | {json.dumps(card.postprocess)} "
+        + (
+            f"(the teacher's, `{card.training['config']['teacher']}`) |"
+            if card.training.get("config", {}).get("teacher")
+            else "(tuned on held-out training images) |"
+        ),
         *_type_weight_lines(card),
         f"| source feature statistics | {len(card.source_stats)} BatchNorm layers "
         "(input mean/var pooled over the training set, and the mean and spread over training images of each "

@@ -35,14 +35,27 @@ def validate(net: NucleiNet, card: ModelCard, samples: Sequence[Any], device: st
     return mean_over_images(rows) if rows else {}
 
 
+POSTPROCESS_GRID: tuple[dict[str, float], ...] = tuple(
+    {"np_threshold": np_t, "marker_threshold": mk}
+    for np_t in (0.4, 0.5, 0.6)
+    for mk in (0.1, 0.15, 0.2, 0.25, 0.3, 0.35)
+)
+"""The watershed thresholds :func:`tune_postprocess` tries by default."""
+
+
 def tune_postprocess(
-    net: NucleiNet, card: ModelCard, samples: Sequence[Any], device: str = "cpu"
+    net: NucleiNet,
+    card: ModelCard,
+    samples: Sequence[Any],
+    device: str = "cpu",
+    grid: Sequence[dict[str, float]] = POSTPROCESS_GRID,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Choose watershed thresholds on held-out *training* images (never the test set).
 
     The network's HV maps are smoother than ideal ones, so the marker threshold that is best on ideal
-    maps merges touching nuclei on real predictions. Maps are predicted once per image; the grid is
-    scored by PQ + AJI. Returns the chosen parameters and their validation metrics.
+    maps merges touching nuclei on real predictions. Maps are predicted once per image; each setting of
+    ``grid`` is scored by PQ + AJI (a one-setting grid just scores it). Returns the chosen parameters and
+    their validation metrics.
     """
     maps = []
     for s in samples:
@@ -51,17 +64,16 @@ def tune_postprocess(
         np_prob, hv, _ = run_network(net, card, s.image, device=device)
         maps.append((s.inst, np_prob, hv))
     best: tuple[float, dict[str, float], dict[str, float]] | None = None
-    for np_t in (0.4, 0.5, 0.6):
-        for mk in (0.1, 0.15, 0.2, 0.25, 0.3, 0.35):
-            params = WatershedParams(np_threshold=np_t, marker_threshold=mk)
-            rows = [
-                evaluate_instances(inst, separate_instances(p, hv, card.mpp, params), card.mpp, DETECTION_RADIUS_UM)
-                for inst, p, hv in maps
-            ]
-            m = mean_over_images(rows)
-            score = m["pq"] + m["aji"]
-            if best is None or score > best[0]:
-                best = (score, {"np_threshold": np_t, "marker_threshold": mk}, m)
+    for setting in grid:
+        params = WatershedParams(**setting)
+        rows = [
+            evaluate_instances(inst, separate_instances(p, hv, card.mpp, params), card.mpp, DETECTION_RADIUS_UM)
+            for inst, p, hv in maps
+        ]
+        m = mean_over_images(rows)
+        score = m["pq"] + m["aji"]
+        if best is None or score > best[0]:
+            best = (score, dict(setting), m)
     if best is None:
         return {}, {}
     return best[1], best[2]
