@@ -73,6 +73,7 @@ def test_a_cheaper_network_learns_from_the_shipped_teacher(tmp_path: Path, share
     # its human-readable card states the architecture and how it was trained
     text = render_card(card)
     assert "bottleneck blocks, bottleneck decoder, shared NP/HV heads" in text
+    assert "(tuned on held-out training images)" in text  # thresholds: tune, the default, even with a teacher
     assert "configs/student.yaml` (2 iterations of batch 2, distilled from the `default` model's NP/HV maps" in text
     assert card_markdown_name("default") == "MODEL_CARD.md" and card_markdown_name("lite") == "LITE_MODEL_CARD.md"
 
@@ -82,6 +83,10 @@ def test_unlabeled_distillation_settings_are_checked() -> None:
         TrainConfig.from_dict({"teacher": "default", "distill_images": ["tcga"]})
     with pytest.raises(ConfigError, match="needs a teacher"):
         TrainConfig.from_dict({"distill_images": ["crchisto"]})
+    with pytest.raises(ConfigError, match="thresholds must be one of"):
+        TrainConfig.from_dict({"teacher": "default", "thresholds": "median"})
+    with pytest.raises(ConfigError, match="thresholds: teacher needs a teacher"):
+        TrainConfig.from_dict({"thresholds": "teacher"})
     with pytest.raises(ConfigError, match="distill_crops"):
         TrainConfig.from_dict({"teacher": "default", "distill_images": ["crchisto"], "distill_crops": 0})
 
@@ -151,6 +156,7 @@ def test_a_student_learns_from_unlabeled_crops_of_another_lab(tmp_path: Path, sh
         distill_images=["crchisto"],
         distill_crops=2,
         distill_strong=True,
+        thresholds="teacher",
         crop=64,
         batch_size=2,
         iterations=2,
@@ -164,8 +170,11 @@ def test_a_student_learns_from_unlabeled_crops_of_another_lab(tmp_path: Path, sh
     assert rec["distill"] > 0 and math.isfinite(rec["distill"])
     _, card = load_model(resolve_model(str(tmp_path / "run" / "student.safetensors")))
     assert card.training["config"]["distill_images"] == ["crchisto"]
-    # a distilled model keeps its teacher's watershed thresholds (not ones tuned on two held-out images)
+    # thresholds: teacher keeps the teacher's watershed thresholds (not ones tuned on two held-out images)
     assert card.postprocess == resolve_model("default").card().postprocess
+    assert card.metrics["validation_tuned"]["n_images"] == 2  # and scores them on the held-out images
     # the card names the unlabeled images and their licence terms
     assert "CRCHisto training images (70), unlabeled" in card.training["data"] and "research use" in card.license
-    assert "2 unlabeled crops per batch of the crchisto training images (teacher on the clean crop" in render_card(card)
+    text = render_card(card)
+    assert "2 unlabeled crops per batch of the crchisto training images (teacher on the clean crop" in text
+    assert "(the teacher's, `default`)" in text and "tuned on held-out" not in text

@@ -12,6 +12,9 @@ from histoseg.config import PRECISION_CHOICES
 from histoseg.errors import ConfigError
 from histoseg.models.arch import NetConfig
 
+THRESHOLD_CHOICES = ("tune", "teacher")
+"""Where a trained model's watershed thresholds come from (``TrainConfig.thresholds``)."""
+
 
 @dataclass
 class TrainConfig:
@@ -58,6 +61,9 @@ class TrainConfig:
     # unlabeled crops: the teacher sees the crop before its colour augmentation and the student after a
     # stronger one (consistency distillation: the student learns the teacher's clean answer under stain shift)
     distill_strong: bool = False
+    # watershed thresholds of the artifact: tune (grid on the held-out images) | teacher (the teacher's: a distilled
+    # model learnt its probabilities, and two held-out images are few to tune on; see train.finalize)
+    thresholds: str = "tune"
 
     @staticmethod
     def load(path: str | Path) -> TrainConfig:
@@ -90,6 +96,10 @@ class TrainConfig:
             raise ConfigError("types must be a list of distinct, non-empty names")
         if cfg.distill_weight < 0:
             raise ConfigError(f"distill_weight must be >= 0, got {cfg.distill_weight}")
+        if cfg.thresholds not in THRESHOLD_CHOICES:
+            raise ConfigError(f"thresholds must be one of {', '.join(THRESHOLD_CHOICES)}, got {cfg.thresholds!r}")
+        if cfg.thresholds == "teacher" and not cfg.teacher:
+            raise ConfigError("thresholds: teacher needs a teacher")
         if cfg.distill_images:
             from histoseg.training.labels import DATASET_NAMES
 

@@ -45,7 +45,7 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
         f"| post-processing | {json.dumps(card.postprocess)} "
         + (
             f"(the teacher's, `{card.training['config']['teacher']}`) |"
-            if card.training.get("config", {}).get("teacher")
+            if card.training.get("config", {}).get("thresholds") == "teacher"
             else "(tuned on held-out training images) |"
         ),
         *_type_weight_lines(card),
