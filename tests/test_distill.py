@@ -12,7 +12,7 @@ import torch
 
 from histoseg.datasets import Sample
 from histoseg.errors import ConfigError
-from histoseg.models import load_model, resolve_model
+from histoseg.models import ModelCard, NucleiNet, load_model, resolve_model
 from histoseg.training.augment import STRONG_PHOTOMETRIC, Augmenter
 from histoseg.training.config import TrainConfig
 from histoseg.training.data import TrainingData
@@ -45,15 +45,13 @@ def test_teacher_errors_are_config_errors() -> None:
         TrainConfig.from_dict({"teacher": "default", "distill_weight": -1})
 
 
-def test_a_cheaper_network_learns_from_the_shipped_teacher(tmp_path: Path, shared_data: Path) -> None:
+def _tiny_student(tmp_path: Path, **settings: object) -> tuple[NucleiNet, ModelCard]:
+    """Train a width-8 student of the shipped default for 2 iterations of 64² crops (its distillation term is
+    logged and finite); the student and its card."""
     cfg = TrainConfig(
         name="student",
         output=str(tmp_path / "run"),
         width=8,
-        blocks=[1, 2, 2, 2],
-        block="bottleneck",
-        decoder="bottleneck",
-        heads="shared",
         teacher="default",
         crop=64,
         batch_size=2,
@@ -62,11 +60,16 @@ def test_a_cheaper_network_learns_from_the_shipped_teacher(tmp_path: Path, share
         warmup=1,
         threads=1,
         precision="fp32",
+        **settings,  # type: ignore[arg-type]
     )
     train(cfg, progress=False)
     (rec,) = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert rec["distill"] > 0 and math.isfinite(rec["distill"])
-    net, card = load_model(resolve_model(str(tmp_path / "run" / "student.safetensors")))
+    return load_model(resolve_model(str(tmp_path / "run" / "student.safetensors")))
+
+
+def test_a_cheaper_network_learns_from_the_shipped_teacher(tmp_path: Path, shared_data: Path) -> None:
+    net, card = _tiny_student(tmp_path, blocks=[1, 2, 2, 2], block="bottleneck", decoder="bottleneck", heads="shared")
     assert (card.net.block, card.net.decoder, card.net.heads) == ("bottleneck", "bottleneck", "shared")
     assert card.training["config"]["teacher"] == "default"
     assert net.head is not None
@@ -133,7 +136,6 @@ def test_unlabeled_crops_give_the_teacher_the_clean_crop_and_the_student_a_stain
 
 
 def test_unlabeled_crops_without_a_teacher_are_refused() -> None:
-    from histoseg.models import ModelCard, NucleiNet
     from histoseg.models.arch import NetConfig
     from histoseg.training.objective import Stage
     from histoseg.training.points import PointSupervision
@@ -148,27 +150,9 @@ def test_unlabeled_crops_without_a_teacher_are_refused() -> None:
 
 
 def test_a_student_learns_from_unlabeled_crops_of_another_lab(tmp_path: Path, shared_data: Path) -> None:
-    cfg = TrainConfig(
-        name="student",
-        output=str(tmp_path / "run"),
-        width=8,
-        teacher="default",
-        distill_images=["crchisto"],
-        distill_crops=2,
-        distill_strong=True,
-        thresholds="teacher",
-        crop=64,
-        batch_size=2,
-        iterations=2,
-        val_every=2,
-        warmup=1,
-        threads=1,
-        precision="fp32",
+    _, card = _tiny_student(
+        tmp_path, distill_images=["crchisto"], distill_crops=2, distill_strong=True, thresholds="teacher"
     )
-    train(cfg, progress=False)
-    (rec,) = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert rec["distill"] > 0 and math.isfinite(rec["distill"])
-    _, card = load_model(resolve_model(str(tmp_path / "run" / "student.safetensors")))
     assert card.training["config"]["distill_images"] == ["crchisto"]
     # thresholds: teacher keeps the teacher's watershed thresholds (not ones tuned on two held-out images)
     assert card.postprocess == resolve_model("default").card().postprocess
