@@ -100,7 +100,7 @@ def test_kept_buffers_stop_the_page_faults_and_close_restores_the_defaults() -> 
     import sys
 
     def faults(mode: str, keep: str) -> int:
-        # without tunables: a Dask cluster started earlier in this process leaves its workers' in os.environ
+        # without tunables: a Dask cluster of this process still open (another test's) puts its workers' in os.environ
         env = {**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, KEEP_MEMORY_ENV: keep}
         out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, capture_output=True, text=True, check=True)
         return int(out.stdout.strip())

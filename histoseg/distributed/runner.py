@@ -120,8 +120,8 @@ def huge_pages(environ: dict[str, str] | None = None) -> str | None:
     if env.get(KEEP_MEMORY_ENV, "1") == "0":
         return None
     own = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in own:  # the user's choice, or this process's own earlier cluster (Dask's
-        return own  # nannies copy the workers' spawn environment into the client's)
+    if "glibc.malloc.hugetlb" in own:  # the user's choice, or a cluster of this process still open (Dask's
+        return own  # nannies copy the workers' spawn environment into the client's until the runner closes)
     return f"{own}:{HUGE_PAGES_TUNABLE}" if own else HUGE_PAGES_TUNABLE
 
 
@@ -331,7 +331,7 @@ def local_dask_runner(n_workers: int, memory_limit: str = "auto") -> DaskRunner:
     spawn_env = {"distributed.nanny.pre-spawn-environ.GLIBC_TUNABLES": tunables} if (tunables := huge_pages()) else {}
     # each nanny copies its pre-spawn environment into this process's os.environ whenever it (re)starts a worker
     # (threads 1, huge pages): the caller's environment is put back when the runner closes
-    spawned = {**(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}), "GLIBC_TUNABLES": ""}
+    spawned = {*(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}), "GLIBC_TUNABLES"}
     saved = {key: os.environ.get(key) for key in spawned}
     with dask.config.set(spawn_env):  # read by each nanny when it is made, set before its worker process starts
         cluster = LocalCluster(

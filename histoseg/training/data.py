@@ -85,6 +85,7 @@ class TrainingData:
         mon_train = [s for s in monuseg if s.name not in held]
         val = [s for s in monuseg if s.name in held]
         sources = []
+        crchisto_train: list[Sample] = []  # read once, for a points source and unlabeled crops alike
         for spec in specs:
             if spec.name == "monuseg":
                 samples = mon_train
@@ -92,7 +93,7 @@ class TrainingData:
                     samples = [instance_points(s) for s in mon_train if s.inst is not None]
                 lut = np.full(1, -1, dtype=np.int64)
             else:
-                samples = load_crchisto("train", cfg.mpp)
+                samples = crchisto_train = crchisto_train or load_crchisto("train", cfg.mpp)
                 lut = spec.class_lookup(CRCHISTO_CLASSES, types)
             if not samples:
                 raise DatasetError(f"training dataset {spec.name} has no images")
@@ -109,7 +110,7 @@ class TrainingData:
                     extent = max(extent, sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
         unlabeled = []
         for name in cfg.distill_images:
-            images = mon_train if name == "monuseg" else load_crchisto("train", cfg.mpp)
+            images = mon_train if name == "monuseg" else (crchisto_train or load_crchisto("train", cfg.mpp))
             unlabeled += [Sample(name=s.name, image=s.image, mpp=s.mpp, source=s.source) for s in images]
         rng = np.random.default_rng(cfg.seed)
         strong = Augmenter(rng, cfg.crop, **STRONG_PHOTOMETRIC) if cfg.distill_strong else None  # type: ignore[arg-type]
