@@ -1,7 +1,7 @@
 """Development benchmark of per-slide adaptation on real shifts: per-image wins and losses against ``none``.
 
     python benchmarks/tta_dev.py [--methods none,bn,tent,g2p,g2p-top] [--per-set 14]
-                                 [--dsb-limit 20] [--json out.json]
+                                 [--dsb-limit 20] [--gate 0] [--json out.json] [--shard i/n]
 
 Each image is one slide: K seeded crops of it (at the model's resolution) adapt the model, then the whole
 image is segmented. Sets (all real images; the MoNuSeg variants are transformations of the real test tiles):
@@ -13,7 +13,8 @@ image is segmented. Sets (all real images; the MoNuSeg variants are transformati
   dsb              DSB 2018 H&E subset (other labs and scanners; PQ);
   crchisto-val     CRCHisto validation (colorectal, 20x; per-image detection F1, points).
 Every adapted model is segmented without the plausibility guard, and what the guard looks at is recorded (the
-census ratios and the stain contrast of added and removed nuclei), so one run gives each method with and without
+census ratios, the stain contrast of added and removed nuclei, the mirror-view agreement of source and adapted
+model, the shift score), so one run gives each method with and without
 the shipped guard (``+guard``, ``TTASettings``' rule; ``tta_guard_sweep.py`` tries others); ``g2p-top+guard`` is
 the shipped default (``--tta auto``). Images are taken round-robin
 over the sets and the JSON is rewritten after every image, so a run cut short still covers every set.
@@ -135,6 +136,7 @@ def run_image(set_name: str, idx: int, s: Sample, true_mpp: float, net: Any, car
     none = score(set_name, s, true_mpp, predict_native(net, card, s))
     src_maps = plausibility.segment_crops(net, card, crops)
     src_census = plausibility.census_of(src_maps)
+    va_source = plausibility.view_agreement(net, card, crops)
     row: dict[str, Any] = {"set": set_name, "image": s.name, "none": none, "methods": {}}
     for m in methods:
         if m == "none":
@@ -154,20 +156,37 @@ def run_image(set_name: str, idx: int, s: Sample, true_mpp: float, net: Any, car
             maps = plausibility.segment_crops(use, card, crops)
             c, a = plausibility.ratios(src_census, plausibility.census_of(maps))
             rec.update(score=score(set_name, s, true_mpp, predict_native(use, card, s)), count_ratio=c, area_ratio=a,
-                       changed=plausibility.changed_nuclei(src_maps, maps, crops), src_count=src_census.count)
+                       changed=plausibility.changed_nuclei(src_maps, maps, crops), src_count=src_census.count,
+                       view_agreement=[va_source, plausibility.view_agreement(use, card, crops)],
+                       report={k: v for k, v in res.report.items() if isinstance(v, (int, float, str))})
         row["methods"][m] = rec
     return row
 
 
 def passes(rec: dict[str, Any], rule: TTASettings) -> bool:
-    """Whether an adaptation recorded by :func:`run_image` passes the guard of ``rule`` (its count and area
-    bounds and stain-contrast thresholds), judged as ``histoseg.tta.guard`` judges it, from the record."""
+    """Whether an adaptation recorded by :func:`run_image` passes the gate and the guard of ``rule`` (its shift
+    gate, count and area bounds and stain-contrast thresholds), judged as ``histoseg.tta`` judges it, from the
+    record. The gate is judged from the recorded shift score (records made with ``--gate 0`` adapt every image)."""
     if rec["kept"]:
         return False
+    shift = rec.get("report", {}).get("shift_score")
+    if isinstance(shift, (int, float)) and shift <= rule.gate:
+        return False
     (clo, chi), (alo, ahi) = rule.count_bounds, rule.area_bounds
-    return (clo <= rec["count_ratio"] <= chi and alo <= rec["area_ratio"] <= ahi
-            and not plausibility.unlike_nuclei(rec.get("changed", {}), rule.min_added_contrast,
-                                               rule.max_removed_contrast))
+    if not (clo <= rec["count_ratio"] <= chi and alo <= rec["area_ratio"] <= ahi):
+        return False
+    if plausibility.unlike_nuclei(rec.get("changed", {}), rule.min_added_contrast, rule.max_removed_contrast):
+        return False
+    if rule.min_view_gain is None:
+        return True
+    if "view_agreement" not in rec:
+        raise ValueError("the record has no mirror-view agreement (made before it was recorded): rerun tta_dev.py")
+    return not plausibility.less_consistent(*rec["view_agreement"], rule.min_view_gain)
+
+
+def method_of(rule: TTASettings) -> str:
+    """The benchmark method whose records ``rule`` (g2p) judges: the one moving its ``params`` layers."""
+    return {"all": "g2p", "top": "g2p-top", "bn": "g2p-bn"}[rule.params]
 
 
 def summarise(rows: list[dict[str, Any]], rule: TTASettings) -> str:
@@ -180,14 +199,18 @@ def summarise(rows: list[dict[str, Any]], rule: TTASettings) -> str:
     lines = ["method           " + "".join(f"{s[:14]:>15}" for s in sets) + "   mean-d  wins loss  >0.02  worst"]
     lines.append("none             " + "".join(
         f"{np.mean([r['none'] for r in rows if r['set'] == s]):>15.4f}" for s in sets))
-    for m in methods:
-        for g in (False, True):
-            vals = [(r, r["methods"][m]["score"] if not g or passes(r["methods"][m], rule) else r["none"])
-                    for r in rows if m in r["methods"]]
-            d = np.array([v - r["none"] for r, v in vals])
-            per_set = "".join(f"{np.mean([v for r, v in vals if r['set'] == s]):>15.4f}" for s in sets)
-            lines.append(f"{m + ('+guard' if g else ''):<17}{per_set}   {d.mean():+.4f} {int((d > 0.005).sum()):>5} "
-                         f"{int((d < -0.005).sum()):>4} {int((d < -0.02).sum()):>6}  {d.min():+.3f}")
+    rows_by = [(m + ("+guard" if g else ""), [(r, r["methods"][m]["score"] if not g or passes(r["methods"][m], rule)
+                                              else r["none"]) for r in rows if m in r["methods"]])
+               for m in methods for g in (False, True)]
+    shipped = method_of(rule)
+    if all(shipped in r["methods"] for r in rows):
+        rows_by.append(("default", [(r, r["methods"][shipped]["score"] if passes(r["methods"][shipped], rule)
+                                     else r["none"]) for r in rows]))
+    for label, vals in rows_by:
+        d = np.array([v - r["none"] for r, v in vals])
+        per_set = "".join(f"{np.mean([v for r, v in vals if r['set'] == s]):>15.4f}" for s in sets)
+        lines.append(f"{label:<17}{per_set}   {d.mean():+.4f} {int((d > 0.005).sum()):>5} "
+                     f"{int((d < -0.005).sum()):>4} {int((d < -0.02).sum()):>6}  {d.min():+.3f}")
     return "\n".join(lines)
 
 
@@ -198,6 +221,8 @@ def main() -> None:
     ap.add_argument("--per-set", type=int, default=14, help="MoNuSeg test tiles per transformed set")
     ap.add_argument("--dsb-limit", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--gate", type=float, default=None,
+                    help="shift gate of every method (0: adapt every image, so that tta_guard_sweep.py can sweep it)")
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th image from the i-th (parallel processes)")
     ap.add_argument("--summary", default=None, help="only print the summary of earlier --json files (comma-separated)")
     args = ap.parse_args()
@@ -216,7 +241,8 @@ def main() -> None:
     t_start = time.perf_counter()
     for name, i in order:
         s, true_mpp = sets[name][i]
-        row = run_image(name, i, s, true_mpp, net, card, args.methods.split(","), TTASettings())
+        base = TTASettings() if args.gate is None else TTASettings(gate=args.gate)
+        row = run_image(name, i, s, true_mpp, net, card, args.methods.split(","), base)
         rows.append(row)
         print(f"{time.perf_counter() - t_start:7.0f}s {name:<15} {s.name[:24]:<24} none {row['none']:.3f} " + " ".join(
             f"{m} {r['score'] - row['none']:+.3f}{'k' if r['kept'] else ''}(c{r['count_ratio']:.2f}"

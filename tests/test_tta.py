@@ -55,7 +55,7 @@ def test_none_keeps_source(model: tuple[NucleiNet, ModelCard]) -> None:
 def test_adabn_running_stats_equal_slide_statistics(model: tuple[NucleiNet, ModelCard]) -> None:
     net, card = model
     imgs = _images(0.4)
-    res = adapt(net, card, imgs, TTASettings(method="bn"))
+    res = adapt(net, card, imgs, TTASettings(method="bn", guard=False))
     assert res.state is not None
     first = next(iter(bn_layers(net)))
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
@@ -71,8 +71,8 @@ def test_adabn_running_stats_equal_slide_statistics(model: tuple[NucleiNet, Mode
 def test_g2p_reduces_alignment_loss_under_shift(model: tuple[NucleiNet, ModelCard]) -> None:
     net, card = model
     st = TTASettings(
-        method="g2p", steps=10, lr=0.001, gate=0.0, tolerance=1.0, params="bn", layers="encoder"
-    )
+        method="g2p", steps=10, lr=0.001, gate=0.0, tolerance=1.0, params="bn", layers="encoder", min_view_gain=None
+    )  # the mechanics of the steps; the guard's checks are tested below
     res = adapt(net, card, _images(0.4), st)
     r = res.report
     assert r["loss_after"] < r["loss_before"] and r["shift_score"] > 0
@@ -236,6 +236,28 @@ def test_changed_nuclei_contrast_on_a_hand_built_crop() -> None:
     got = changed_nuclei([before], [lost], [crop])
     assert got["removed"] == 1 and abs(got["z_removed"] - 1.0) < 0.05
     assert unlike_nuclei(got, 0.4, 0.7).startswith("the 1 nuclei removed") and unlike_nuclei(got, 0.4, None) == ""
+
+
+def test_mirror_agreement_known_answers() -> None:
+    from histoseg.tta.guard import MIRRORS, less_consistent, mirror_agreement
+
+    p = np.zeros((4, 6), np.float32)
+    p[1:3, 0:2] = 0.9  # 4 nucleus pixels at the left edge
+    same = p.copy()
+    shifted = np.zeros_like(p)
+    shifted[1:3, 1:3] = 0.8  # 2 of its 4 pixels overlap: IoU 2 / 6
+    assert mirror_agreement(p, [same, shifted, np.zeros_like(p)]) == pytest.approx([1.0, 1 / 3, 0.0])
+    assert mirror_agreement(np.zeros_like(p), [np.zeros_like(p)]) == [1.0]  # nothing in either view: agree
+    # every mirror is its own inverse, and the three differ
+    a = np.arange(24).reshape(4, 6)
+    for m in MIRRORS:
+        np.testing.assert_array_equal(a[m][m], a)
+    assert len({a[m].tobytes() for m in MIRRORS} | {a.tobytes()}) == 4
+    assert less_consistent(0.70, 0.72, 0.015) == ""
+    assert less_consistent(0.70, 0.71, 0.015).startswith("mirror-view agreement 0.700 -> 0.710")
+    assert less_consistent(0.70, 0.60, None) == ""
+    with pytest.raises(ConfigError):
+        TTASettings(min_view_gain=2.0)
 
 
 def test_guard_rejects_a_real_adaptation_that_multiplies_nuclei(shared_data: Path) -> None:

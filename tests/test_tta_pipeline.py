@@ -13,7 +13,7 @@ import zarr
 from histoseg.cli.main import main
 from histoseg.models import resolve_model
 
-from .conftest import DSB_ADAPTS, dsb_image_that_adapts, make_demo_slide
+from .conftest import DSB_ADAPTS, DSB_VIEW_REJECTS, dsb_image, dsb_image_that_adapts, make_demo_slide
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,28 @@ def test_adapted_segmentation_is_the_same_for_workers_and_region_sizes(
     assert t0.num_rows > 20
     for h, t in rest:
         assert h == h0 and t.equals(t0)
+
+
+def test_default_keeps_the_source_when_adaptation_makes_mirror_views_disagree(shared_data: Path,
+                                                                            tmp_path: Path) -> None:
+    """A real image of another lab whose adaptation passes the census and stain checks but leaves the network's
+    maps less consistent under mirroring: the default keeps the source weights and says why. The image that
+    adapts gains agreement (the guard's last check, measured on the crops of both)."""
+    for name, adapted in ((DSB_VIEW_REJECTS, False), (DSB_ADAPTS, True)):
+        out = tmp_path / name[:8]
+        assert main(["segment", str(dsb_image(shared_data, name)), "-o", str(out), "--slide-mpp", "0.5",
+                     "--formats", "parquet", "--no-report"]) == 0
+        rep = _provenance(out, name)["adaptation"]
+        c = rep["census"]
+        assert rep["shift_score"] > rep["settings"]["gate"] and 0.8 <= c["count_ratio"] <= 2.0
+        assert c["added_contrast"] is None or c["added_contrast"] >= 0.4
+        gain = c["view_agreement_after"] - c["view_agreement_before"]
+        assert rep["kept_source"] is not adapted
+        if adapted:
+            assert gain >= 0.015 and rep["weights_sha256"] != rep["source_weights_sha256"]
+        else:
+            assert gain < 0.015 and rep["guard"].startswith("mirror-view agreement")
+            assert rep["weights_sha256"] == rep["source_weights_sha256"]
 
 
 def test_adapt_writes_weights_that_segment_reuses(

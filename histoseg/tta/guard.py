@@ -139,6 +139,48 @@ def unlike_nuclei(changed: dict[str, float], min_added: float | None, max_remove
     return ""
 
 
+# the three mirror images of a crop (left-right, up-down, both): each is its own inverse
+MIRRORS: tuple[tuple[slice, slice], ...] = (
+    (slice(None), slice(None, None, -1)), (slice(None, None, -1), slice(None)), (slice(None, None, -1),) * 2
+)
+
+
+def mirror_agreement(prob: np.ndarray, mirrored: Sequence[np.ndarray], threshold: float = 0.5) -> list[float]:
+    """IoU of the nucleus pixels (probability > ``threshold``) of a crop's map with each map of its mirror
+    images, flipped back onto the crop (an empty union agrees: 1.0)."""
+    b0 = prob > threshold
+    out = []
+    for p in mirrored:
+        b = p > threshold
+        union = int((b | b0).sum())
+        out.append(float((b & b0).sum()) / union if union else 1.0)
+    return out
+
+
+def view_agreement(net: NucleiNet, card: ModelCard, crops: Sequence[np.ndarray]) -> float:
+    """How far the network's nucleus map stays the same when the crops are mirrored: the mean
+    :func:`mirror_agreement` over the crops and their three mirror images (1.0: the same map in every view).
+
+    The network was trained under mirror augmentation, so on images like its training images its maps barely
+    change with a mirror; on a shifted slide they disagree where it is unsure. An adaptation that helps makes
+    the maps more consistent; one that drifts (nuclei split, merged or invented) does not (``TTASettings.
+    min_view_gain``, chosen on the development benchmark)."""
+    agree: list[float] = []
+    for crop in crops:
+        prob = run_network(net, card, crop)[0]
+        back = [run_network(net, card, np.ascontiguousarray(crop[m]))[0][m] for m in MIRRORS]
+        agree.extend(mirror_agreement(prob, back))
+    return float(np.mean(agree)) if agree else 1.0
+
+
+def less_consistent(before: float, after: float, min_gain: float | None) -> str:
+    """Why the adapted network's mirror-view agreement is not trusted, or "" (see :func:`view_agreement`)."""
+    if min_gain is not None and not after >= before + min_gain:
+        return (f"mirror-view agreement {before:.3f} -> {after:.3f} (the adapted model must agree with itself "
+                f"under mirroring at least {min_gain} better than the source)")
+    return ""
+
+
 def heads(out: dict[str, torch.Tensor]) -> dict[str, float]:
     """Summaries of the three heads: HV spread, NP nucleus fraction, TP class-mix entropy over nuclei (if present)."""
     with torch.no_grad():

@@ -73,7 +73,8 @@ def adapt(net: NucleiNet, card: ModelCard, images: Sequence[np.ndarray], setting
         rep = g2p(work, x, card, settings)
     kept = bool(rep.get("kept_source", False))
     if not kept and settings.guard:
-        before_maps = guard.segment_crops(copy.deepcopy(net).float().eval(), card, images)
+        source = copy.deepcopy(net).float().eval()
+        before_maps = guard.segment_crops(source, card, images)
         after_maps = guard.segment_crops(work, card, images)
         before, after = guard.census_of(before_maps), guard.census_of(after_maps)
         changed = guard.changed_nuclei(before_maps, after_maps, images)
@@ -85,6 +86,10 @@ def adapt(net: NucleiNet, card: ModelCard, images: Sequence[np.ndarray], setting
                          "area_ratio": round(a, 4), "added": int(changed["added"]),
                          "removed": int(changed["removed"]), "added_contrast": _finite(changed["z_added"]),
                          "removed_contrast": _finite(changed["z_removed"])}
+        if not reason and settings.min_view_gain is not None:  # only where the census passed: 8 passes per crop
+            va0, va1 = guard.view_agreement(source, card, images), guard.view_agreement(work, card, images)
+            rep["census"].update(view_agreement_before=round(va0, 4), view_agreement_after=round(va1, 4))
+            reason = guard.less_consistent(va0, va1, settings.min_view_gain)
         if reason:
             kept = True
             rep["guard"] = reason
