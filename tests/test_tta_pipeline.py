@@ -84,8 +84,9 @@ def test_default_keeps_the_source_when_adaptation_makes_mirror_views_disagree(sh
     adapts gains agreement (the guard's last check, measured on the crops of both)."""
     for name, adapted in ((DSB_VIEW_REJECTS, False), (DSB_ADAPTS, True)):
         out = tmp_path / name[:8]
+        report = ["--no-report"] if adapted else []  # the QC report shows the check that kept the source
         assert main(["segment", str(dsb_image(shared_data, name)), "-o", str(out), "--slide-mpp", "0.5",
-                     "--formats", "parquet", "--no-report"]) == 0
+                     "--formats", "parquet", *report]) == 0
         rep = _provenance(out, name)["adaptation"]
         c = rep["census"]
         assert rep["shift_score"] > rep["settings"]["gate"] and 0.8 <= c["count_ratio"] <= 2.0
@@ -97,6 +98,8 @@ def test_default_keeps_the_source_when_adaptation_makes_mirror_views_disagree(sh
         else:
             assert gain < 0.015 and rep["guard"].startswith("mirror-view agreement")
             assert rep["weights_sha256"] == rep["source_weights_sha256"]
+            page = (out / name / "report.html").read_text()
+            assert "mirror-view agreement" in page and f"{c['view_agreement_before']:.3f} → " in page
 
 
 def test_adapt_writes_weights_that_segment_reuses(

@@ -167,6 +167,7 @@ def _adaptation_html(adapt: dict[str, Any]) -> str:
     kept = bool(adapt.get("kept_source"))
     guard = f"kept the source weights: {adapt.get('guard') or ''}" if kept else "adapted weights used"
     shift, gate = adapt.get("shift_score"), adapt.get("gate")
+    census = adapt.get("census") or {}
     gate_txt = "—"
     if isinstance(shift, (int, float)) and isinstance(gate, (int, float)):
         gate_txt = "adapt (shift above the gate)" if shift > gate else "skip (shift within the gate)"
@@ -177,6 +178,8 @@ def _adaptation_html(adapt: dict[str, Any]) -> str:
         ("loss", f"{fmt(adapt.get('loss_before'))} → {fmt(adapt.get('loss_after'))} (best step "
                  f"{fmt(adapt.get('best_step'))})"),
         ("guard", f'<span class="{"warn" if kept else "ok"}">{esc(guard)}</span>'),
+        ("mirror-view agreement", f"{fmt(census.get('view_agreement_before'))} → "
+                                  f"{fmt(census.get('view_agreement_after'))}"),
         ("seconds", fmt(adapt.get("seconds_total"))),
     ]  # fmt: skip
     curve = fg.loss_figure(adapt.get("loss_history") or [], adapt.get("best_step"))

@@ -20,15 +20,17 @@ are kept) and a JSON-able report. No source image is needed: G2P uses only the s
   source weights after one forward pass; in-domain slides are therefore untouched.
 
   *Steps*: the moving layers (``params``: every conv and BN layer, the ``top`` fraction with the highest
-  gradient-to-parameter ratio ``r_l = ||g_l|| / ||theta_l||`` at the source weights, BN affine only, or BN
-  statistics re-estimated then BN affine) each move by ``lr x r_l / mean(r)`` of their own norm along the
+  gradient-to-parameter ratio ``r_l = ||g_l|| / ||theta_l||`` at the source weights, or BN affine only) each
+  move by ``lr x r_l / mean(r)`` of their own norm along the
   negative gradient (``guided=False``: every layer by ``lr``). The iterate with the lowest loss is kept; a
   guard keeps the source weights when no iterate beats it or when a head collapses (``guard.collapsed``).
 
 Every method's result then passes the plausibility check (``guard``, ``TTASettings.guard``): the adapted and
 the source model segment the same crops, and an adaptation that changes the nucleus count or median area
-beyond ``count_bounds`` / ``area_bounds``, or adds nuclei paler than the slide's nuclei
-(``min_added_contrast``), is rejected (the source weights are kept; the census is reported).
+beyond ``count_bounds`` / ``area_bounds``, adds nuclei paler than the slide's nuclei (``min_added_contrast``)
+or removes ones as dark as them (``max_removed_contrast``), or whose nucleus maps do not become more consistent
+under mirroring (``min_view_gain``, ``guard.view_agreement``) is rejected (the source weights are kept; the
+census and agreement are reported).
 """
 
 from __future__ import annotations
