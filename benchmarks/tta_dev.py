@@ -15,8 +15,8 @@ image is segmented. Sets (all real images; the MoNuSeg variants are transformati
 Every adapted model is segmented without the plausibility guard, and what the guard looks at is recorded (the
 census ratios, the stain contrast of added and removed nuclei, the mirror-view agreement of source and adapted
 model, the shift score), so one run gives each method with and without
-the shipped guard (``+guard``, ``TTASettings``' rule; ``tta_guard_sweep.py`` tries others); ``g2p-top+guard`` is
-the shipped default (``--tta auto``). Images are taken round-robin
+the shipped gate and guard (``+guard``, ``TTASettings``' rule; ``tta_guard_sweep.py`` tries others);
+``g2p-top+guard`` is the shipped default (``--tta auto``). Images are taken round-robin
 over the sets and the JSON is rewritten after every image, so a run cut short still covers every set.
 """
 
@@ -165,8 +165,9 @@ def run_image(set_name: str, idx: int, s: Sample, true_mpp: float, net: Any, car
 
 def passes(rec: dict[str, Any], rule: TTASettings) -> bool:
     """Whether an adaptation recorded by :func:`run_image` passes the gate and the guard of ``rule`` (its shift
-    gate, count and area bounds and stain-contrast thresholds), judged as ``histoseg.tta`` judges it, from the
-    record. The gate is judged from the recorded shift score (records made with ``--gate 0`` adapt every image)."""
+    gate, count and area bounds, stain-contrast thresholds and mirror-view gain), judged as ``histoseg.tta``
+    judges it, from the record. The gate is judged from the recorded shift score (records made with
+    ``--gate 0`` adapt every image)."""
     if rec["kept"]:
         return False
     shift = rec.get("report", {}).get("shift_score")
@@ -199,18 +200,14 @@ def summarise(rows: list[dict[str, Any]], rule: TTASettings) -> str:
     lines = ["method           " + "".join(f"{s[:14]:>15}" for s in sets) + "   mean-d  wins loss  >0.02  worst"]
     lines.append("none             " + "".join(
         f"{np.mean([r['none'] for r in rows if r['set'] == s]):>15.4f}" for s in sets))
-    rows_by = [(m + ("+guard" if g else ""), [(r, r["methods"][m]["score"] if not g or passes(r["methods"][m], rule)
-                                              else r["none"]) for r in rows if m in r["methods"]])
-               for m in methods for g in (False, True)]
-    shipped = method_of(rule)
-    if all(shipped in r["methods"] for r in rows):
-        rows_by.append(("default", [(r, r["methods"][shipped]["score"] if passes(r["methods"][shipped], rule)
-                                     else r["none"]) for r in rows]))
-    for label, vals in rows_by:
-        d = np.array([v - r["none"] for r, v in vals])
-        per_set = "".join(f"{np.mean([v for r, v in vals if r['set'] == s]):>15.4f}" for s in sets)
-        lines.append(f"{label:<17}{per_set}   {d.mean():+.4f} {int((d > 0.005).sum()):>5} "
-                     f"{int((d < -0.005).sum()):>4} {int((d < -0.02).sum()):>6}  {d.min():+.3f}")
+    for m in methods:
+        for g in (False, True):
+            vals = [(r, r["methods"][m]["score"] if not g or passes(r["methods"][m], rule) else r["none"])
+                    for r in rows if m in r["methods"]]
+            d = np.array([v - r["none"] for r, v in vals])
+            per_set = "".join(f"{np.mean([v for r, v in vals if r['set'] == s]):>15.4f}" for s in sets)
+            lines.append(f"{m + ('+guard' if g else ''):<17}{per_set}   {d.mean():+.4f} {int((d > 0.005).sum()):>5} "
+                         f"{int((d < -0.005).sum()):>4} {int((d < -0.02).sum()):>6}  {d.min():+.3f}")
     return "\n".join(lines)
 
 
