@@ -1,7 +1,7 @@
 """Unsupervised plausibility check of an adapted network against the source network on the slide's crops.
 
 Adaptation has no labels to tell whether it helped; what it can see is what each network *finds* on the
-slide's own crops. Two checks, both against the source network on the same crops:
+slide's own crops. Three checks, all against the source network on the same crops:
 
 - the census: an adaptation that changes the nucleus count or the median nucleus area beyond the bounds
   has moved the model somewhere implausible;
@@ -9,8 +9,13 @@ slide's own crops. Two checks, both against the source network on the same crops
   as dark in hematoxylin as the nuclei both networks agree on, relative to the slide's own tissue. A
   source model that misses pale or small nuclei on a shifted slide legitimately finds more after adapting
   (DSB: more nuclei, and better); one that starts calling fibres and debris nuclei (issue 11's failures:
-  x1.3 and x2.1 counts) adds pale objects. The bounds and thresholds are chosen on the development
-  benchmark (``benchmarks/tta_dev.py``, ``benchmarks/tta_guard_sweep.py``).
+  x1.3 and x2.1 counts) adds pale objects;
+- self-consistency under mirroring (:func:`view_agreement`): the adapted network's nucleus maps of a crop
+  and of its mirror images must agree better than the source's do; an adaptation that drifts in other ways
+  (nuclei split, merged, grown) loses the consistency that training under mirror augmentation gave.
+
+The bounds and thresholds are chosen on the development benchmark (``benchmarks/tta_dev.py``,
+``benchmarks/tta_guard_sweep.py``).
 """
 
 from __future__ import annotations
