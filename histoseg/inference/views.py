@@ -21,7 +21,7 @@ maps from every region that computes it, whatever the region size.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -65,6 +65,18 @@ def _from_view(maps: Maps, t: bool, fx: bool, fy: bool) -> Maps:
     return np_prob, hv, tp
 
 
+def view_maps(run: Callable[[np.ndarray], Maps], image: np.ndarray, views: int) -> Iterator[Maps]:
+    """Each view's maps of ``image``, in the image's frame and at its size, the identity view first, one at a
+    time: what :func:`run_views` averages, and what a check of the network's consistency across views
+    compares (``tta.guard.view_agreement``)."""
+    check_views(views, "views")
+    h, w = image.shape[:2]
+    padded = pad_to_stride(image)
+    for t, fx, fy in _VIEWS[views]:
+        np_prob, hv, tp = _from_view(run(_to_view(padded, t, fx, fy)), t, fx, fy)
+        yield np_prob[:h, :w], hv[:, :h, :w], None if tp is None else tp[:, :h, :w]
+
+
 def run_views(run: Callable[[np.ndarray], Maps], image: np.ndarray, views: int = 1) -> Maps:
     """The maps of ``image`` ((H, W, 3) RGB) averaged over ``views`` views; ``run`` maps an RGB array to (NP
     probability, HV, type probabilities or None) of its size (with 1 view it gets ``image`` itself, with more
@@ -72,11 +84,9 @@ def run_views(run: Callable[[np.ndarray], Maps], image: np.ndarray, views: int =
     check_views(views, "views")
     if views == 1:
         return run(image)
-    h, w = image.shape[:2]
-    padded = pad_to_stride(image)
     sums: list[np.ndarray | None] = [None, None, None]
-    for t, fx, fy in _VIEWS[views]:
-        for i, m in enumerate(_from_view(run(_to_view(padded, t, fx, fy)), t, fx, fy)):
+    for maps in view_maps(run, image, views):  # one view at a time: a region's maps are large
+        for i, m in enumerate(maps):
             if m is not None:
                 s = sums[i]
                 if s is None:
@@ -87,7 +97,7 @@ def run_views(run: Callable[[np.ndarray], Maps], image: np.ndarray, views: int =
     if np_sum is None or hv_sum is None:
         raise ModelError("the network gave no NP or HV maps")
     scale = np.float32(1.0 / views)
-    np_prob = np.ascontiguousarray(np_sum[:h, :w] * scale)
-    hv = np.ascontiguousarray(hv_sum[:, :h, :w] * scale)
-    tp = None if tp_sum is None else np.ascontiguousarray(tp_sum[:, :h, :w] * scale)
+    np_prob = np.ascontiguousarray(np_sum * scale)
+    hv = np.ascontiguousarray(hv_sum * scale)
+    tp = None if tp_sum is None else np.ascontiguousarray(tp_sum * scale)
     return np_prob, hv, tp

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from histoseg.inference import run_network
+from histoseg.inference.views import view_maps
 from histoseg.models import ModelCard, NucleiNet
 from histoseg.postprocess import WatershedParams, hematoxylin, separate_instances
 
@@ -144,12 +145,6 @@ def unlike_nuclei(changed: dict[str, float], min_added: float | None, max_remove
     return ""
 
 
-# the three mirror images of a crop (left-right, up-down, both): each is its own inverse
-MIRRORS: tuple[tuple[slice, slice], ...] = (
-    (slice(None), slice(None, None, -1)), (slice(None, None, -1), slice(None)), (slice(None, None, -1),) * 2
-)
-
-
 def mirror_agreement(prob: np.ndarray, mirrored: Sequence[np.ndarray], threshold: float = 0.5) -> list[float]:
     """IoU of the nucleus pixels (probability > ``threshold``) of a crop's map with each map of its mirror
     images, flipped back onto the crop (an empty union agrees: 1.0)."""
@@ -172,9 +167,8 @@ def view_agreement(net: NucleiNet, card: ModelCard, crops: Sequence[np.ndarray])
     min_view_gain``, chosen on the development benchmark)."""
     agree: list[float] = []
     for crop in crops:
-        prob = run_network(net, card, crop)[0]
-        back = [run_network(net, card, np.ascontiguousarray(crop[m]))[0][m] for m in MIRRORS]
-        agree.extend(mirror_agreement(prob, back))
+        identity, *mirrored = view_maps(lambda im: run_network(net, card, im), crop, 4)
+        agree.extend(mirror_agreement(identity[0], [maps[0] for maps in mirrored]))
     return float(np.mean(agree)) if agree else 1.0
 
 
