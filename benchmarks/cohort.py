@@ -9,11 +9,13 @@ Cohorts (the images are read from their files as ``adapt-cohort`` reads slides: 
   crchisto     adapt on ``--crc-slides`` CRCHisto training images (unlabeled), score detection F1 on the
                CRCHisto validation set (points).
 Rows: source only (the shipped model), per-slide g2p (each scored image is one slide: K seeded crops of it
-adapt the model, as ``benchmarks/tta.py``), output-space adversarial (AdaptSegNet), patch representations
-(Tsai et al. 2019), patch representations + per-slide g2p. Adaptation time: the cohort training (one run per
-cohort and method, including the source statistics) or the summed per-slide adaptation. Then MoNuSeg-test PQ
-of every cohort model against the source model (the in-domain cost). ``--sections k`` prints the K table:
-k-means inertia (share of the variance left) and silhouette of the source patch histograms for each feature
+adapt the model, as ``benchmarks/tta.py``), alignment only (the cohort training's feature-statistics term and
+source loss without any adversarial term: the ablation that shows what the adversarial terms add), output-space
+adversarial (AdaptSegNet), patch representations (Tsai et al. 2019), patch representations + per-slide g2p; every
+cohort row with the default ``CohortSettings`` (feature-statistics alignment included). Adaptation time: the
+cohort training (one run per cohort and method, including the source statistics) or the summed per-slide
+adaptation. Then MoNuSeg-test PQ of every cohort model against the source model (the in-domain cost).
+``--sections k`` prints the K table: k-means inertia (share of the variance left) and silhouette of the source patch histograms for each feature
 set and K, the measurement behind ``CohortSettings.modes`` and ``features``.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -45,7 +48,12 @@ except ModuleNotFoundError:  # python benchmarks/cohort.py: this folder is sys.p
     from precision import cpu_line  # type: ignore[no-redef]
     from tta import crops_of  # type: ignore[no-redef]
 
-ROWS = ("source only", "per-slide g2p", "output-space adv", "patch repr", "patch repr + g2p")
+ROWS = ("source only", "per-slide g2p", "alignment only", "output-space adv", "patch repr", "patch repr + g2p")
+VARIANTS = (  # cohort models: (row, the settings' changes from the defaults)
+    ("alignment only", {"method": "patch", "adv_weight": 0.0, "mode_weight": 0.0}),  # ablation: no adversarial term
+    ("output-space adv", {"method": "output"}),
+    ("patch repr", {"method": "patch"}),
+)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -156,15 +164,16 @@ def main() -> None:
             st = CohortSettings(steps=args.steps, crop=args.crop, crops_per_slide=args.crops_per_slide, seed=args.seed)
             crops, slides = cohort_crops(files, slide_mpp=mpp, crops_per_slide=st.crops_per_slide, crop=st.crop,
                                          seed=st.seed)  # fmt: skip
-            for method, row in (("output", "output-space adv"), ("patch", "patch repr")):
+            for row, changes in VARIANTS:
                 t0 = time.perf_counter()
-                path = adapt_cohort(crops, Path(tmp) / f"{name}-{method}.safetensors", settings=_with(st, method),
+                tag = row.split()[0]
+                path = adapt_cohort(crops, Path(tmp) / f"{name}-{tag}.safetensors", settings=replace(st, **changes),
                                     slides=slides, source=source)  # fmt: skip
                 seconds = time.perf_counter() - t0
                 net, card = load_model(resolve_model(str(path)))
                 table[row][name] = {**score(scored, net, card, None, ds), "adapt_s": seconds}
-                mon_pq[f"{name}/{method}"] = score(mon, net, card, None, "monuseg-test")["pq"]
-                if method == "patch":
+                mon_pq[f"{name}/{tag}"] = score(mon, net, card, None, "monuseg-test")["pq"]
+                if row == "patch repr":
                     r = score(scored, net, card, g2p, ds)
                     table["patch repr + g2p"][name] = {**r, "adapt_s": seconds + r["adapt_s"]}
                 _progress(name, row, table[row][name])
@@ -173,12 +182,6 @@ def main() -> None:
     results.update(table=table, monuseg_pq=mon_pq)
     _print_table(table, cohorts, mon_pq, args)
     _finish(results, args, t_all)
-
-
-def _with(st: CohortSettings, method: str) -> CohortSettings:
-    from dataclasses import replace
-
-    return replace(st, method=method)
 
 
 def _progress(cohort: str, row: str, r: dict[str, float]) -> None:

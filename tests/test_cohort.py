@@ -149,7 +149,8 @@ def test_generator_step_moves_the_segmenter_and_discriminator_step_moves_the_dis
 
 
 def test_settings_refuse_bad_values() -> None:
-    for kw in ({"method": "pixel"}, {"steps": 0}, {"crop": 100}, {"modes": 1}, {"patch": 48}, {"lr": -1.0}):
+    for kw in ({"method": "pixel"}, {"steps": 0}, {"crop": 100}, {"modes": 1}, {"patch": 48}, {"lr": -1.0},
+               {"align_weight": -0.1}, {"align_weight": float("nan")}):
         with pytest.raises(ConfigError):
             CohortSettings(**kw)  # type: ignore[arg-type]
 
@@ -251,6 +252,39 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(
     other = CohortSettings(method="patch+output", steps=4, crop=64, checkpoint_every=2, seed=1)
     with pytest.raises(ConfigError, match="another cohort run"):
         adapt_cohort(crops, tmp_path / "c.safetensors", settings=other, source=src, work=tmp_path / "b.work")
+
+
+def test_alignment_term_moves_the_target_statistics_toward_the_source(
+    small_data: Path, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real DSB crops (a cohort from another lab): the same seeded run with the feature-statistics term ends with
+    target statistics closer to the card's source statistics than without it, and the card records the weight."""
+    from histoseg.cohort.train import adapt_cohort, cohort_crops, source_data
+    from histoseg.models.inputs import to_input
+    from histoseg.tta.g2p import AlignmentLoss
+
+    monkeypatch.setenv("HISTOSEG_DATA", str(small_data))
+    torch.set_num_threads(1)
+    card = resolve_model("default").card()
+    src = source_data(card, 64)
+    crops, slides = cohort_crops(_dsb_images(shared_data, 2), slide_mpp=0.5, crops_per_slide=2, crop=64)
+    x = to_input(crops, card)
+    align = AlignmentLoss(card.source_stats, "z", 2.0)
+
+    def target_loss(path: Path | None) -> float:
+        net, _ = load_model(resolve_model(str(path) if path is not None else "default"))
+        with torch.no_grad():
+            return float(align(net, x)[0])
+
+    losses = {}
+    for weight in (0.0, 1.0):
+        st = CohortSettings(steps=3, crop=64, align_weight=weight)
+        out = adapt_cohort(crops, tmp_path / f"w{weight}.safetensors", settings=st, source=src, slides=slides)
+        assert ModelCard.load(out.with_suffix(".json")).training["cohort"]["settings"]["align_weight"] == weight
+        losses[weight] = target_loss(out)
+    before = target_loss(None)
+    assert before > 1.0  # DSB is far from the source slides' statistics (its shift gates per-slide adaptation in)
+    assert losses[1.0] < losses[0.0] and losses[1.0] < before
 
 
 @pytest.mark.parametrize(

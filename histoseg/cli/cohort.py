@@ -42,6 +42,12 @@ def add_cohort_parser(
         choices=list(METHODS),
         help="patch: discriminative patch representations; output: output-space alignment",
     )
+    p.add_argument(
+        "--align-weight",
+        type=float,
+        default=d.align_weight,
+        help="weight of the feature-statistics alignment of the target crops (0: adversarial terms only)",
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="adaptation steps (batch of 4 source + 4 target)")
     p.add_argument("--crops-per-slide", type=int, default=d.crops_per_slide, help="tissue crops sampled per slide")
     p.add_argument("--crop", type=int, default=d.crop, help="crop side at the model's mpp")
@@ -64,6 +70,7 @@ def run_adapt_cohort(args: argparse.Namespace) -> int:
         raise ConfigError(f"--slide-mpp must be positive, got {args.slide_mpp}")
     settings = CohortSettings(
         method=args.method,
+        align_weight=args.align_weight,
         steps=args.steps,
         crop=args.crop,
         crops_per_slide=args.crops_per_slide,

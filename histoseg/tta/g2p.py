@@ -62,7 +62,15 @@ class AlignmentLoss:
         """(alignment loss over the chosen layers, shift score over the encoder layers, network outputs)."""
         with capture_bn_inputs(net) as st:
             out = net(x)
-        total, shift = x.new_zeros(()), 0.0
+        total, shift = self.of_statistics(st, x.new_zeros(()))
+        return total, shift, out
+
+    def of_statistics(
+        self, st: dict[str, tuple[torch.Tensor, torch.Tensor]], zero: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
+        """(alignment loss over the chosen layers, shift score over the encoder layers) of captured BN-input
+        statistics (``models.bnstats.capture_bn_inputs``); ``zero``: a scalar on the statistics' device."""
+        total, shift = zero, 0.0
         for name, (mu, var) in st.items():
             term = self.layer(name, mu, var)
             if term is None:
@@ -72,7 +80,7 @@ class AlignmentLoss:
                 total = total + term
             if encoder:
                 shift += float(term.detach())
-        return total, shift, out
+        return total, shift
 
 
 def _param_groups(net: nn.Module, which: str) -> dict[str, list[nn.Parameter]]:
