@@ -15,8 +15,8 @@ adversarial (AdaptSegNet), patch representations (Tsai et al. 2019), patch repre
 cohort row with the default ``CohortSettings`` (feature-statistics alignment included). Adaptation time: the
 cohort training (one run per cohort and method, including the source statistics) or the summed per-slide
 adaptation. Then MoNuSeg-test PQ of every cohort model against the source model (the in-domain cost).
-``--sections k`` prints the K table: k-means inertia (share of the variance left) and silhouette of the source patch histograms for each feature
-set and K, the measurement behind ``CohortSettings.modes`` and ``features``.
+``--sections k`` prints the K table: k-means inertia (share of the variance left) and silhouette of the source
+patch histograms for each feature set and K, the measurement behind ``CohortSettings.modes`` and ``features``.
 """
 
 from __future__ import annotations
