@@ -292,6 +292,7 @@ def test_alignment_term_moves_the_target_statistics_toward_the_source(
     [
         (["--output", "x.pt"], "must end in .safetensors"),
         (["--steps", "0"], "steps=0"),
+        (["--align-weight", "-1"], "align_weight=-1"),
         (["--method", "pixel"], "invalid choice"),
         (["--device", "cudax"], "must be cpu, cuda or cuda:N"),
         (["--device", "cuda:99"], "no such CUDA device"),
