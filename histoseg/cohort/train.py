@@ -145,9 +145,10 @@ class _Parts:
     output_d: OutputDiscriminator | None
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer | None
+    align: AlignmentLoss | None  # the target's feature-statistics term (None: align_weight 0)
 
 
-def _build(net: NucleiNet, st: CohortSettings) -> _Parts:
+def _build(net: NucleiNet, card: ModelCard, st: CohortSettings) -> _Parts:
     torch.manual_seed(st.seed)
     dev = st.device
     head = ModeHead(net.cfg.width, st.modes, st.patch).to(dev) if st.uses_patch else None
@@ -159,7 +160,10 @@ def _build(net: NucleiNet, st: CohortSettings) -> _Parts:
     opt_g = torch.optim.SGD(groups, lr=st.lr, momentum=0.9, weight_decay=5e-4)  # AdaptSegNet's segmenter optimiser
     d_params = [p for d in (patch_d, output_d) if d is not None for p in d.parameters()]
     opt_d = torch.optim.Adam(d_params, lr=st.disc_lr, betas=(0.9, 0.99)) if d_params else None
-    return _Parts(net, head, patch_d, output_d, opt_g, opt_d)
+    align = None
+    if st.align_weight > 0:
+        align = AlignmentLoss(card.source_stats, _PER_SLIDE.loss, _PER_SLIDE.tolerance, device=dev)
+    return _Parts(net, head, patch_d, output_d, opt_g, opt_d, align)
 
 
 def _identity(st: CohortSettings, base_sha: str, crops: Sequence[np.ndarray]) -> str:
@@ -222,7 +226,7 @@ def _run(
     data = replace(loaded, rng=rng, augmenter=Augmenter(rng, st.crop), semantic_fraction=0.0)
     maps = [s.inst for s in data.sources[0].samples if s.inst is not None]
     modes = fit_modes(maps, card0.mpp, st.patch, st.modes, st.features, st.seed) if st.uses_patch else None
-    parts = _build(net, st)
+    parts = _build(net, card0, st)
     rng_t = np.random.default_rng([st.seed, 1])
     ident = _identity(st, base_sha, target)
     ckpt = work_dir / "checkpoint.pt"
@@ -267,7 +271,7 @@ def _step(
 ) -> dict[str, float]:
     """One generator step and one discriminator step; the loss terms for the log."""
     dev = st.device
-    align = AlignmentLoss(card.source_stats, _PER_SLIDE.loss, _PER_SLIDE.tolerance) if st.align_weight > 0 else None
+    align = parts.align
     capture_t: contextlib.AbstractContextManager[dict[str, tuple[torch.Tensor, torch.Tensor]]] = (
         capture_bn_inputs(parts.net) if align is not None else contextlib.nullcontext({})
     )

@@ -38,13 +38,20 @@ class AlignmentLoss:
     """
 
     def __init__(
-        self, source: dict[str, dict[str, list[float]]], kind: str, tolerance: float, layers: str = "all"
+        self,
+        source: dict[str, dict[str, list[float]]],
+        kind: str,
+        tolerance: float,
+        layers: str = "all",
+        device: str | torch.device = "cpu",
     ) -> None:
         if kind == "z" and not has_slide_statistics(source):
             raise ModelError("the model card has no per-slide source statistics (re-run training's finalize); "
                              "use the 'kl' alignment loss with this model")
         self.kind, self.tolerance, self.layers = kind, tolerance, layers
-        self.src = {k: {f: torch.tensor(v, dtype=torch.float32) for f, v in s.items()} for k, s in source.items()}
+        self.src = {  # on the network's device: the cohort training may run on a GPU
+            k: {f: torch.tensor(v, dtype=torch.float32, device=device) for f, v in s.items()} for k, s in source.items()
+        }
 
     def layer(self, name: str, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor | None:
         s = self.src.get(name)
