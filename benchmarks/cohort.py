@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from histoseg.cohort.data import cohort_crops, source_data
 from histoseg.cohort.modes import k_table
-from histoseg.cohort.train import CohortSettings, adapt_cohort, cohort_crops, source_data
+from histoseg.cohort.train import CohortSettings, adapt_cohort
 from histoseg.config import data_dir
 from histoseg.datasets import Sample
 from histoseg.metrics import DetectionTally, centroids, evaluate_instances, match_points, mean_over_images

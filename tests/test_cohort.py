@@ -215,7 +215,8 @@ def test_cli_adapts_to_two_dsb_images_and_segment_uses_the_model(
 def test_resume_gives_the_weights_of_an_uninterrupted_run(
     small_data: Path, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from histoseg.cohort.train import adapt_cohort, source_data
+    from histoseg.cohort.data import source_data
+    from histoseg.cohort.train import adapt_cohort
 
     monkeypatch.setenv("HISTOSEG_DATA", str(small_data))
     torch.set_num_threads(1)
@@ -259,7 +260,8 @@ def test_alignment_term_moves_the_target_statistics_toward_the_source(
 ) -> None:
     """Real DSB crops (a cohort from another lab): the same seeded run with the feature-statistics term ends with
     target statistics closer to the card's source statistics than without it, and the card records the weight."""
-    from histoseg.cohort.train import adapt_cohort, cohort_crops, source_data
+    from histoseg.cohort.data import cohort_crops, source_data
+    from histoseg.cohort.train import adapt_cohort
     from histoseg.models.inputs import to_input
     from histoseg.tta.g2p import AlignmentLoss
 

@@ -3,6 +3,6 @@ slides, with the source training data beside it (discriminative patch representa
 output-space alignment, AdaptSegNet, as the baseline).
 
 Modules: ``settings`` (CohortSettings, no torch), ``modes`` (patch label histograms, seeded k-means, the K
-table), ``heads`` (mode head, discriminators, generator/discriminator steps), ``train`` (crops, the loop,
-checkpoints, the card).
+table), ``heads`` (mode head, discriminators, generator/discriminator steps), ``data`` (the slides' target crops and
+the labelled source set), ``train`` (the loop, checkpoints, the card).
 """

@@ -1,9 +1,8 @@
 """``histoseg adapt-cohort``: one adversarial adaptation of a model to a cohort of unlabeled slides.
 
-Target crops are sampled from each slide's tissue with the per-slide adaptation's grid sampler
-(:func:`histoseg.pipeline.adapt.sample_crops`, seeded); the source is the labelled MoNuSeg training set of
-``histoseg train`` (``HISTOSEG_DATA``). Each step takes ``batch_size`` augmented source crops and as many
-target crops (random flips and turns) and makes
+Target crops are sampled from each slide's tissue and the source is the labelled MoNuSeg training set of
+``histoseg train`` (both in :mod:`histoseg.cohort.data`). Each step takes ``batch_size`` augmented source crops
+and as many target crops (random flips and turns) and makes
 
 1. a generator step (segmenter + mode head): the training objective on the source crops
    (:func:`histoseg.training.objective.batch_loss`), the mode classification of the source patches
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from histoseg.cohort.data import source_data, target_batch
 from histoseg.cohort.heads import (
     ModeHead,
     OutputDiscriminator,
@@ -69,72 +69,6 @@ from histoseg.tta.g2p import AlignmentLoss
 from histoseg.tta.settings import TTASettings
 
 _PER_SLIDE = TTASettings()  # the alignment loss and tolerance of per-slide g2p
-
-
-def cohort_crops(
-    slides: Sequence[str | Path],
-    *,
-    model: str = "default",
-    slide_mpp: float | None = None,
-    crops_per_slide: int = 8,
-    crop: int = 256,
-    seed: int = 0,
-    backend: str = "auto",
-) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-    """Seeded tissue crops (RGB at the model's mpp, ``crop`` px, reflect-padded when a slide is smaller) of
-    every slide, and each slide's record (name, fingerprint, crops). Slides are planned as ``segment`` plans
-    them, so unreadable, fluorescence or tissue-free slides raise the same typed errors."""
-    from histoseg.config import SegmentConfig
-    from histoseg.pipeline.adapt import sample_crops
-    from histoseg.pipeline.identity import slide_fingerprint
-    from histoseg.pipeline.plan import default_predictor, plan_slide
-    from histoseg.tta import TTASettings
-
-    if not slides:
-        raise ConfigError("give at least one target slide or image")
-    config = SegmentConfig(model=model, slide_mpp=slide_mpp, backend=backend, precision="fp32")  # type: ignore[arg-type]
-    predictor = default_predictor(config)
-    crops: list[np.ndarray] = []
-    records: list[dict[str, Any]] = []
-    for i, slide in enumerate(slides):
-        plan = plan_slide(slide, config, predictor)
-        sampler = TTASettings(method="none", regions=crops_per_slide, crop=crop, seed=seed + i)
-        got = sample_crops(plan.path, plan.tissue, plan.plane_shape, plan.card.mpp, sampler, backend, slide_mpp)
-        got = [_pad(c[..., :3], crop) for c in got]
-        crops += got
-        records.append({"name": plan.path.name, "fingerprint": slide_fingerprint(plan.path), "crops": len(got)})
-    if not crops:
-        raise ConfigError("no tissue crop could be sampled from the target slides")
-    return crops, records
-
-
-def _pad(img: np.ndarray, crop: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    if h >= crop and w >= crop:
-        return np.ascontiguousarray(img[:crop, :crop])
-    mode = "reflect" if min(h, w) > 1 else "edge"
-    out = np.pad(img, ((0, max(0, crop - h)), (0, max(0, crop - w)), (0, 0)), mode=mode)  # type: ignore[call-overload]
-    return np.ascontiguousarray(out[:crop, :crop])
-
-
-def source_data(card: ModelCard, crop: int, seed: int = 0) -> TrainingData:
-    """The labelled source set of ``histoseg train``: MoNuSeg training images with instance masks (the
-    model's held-out validation images stay out), at the model's mpp."""
-    cfg_d = card.training.get("config", {}) if isinstance(card.training.get("config"), dict) else {}
-    held = [str(v) for v in cfg_d.get("val_images", [])] if isinstance(cfg_d.get("val_images"), list) else []
-    cfg = TrainConfig(mpp=card.mpp, crop=crop, seed=seed, semantic_fraction=0.0, val_images=held)
-    return TrainingData.build(cfg)
-
-
-def _target_batch(crops: Sequence[np.ndarray], n: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """``n`` target crops drawn with replacement, each randomly turned by a multiple of 90° and flipped."""
-    out = []
-    for j in rng.integers(0, len(crops), n):
-        img = np.rot90(crops[int(j)], int(rng.integers(0, 4)))
-        if rng.random() < 0.5:
-            img = img[:, ::-1]
-        out.append(np.ascontiguousarray(img))
-    return out
 
 
 @dataclass
@@ -243,7 +177,7 @@ def _run(
             g["lr"] = lr_at(sched, it) * g["lr_scale"]
         ramp = min(1.0, it / max(1.0, st.ramp * st.steps)) if st.ramp > 0 else 1.0
         src = data.batch(st.batch_size)
-        tgt = _target_batch(target, st.batch_size, rng_t)
+        tgt = target_batch(target, st.batch_size, rng_t)
         terms = _step(parts, card0, modes, st, src, tgt, data, points, stage, ramp)
         log.append({"step": it + 1, **terms})
         if (it + 1) % st.checkpoint_every == 0 or it + 1 == st.steps:
@@ -401,4 +335,4 @@ def _card(
     )
 
 
-__all__ = ["METHODS", "CohortSettings", "adapt_cohort", "cohort_crops", "source_data"]
+__all__ = ["METHODS", "CohortSettings", "adapt_cohort"]
