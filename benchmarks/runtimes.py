@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 
-from histoseg.config import RUNTIME_CHOICES
+from histoseg.config import ENGINE_CHOICES
 from histoseg.datasets import Sample
 from histoseg.inference import NetworkPredictor
 from histoseg.inference.eager import run_network
@@ -43,7 +43,7 @@ except ModuleNotFoundError:  # python benchmarks/runtimes.py: this folder is sys
     from _common import cmu1_pixels  # type: ignore[no-redef]
     from precision import cpu_line  # type: ignore[no-redef]
 
-ENGINES = (*RUNTIME_CHOICES, "torch-compile")  # every --runtime, and torch.compile as a benchmark row
+ENGINES = (*ENGINE_CHOICES, "torch-compile")  # every engine, and torch.compile as a benchmark row
 PQ_TOLERANCE = 0.005  # the rule: a faster engine may cost at most this much MoNuSeg-test PQ
 
 

@@ -44,6 +44,8 @@ than PyTorch in bf16 and 1.6x in fp32, at the same MoNuSeg-test PQ, with outputs
 ``torch`` is the reference engine. The ``-int8`` engines run a post-training int8 quantisation calibrated on
 MoNuSeg training crops (``histoseg.inference.quantize``): faster again, maps within ~0.15 of fp32, MoNuSeg-test
 PQ within 0.002."""
+ENGINE_CHOICES: tuple[Runtime, ...] = tuple(r for r in RUNTIME_CHOICES if r != "auto")
+"""The engines themselves: every ``--runtime`` but ``auto``, which picks one of them."""
 
 Views = Literal[1, 4, 8]
 VIEW_CHOICES: tuple[Views, ...] = get_args(Views)

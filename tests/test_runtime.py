@@ -80,6 +80,18 @@ def test_default_is_openvino_on_the_cpu_and_torch_elsewhere(monkeypatch: pytest.
         rt.resolve_runtime("onnxruntime")
 
 
+def test_engine_choices_are_the_runtimes_without_auto() -> None:
+    """``auto`` picks an engine and is not one: the engine list (which ``benchmarks/runtimes.py`` runs, one row
+    each) holds every other ``--runtime``, and each of them has an install check (``auto`` crashed it)."""
+    from benchmarks.runtimes import ENGINES as BENCHMARKED
+    from histoseg.config import ENGINE_CHOICES, RUNTIME_CHOICES
+
+    assert "auto" not in ENGINE_CHOICES
+    assert set(ENGINE_CHOICES) == set(RUNTIME_CHOICES) - {"auto"}
+    assert [e for e in BENCHMARKED if e != "torch-compile"] == list(ENGINE_CHOICES)
+    assert all(isinstance(rt.available(e), bool) for e in ENGINE_CHOICES)
+
+
 def test_openvino_is_a_dependency_here() -> None:
     """The default engine is installed with histoseg on x86-64 and Arm (pyproject), so the suite exercises the
     default; without it the suite would silently test only the PyTorch fallback."""
