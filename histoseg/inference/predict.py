@@ -12,6 +12,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -60,19 +61,34 @@ def _content_key(artifact: ModelArtifact) -> str:
     return digest
 
 
-_ENGINES: OrderedDict[tuple[str, str, bool, int], tuple[Engine, ModelCard]] = OrderedDict()
+_ENGINES: OrderedDict[tuple[str, str, bool, int, str], tuple[Engine, ModelCard]] = OrderedDict()
 
 
-def _cached_engine(artifact: ModelArtifact, runtime: str, bf16: bool) -> tuple[Engine, ModelCard]:
-    """A compiled engine per (content, runtime, precision, threads), LRU-bounded like the PyTorch models."""
+def _calibration_stamp(calibration: str | None) -> str:
+    """The calibration file as part of an engine's cache key (path, size, mtime: a rewritten file recompiles)."""
+    if calibration is None:
+        return ""
+    try:
+        st = Path(calibration).stat()
+    except OSError:
+        return f"missing:{calibration}"  # the quantiser raises the clear error
+    return f"{calibration}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _cached_engine(
+    artifact: ModelArtifact, runtime: str, bf16: bool, calibration: str | None = None
+) -> tuple[Engine, ModelCard]:
+    """A compiled engine per (content, runtime, precision, threads, calibration), LRU-bounded like the PyTorch
+    models."""
     threads = math_threads()
     content = _content_key(artifact)
-    key = (content, runtime, bf16, threads)
+    key = (content, runtime, bf16, threads, _calibration_stamp(calibration))
     with _LOCK:
         if key in _ENGINES:
             _ENGINES.move_to_end(key)
         else:
-            _ENGINES[key] = (compile_engine(artifact, content, runtime, bf16, threads), artifact.card())
+            engine = compile_engine(artifact, content, runtime, bf16, threads, calibration)
+            _ENGINES[key] = (engine, artifact.card())
             while len(_ENGINES) > CACHE_SIZE:
                 _ENGINES.popitem(last=False)
         return _ENGINES[key]
@@ -98,6 +114,7 @@ class NetworkPredictor:
     bf16: bool = False
     runtime: str = "torch"  # torch | openvino | onnxruntime (resolved by ``inference.runtime``)
     views: Views = 1  # maps averaged over this many flipped/transposed views (``inference.views``)
+    calibration: str | None = None  # -int8 runtimes: the slide's calibration crops (``pipeline.calibrate``)
 
     def __post_init__(self) -> None:
         check_views(self.views, "views")  # here, not in a worker on every region
@@ -111,10 +128,11 @@ class NetworkPredictor:
         """Write the exported engine's graph here, before region tasks go out: a worker that finds it never
         imports torch (~190 MB a worker process). A no-op for the PyTorch engine."""
         if self.runtime != "torch":
-            engine_graph(self.artifact, _content_key(self.artifact), self.runtime)
+            engine_graph(self.artifact, _content_key(self.artifact), self.runtime, self.calibration)
 
     def with_artifact(self, artifact: ModelArtifact) -> NetworkPredictor:
-        """The same predictor (device, precision, runtime) over other weights, e.g. a slide's adapted ones."""
+        """The same predictor (device, precision, runtime, calibration) over other weights, e.g. a slide's adapted
+        ones."""
         return replace(self, artifact=artifact)
 
     def card(self) -> ModelCard:
@@ -126,7 +144,7 @@ class NetworkPredictor:
         self, image: np.ndarray, region: Region | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         if self.runtime != "torch":
-            engine, card = _cached_engine(self.artifact, self.runtime, self.bf16)
+            engine, card = _cached_engine(self.artifact, self.runtime, self.bf16, self.calibration)
             return run_engine(engine, card, image, self.views)
         from histoseg.inference.eager import cached_model, run_network  # torch: only on this path
 

@@ -1,11 +1,15 @@
-"""int8 post-training static quantisation of the ONNX export, calibrated on MoNuSeg *training* crops.
+"""int8 post-training static quantisation of the ONNX export, calibrated on the slide or on MoNuSeg *training* crops.
 
 The fp32 ONNX export (``runtime.export_onnx``, from the artifact's safetensors) is quantised with ONNX Runtime's
-static quantiser: activation ranges come from a fixed, seeded set of crops of the MoNuSeg 2018 training images
-at the card's resolution (never the test images, which score the result). The quantised graph is cached next to
-the fp32 export under a key of (weights content, calibration settings, quantiser version), so changing either
-re-quantises and adapted weights are quantised the same way. One QDQ graph serves both int8 engines: ONNX Runtime
-runs it as QLinearConv, OpenVINO reads the Q/DQ pairs as FakeQuantize and runs int8 kernels.
+static quantiser. Activation ranges come from one of two sources: ``segment`` calibrates on the slide itself
+(seeded tissue crops written by :mod:`histoseg.pipeline.calibrate` to a ``.calibration.npz`` file beside the
+slide's outputs, so no dataset is needed and the ranges fit the slide's staining); without such a file (the
+benchmarks, library use) a fixed, seeded set of crops of the MoNuSeg 2018 training images at the card's
+resolution (never the test images, which score the result). The quantised graph is cached under a key of
+(weights content, calibration settings and data, quantiser version): beside the fp32 export for MoNuSeg
+calibration, beside the calibration file for a slide's (removed with the slide's other intermediates), so
+changing any of them re-quantises and adapted weights are quantised the same way. One QDQ graph serves both
+int8 engines: ONNX Runtime runs it as QLinearConv, OpenVINO reads the Q/DQ pairs as FakeQuantize and runs int8 kernels.
 
 Settings chosen by measurement (ONNX Runtime, 14 MoNuSeg-test images, PQ of PyTorch fp32 0.5764; max |map
 difference| from fp32 on a 1024² CMU-1 region): the default (QDQ, per-channel symmetric int8 weights, uint8
@@ -21,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ import numpy as np
 from histoseg.errors import ConfigError, DatasetError, ModelError, OutputError
 from histoseg.export.atomic import atomic_file
 from histoseg.models import ModelArtifact, ModelCard
-from histoseg.models.inputs import to_input
+from histoseg.models.inputs import input_array, to_input
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 FORMATS = ("qdq", "qoperator")
@@ -70,21 +74,22 @@ class CalibrationSettings:
         if self.crops < 1 or self.size < 32:
             raise ConfigError(f"calibration needs at least 1 crop of at least 32 px, got {self.crops} of {self.size}")
 
-    def key(self) -> str:
+    def key(self, data_tag: str | None = None) -> str:
         """A short digest of everything besides the weights that shapes the int8 graph: these settings, the
         quantiser options fixed in this module (``QUANTISER_VERSION``), ONNX Runtime's and PyTorch's versions
-        (the quantiser and the fp32 export it starts from) and the calibration images found
-        (``calibration_data_tag``), so a partial or changed MoNuSeg copy never reuses another's graph."""
-        import onnxruntime
-        import torch
+        (the quantiser and the fp32 export it starts from) and the calibration data: ``data_tag`` (a slide's
+        crops, :func:`calibration_tag`), else the MoNuSeg training images found (``calibration_data_tag``), so
+        a partial or changed MoNuSeg copy never reuses another's graph. The versions are read from the installed
+        packages' metadata: a worker that finds the graph never imports torch (~190 MB a process)."""
+        from importlib.metadata import version
 
         blob = json.dumps(
             {
                 **asdict(self),
-                "ort": onnxruntime.__version__,
-                "torch": torch.__version__,
+                "ort": version("onnxruntime"),
+                "torch": version("torch"),
                 "quantiser": QUANTISER_VERSION,
-                "data": calibration_data_tag(),
+                "data": calibration_data_tag() if data_tag is None else data_tag,
             },
             sort_keys=True,
         )
@@ -108,9 +113,45 @@ def calibration_data_tag(root: Path | None = None) -> str:
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:12]
 
 
-def int8_path(onnx_dir: Path, content_key: str, settings: CalibrationSettings) -> Path:
-    """Where the quantised graph of weights ``content_key`` under ``settings`` is cached."""
-    return onnx_dir / f"{content_key}-int8-{settings.key()}.onnx"
+def int8_path(onnx_dir: Path, content_key: str, settings: CalibrationSettings, data_tag: str | None = None) -> Path:
+    """Where the quantised graph of weights ``content_key`` under ``settings`` (and calibration data ``data_tag``,
+    ``None``: MoNuSeg's) is cached."""
+    return onnx_dir / f"{content_key}-int8-{settings.key(data_tag)}.onnx"
+
+
+CALIBRATION_SUFFIX = ".calibration.npz"
+"""A slide's calibration crops beside its outputs (``<stem>.calibration.npz``, an intermediate)."""
+
+
+def write_calibration(crops: Sequence[np.ndarray], path: Path) -> Path:
+    """Save calibration crops (RGB uint8 at the card's mpp, in their order) atomically as ``path`` (.npz)."""
+    if not crops:
+        raise ConfigError("int8 calibration needs at least one crop")
+    arrays = {f"crop_{i:03d}": np.ascontiguousarray(c[..., :3], dtype=np.uint8) for i, c in enumerate(crops)}
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+    return path
+
+
+def _read_calibration(path: Path) -> list[np.ndarray]:
+    try:
+        with np.load(path) as z:
+            crops = [z[name] for name in sorted(z.files)]
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read the int8 calibration crops {path}: {exc}") from exc
+    if not crops or any(c.ndim != 3 or c.shape[2] != 3 or c.dtype != np.uint8 for c in crops):
+        raise DatasetError(f"{path} holds no RGB uint8 calibration crops")
+    return crops
+
+
+def calibration_tag(path: Path) -> str:
+    """Digest of the crops in a calibration file (their shapes and pixels, not the file's bytes: a zip records
+    the time it was written, and the same slide must give the same key on a rerun)."""
+    h = hashlib.sha256()
+    for c in _read_calibration(path):
+        h.update(repr(c.shape).encode())
+        h.update(c.tobytes())
+    return h.hexdigest()[:12]
 
 
 def calibration_crops(card: ModelCard, settings: CalibrationSettings, root: Path | None = None) -> list[np.ndarray]:
@@ -171,17 +212,28 @@ def _reader(inputs: list[np.ndarray]) -> Any:
 
 
 def quantize_onnx(
-    fp32: Path, artifact: ModelArtifact, content_key: str, settings: CalibrationSettings | None = None
+    fp32: Path,
+    artifact: ModelArtifact,
+    content_key: str,
+    settings: CalibrationSettings | None = None,
+    calibration: Path | None = None,
 ) -> Path:
-    """The int8 graph of the fp32 export ``fp32``, calibrated per ``settings`` and cached beside it."""
+    """The int8 graph of the fp32 export ``fp32``, calibrated per ``settings`` and cached: on the crops of
+    ``calibration`` (a slide's, :func:`write_calibration`) and beside that file, or on MoNuSeg training crops
+    and beside the export."""
     settings = settings or CalibrationSettings()
-    target = int8_path(fp32.parent, content_key, settings)
+    tag = None if calibration is None else calibration_tag(calibration)
+    target = int8_path(fp32.parent if calibration is None else calibration.parent, content_key, settings, tag)
     if target.exists():
         return target
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    inputs = calibration_crops(artifact.card(), settings)
+    card = artifact.card()
+    if calibration is None:
+        inputs = calibration_crops(card, settings)
+    else:
+        inputs = [np.ascontiguousarray(input_array(c, card)) for c in _read_calibration(calibration)]
     exclude = _output_convs(onnx.load(str(fp32)).graph) if settings.keep_output_convs else []
     methods = {
         "minmax": CalibrationMethod.MinMax,

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from histoseg.config import RUNTIME_CHOICES
-from histoseg.errors import ConfigError, DatasetError, ModelError, OutputError
+from histoseg.errors import ConfigError, ModelError, OutputError
 from histoseg.export.atomic import atomic_file
 from histoseg.models import ModelArtifact, load_model
 
@@ -96,13 +96,6 @@ def resolve_runtime(requested: str, device: str = "cpu") -> RuntimeChoice:
         raise ConfigError(
             f"--runtime {requested} needs {_packages(requested)}, not installed here (pip install 'histoseg[fast]')"
         )
-    if requested.endswith(INT8_SUFFIX):  # calibration reads MoNuSeg training images: fail before any slide runs
-        from histoseg.inference.quantize import calibration_data_tag
-
-        try:
-            calibration_data_tag()
-        except DatasetError as exc:
-            raise ConfigError(f"--runtime {requested} calibrates on MoNuSeg training images: {exc}") from exc
     return RuntimeChoice(requested, requested, "requested")
 
 
@@ -174,8 +167,9 @@ def export_onnx(artifact: ModelArtifact, key: str) -> Path:
     return target
 
 
-def engine_graph(artifact: ModelArtifact, key: str, runtime: str) -> Path:
-    """The graph file ``runtime`` compiles for ``artifact`` (exported, and quantised for ``-int8``), written once.
+def engine_graph(artifact: ModelArtifact, key: str, runtime: str, calibration: str | None = None) -> Path:
+    """The graph file ``runtime`` compiles for ``artifact`` (exported, and quantised for ``-int8``: on the crops of
+    the ``calibration`` file when given, see ``inference.quantize``), written once.
 
     The pipeline calls this on the client before a slide's regions are sent out (``NetworkPredictor.prepare``),
     so workers find the graph and never import torch to export it."""
@@ -183,18 +177,20 @@ def engine_graph(artifact: ModelArtifact, key: str, runtime: str) -> Path:
     if runtime.endswith(INT8_SUFFIX):
         from histoseg.inference.quantize import quantize_onnx
 
-        path = quantize_onnx(path, artifact, key)
+        path = quantize_onnx(path, artifact, key, calibration=None if calibration is None else Path(calibration))
     return path
 
 
-def compile_engine(artifact: ModelArtifact, key: str, runtime: str, bf16: bool, threads: int) -> Engine:
+def compile_engine(
+    artifact: ModelArtifact, key: str, runtime: str, bf16: bool, threads: int, calibration: str | None = None
+) -> Engine:
     """An engine for ``runtime`` over the cached ONNX export of ``artifact`` (``threads`` math threads)."""
     if not available(runtime):
         raise ModelError(
             f"runtime {runtime!r} was chosen for this run but {_packages(runtime)} is not installed "
             "on this worker (pip install 'histoseg[fast]')"
         )
-    path = engine_graph(artifact, key, runtime)
+    path = engine_graph(artifact, key, runtime, calibration)
     engine = runtime.removesuffix(INT8_SUFFIX)
     if engine == "openvino":
         import openvino as ov

@@ -27,6 +27,7 @@ import histoseg
 from histoseg.config import SegmentConfig
 from histoseg.errors import HistosegError, OutputError
 from histoseg.export.provenance import SUCCESS_NAME
+from histoseg.inference.quantize import CALIBRATION_SUFFIX
 from histoseg.inference.runtime import EXPORT_GLOB
 from histoseg.models.registry import ADAPTED_SUFFIX
 from histoseg.pipeline.identity import settings_hash, slide_fingerprint
@@ -238,13 +239,19 @@ def adapted_paths(out_dir: Path, name: str) -> tuple[Path, Path]:
     return weights, weights.with_suffix(".json")
 
 
+def calibration_path(out_dir: Path, name: str) -> Path:
+    """The slide's int8 calibration crops (``pipeline.calibrate``; an intermediate like the adapted weights)."""
+    return out_dir / f"{name}{CALIBRATION_SUFFIX}"
+
+
 def remove_intermediates(out_dir: Path, name: str, config: SegmentConfig) -> None:
     """After ``_SUCCESS``: the adapted weights go unless ``config.keep_adapted`` (their hash is in provenance),
-    and with them the graphs an engine exported from them (``inference.runtime.export_folder``)."""
+    and with them the graphs an engine exported from them or calibrated on the slide
+    (``inference.runtime.export_folder``) and the calibration crops (their digest is in provenance)."""
     if config.keep_adapted:
         return
     weights, card = adapted_paths(out_dir, name)
-    for p in (weights, card, *out_dir.glob(EXPORT_GLOB)):
+    for p in (weights, card, calibration_path(out_dir, name), *out_dir.glob(EXPORT_GLOB)):
         p.unlink(missing_ok=True)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from histoseg.inference import DensePredictor, NetworkPredictor
+from histoseg.inference.quantize import calibration_tag
 
 FULL_HASH_LIMIT = 512 << 20  # slides above this size get a partial fingerprint (documented in provenance)
 
@@ -57,7 +58,8 @@ def predictor_identity(predictor: DensePredictor) -> dict[str, Any] | None:
     """What identifies a predictor's outputs, or None when nothing does (then nothing is reused).
 
     A predictor may define ``fingerprint() -> str``; a ``NetworkPredictor`` is identified by the SHA-256
-    of its weights and card, its device, ``bf16``, its runtime and its views (all change the numbers).
+    of its weights and card, its device, ``bf16``, its runtime, its views and an int8 engine's calibration
+    crops (all change the numbers).
     """
     custom = getattr(predictor, "fingerprint", None)
     if callable(custom):
@@ -72,6 +74,7 @@ def predictor_identity(predictor: DensePredictor) -> dict[str, Any] | None:
             "bf16": predictor.bf16,
             "runtime": predictor.runtime,
             **({"views": predictor.views} if predictor.views != 1 else {}),  # absent at 1: old stores stay valid
+            **({"calibration": calibration_tag(Path(predictor.calibration))} if predictor.calibration else {}),
         }
     return None
 

@@ -30,6 +30,7 @@ from histoseg.export.atomic import remove_stale_temporaries
 from histoseg.inference import DensePredictor, NetworkPredictor
 from histoseg.pipeline import folder as outdir
 from histoseg.pipeline.adapt import adapt_slide, adapt_stage_text
+from histoseg.pipeline.calibrate import calibrate_slide
 from histoseg.pipeline.identity import slide_fingerprint
 from histoseg.pipeline.plan import PlanOutcome, SlidePlan, default_predictor, plan_slide
 from histoseg.pipeline.record import provenance_record
@@ -203,6 +204,7 @@ def _segment_locked(
         on_stage(adapt_stage_text(plan, predictor, config))
     with _ADAPT_LOCK:
         predictor, adaptation = adapt_slide(plan, predictor, config, outdir.adapted_paths(out_dir, stem)[0])
+    predictor, calibration = calibrate_slide(plan, predictor, config, outdir.calibration_path(out_dir, stem))
     if on_stage is not None:
         on_stage("regions")
     ok, png = cv2.imencode(".png", (plan.tissue * 255).astype(np.uint8))
@@ -231,12 +233,14 @@ def _segment_locked(
     timings["total"] = seconds
     record = provenance_record(plan, fp, predictor, config, outcome)
     record["adaptation"] = adaptation
+    if calibration is not None:
+        record["int8_calibration"] = calibration
     write_provenance(out_dir / "provenance.json", record)
     report_after_slide(out_dir, config)  # QC report.html (unless --no-report), from the files just written
     outdir.fsync_tree(out_dir)
     outdir.fsync_paths(write_success(out_dir, outdir.success_record(path, fp, config, outcome.nuclei)), out_dir)
     RegionStore.discard(out_dir)  # the final outputs are the record now
-    outdir.remove_intermediates(out_dir, stem, config)  # adapted weights (unless --keep-adapted); hash in provenance
+    outdir.remove_intermediates(out_dir, stem, config)  # adapted weights, calibration (unless --keep-adapted)
     return SlideReport(
         str(path),
         "ok",
