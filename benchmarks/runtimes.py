@@ -10,7 +10,7 @@ difference of the NP/HV maps from PyTorch eager, and MoNuSeg-test PQ/AJI through
 (``--limit`` images; 0 skips accuracy) with the PQ change against eager. The issue's rule for a default:
 faster, and PQ no more than 0.005 below PyTorch eager. Prints the CPU it ran on.
 
-    pip install 'histoseg[fast]'; python -m benchmarks.runtimes [--size 1024] [--limit 14] [--precision fp32|bf16]
+    python -m benchmarks.runtimes [--size 1024] [--limit 14] [--precision fp32|bf16]
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ def test_default_is_openvino_on_the_cpu_and_torch_elsewhere(monkeypatch: pytest.
     assert SegmentConfig().runtime == "auto"
     assert rt.resolve_runtime("torch").runtime == "torch"
     cpu = rt.resolve_runtime("auto", "cpu")
-    assert (cpu.runtime, cpu.requested) == ("openvino" if rt.available("openvino") else "torch", "auto")
+    expected = ("openvino-int8" if rt.auto_int8()[0] else "openvino") if rt.available("openvino") else "torch"
+    assert (cpu.runtime, cpu.requested) == (expected, "auto")
     gpu = rt.resolve_runtime("auto", "cuda:0")
     assert gpu.runtime == "torch" and "GPU" in gpu.reason
     with pytest.raises(ConfigError, match="--runtime"):
@@ -90,6 +91,38 @@ def test_engine_choices_are_the_runtimes_without_auto() -> None:
     assert set(ENGINE_CHOICES) == set(RUNTIME_CHOICES) - {"auto"}
     assert [e for e in BENCHMARKED if e != "torch-compile"] == list(ENGINE_CHOICES)
     assert all(isinstance(rt.available(e), bool) for e in ENGINE_CHOICES)
+
+
+def test_auto_runs_int8_exactly_on_x86_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where it was measured to pay at the same PQ: an x86 CPU without native bf16, ``--precision auto``, the
+    quantiser installed. Native bf16 keeps bf16 OpenVINO, Arm keeps OpenVINO (int8 unmeasured there), an
+    explicit precision keeps a float engine, and a missing onnxruntime falls back to OpenVINO fp32."""
+    import platform
+
+    from histoseg.inference.precision import CPU_BF16_ENV, cpu_native_bf16
+
+    monkeypatch.setattr(rt, "available", lambda name: True)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+
+    def auto(bf16: str, precision: str = "auto") -> str:
+        monkeypatch.setenv(CPU_BF16_ENV, bf16)
+        cpu_native_bf16.cache_clear()
+        return rt.resolve_runtime("auto", "cpu", precision).runtime
+
+    try:
+        assert auto("0") == "openvino-int8"
+        assert "int8" in rt.resolve_runtime("auto").reason
+        assert auto("1") == "openvino"  # native bf16: bf16 OpenVINO
+        assert auto("0", "fp32") == auto("0", "bf16") == "openvino"
+        assert rt.resolve_runtime("auto", "cuda:0").runtime == "torch"
+        monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+        assert auto("0") == "openvino"
+        monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+        monkeypatch.setattr(rt, "available", lambda name: name in ("torch", "openvino"))  # no onnxruntime
+        assert auto("0") == "openvino" and "onnxruntime" in rt.resolve_runtime("auto").reason
+    finally:
+        monkeypatch.delenv(CPU_BF16_ENV)
+        cpu_native_bf16.cache_clear()
 
 
 def test_openvino_is_a_dependency_here() -> None:

@@ -25,6 +25,7 @@ from histoseg.config import PRECISION_CHOICES
 from histoseg.errors import ConfigError
 
 CPU_BF16_ENV = "HISTOSEG_CPU_BF16"
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")  # platform.machine() of x86 CPUs, lower case
 
 _X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _ARM_BF16_FLAGS = ("bf16",)
@@ -81,7 +82,7 @@ def cpu_int8_saturates() -> tuple[bool, str]:
     (``reduce_range``) on such CPUs. Measured on an AVX2-only AMD EPYC with 8-bit weights: NP probability up
     to 0.86 away from fp32 on a CMU-1 crop. Arm's and VNNI's int8 dot products accumulate in 32 bits."""
     machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+    if machine not in X86_MACHINES:
         return False, f"{machine or 'this'} CPU: int8 dot products accumulate in 32 bits"
     flags = _cpuinfo_flags()
     found = [f for f in _X86_INT8_DOT_FLAGS if f in flags]

@@ -119,6 +119,12 @@ def int8_path(onnx_dir: Path, content_key: str, settings: CalibrationSettings, d
     return onnx_dir / f"{content_key}-int8-{settings.key(data_tag)}.onnx"
 
 
+SLIDE_SETTINGS = CalibrationSettings(reduce_range=True)
+"""A slide's calibration: 7-bit weights on every CPU, not only where 8-bit ones saturate (x86 without VNNI). The
+client and every node of a cluster then build the same graph whatever their CPUs, and its integer arithmetic
+is exact on all of them. Measured with it on an AVX2-only AMD EPYC: MoNuSeg-test PQ 0.5762 (OpenVINO) / 0.5774
+(ONNX Runtime) against 0.5764 in fp32; DSB (30) 0.3224 against 0.3242 (OpenVINO)."""
+
 CALIBRATION_SUFFIX = ".calibration.npz"
 """A slide's calibration crops beside its outputs (``<stem>.calibration.npz``, an intermediate)."""
 
@@ -221,7 +227,7 @@ def quantize_onnx(
     """The int8 graph of the fp32 export ``fp32``, calibrated per ``settings`` and cached: on the crops of
     ``calibration`` (a slide's, :func:`write_calibration`) and beside that file, or on MoNuSeg training crops
     and beside the export."""
-    settings = settings or CalibrationSettings()
+    settings = settings or (CalibrationSettings() if calibration is None else SLIDE_SETTINGS)
     tag = None if calibration is None else calibration_tag(calibration)
     target = int8_path(fp32.parent if calibration is None else calibration.parent, content_key, settings, tag)
     if target.exists():

@@ -39,7 +39,7 @@ def default_predictor(config: SegmentConfig) -> DensePredictor:
     compute nodes lack the submit host's native bf16)."""
     art = resolve_model(config.model)
     bf16 = resolve_precision(config.precision, config.device).bf16
-    runtime = resolve_runtime(config.runtime, config.device).runtime
+    runtime = resolve_runtime(config.runtime, config.device, config.precision).runtime
     return NetworkPredictor(art, device=config.device, bf16=bf16, runtime=runtime, views=config.views)
 
 

@@ -27,7 +27,7 @@ def _precision_record(predictor: DensePredictor, config: SegmentConfig) -> dict[
 def _runtime_record(predictor: DensePredictor, config: SegmentConfig) -> dict[str, str]:
     """The engine that ran the network and why (``--runtime auto`` takes the fastest installed)."""
     used = predictor.runtime if isinstance(predictor, NetworkPredictor) else "custom predictor"
-    choice = resolve_runtime(config.runtime, config.device)
+    choice = resolve_runtime(config.runtime, config.device, config.precision)
     if used != choice.runtime:
         return {"runtime": used, "requested": config.runtime, "reason": "set by the predictor"}
     return choice.to_dict()
