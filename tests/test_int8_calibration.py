@@ -96,3 +96,29 @@ def test_int8_segment_calibrates_on_the_slide(
     assert t0.num_rows > 20
     for t in rest:
         assert t.equals(t0)
+
+
+@pytest.mark.skipif(not rt.available("onnxruntime-int8"), reason="onnxruntime not installed")
+def test_regions_table_calibrates_like_segment(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run_regions_table`` (no outputs) calibrates an int8 engine on the slide as ``segment`` does, without any
+    dataset, and finds the same nuclei (centroids) as ``segment`` with the same settings."""
+    from histoseg.config import SegmentConfig
+    from histoseg.distributed import InProcessRunner
+    from histoseg.pipeline.slide import run_regions_table
+
+    image = dsb_image_that_adapts(shared_data)
+    monkeypatch.setenv("HISTOSEG_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path / "cache"))
+    cfg = SegmentConfig(slide_mpp=0.5, runtime="onnxruntime-int8", tta="none", region_size=128)
+    table = run_regions_table(image, cfg, InProcessRunner())
+    out = tmp_path / "out"
+    args = ["segment", str(image), "-o", str(out), "--slide-mpp", "0.5", "--runtime", "onnxruntime-int8", "--tta",
+            "none", "--region-size", "128", "--formats", "parquet", "--no-report"]  # fmt: skip
+    assert main(args) == 0
+    seg = pq.read_table(out / DSB_ADAPTS / f"{DSB_ADAPTS}.nuclei.parquet").to_pydict()
+    assert len(table.centroids) == len(seg["centroid_x"]) > 20
+    assert sorted(map(tuple, np.round(table.centroids, 6))) == sorted(
+        zip(np.round(seg["centroid_x"], 6), np.round(seg["centroid_y"], 6), strict=True)
+    )

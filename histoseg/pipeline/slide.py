@@ -11,6 +11,7 @@ nothing: it also discards stored regions.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from histoseg.errors import OutputError
 from histoseg.export import atomic_file, write_provenance, write_success
 from histoseg.export.atomic import remove_stale_temporaries
 from histoseg.inference import DensePredictor, NetworkPredictor
+from histoseg.inference.quantize import CALIBRATION_SUFFIX
 from histoseg.pipeline import folder as outdir
 from histoseg.pipeline.adapt import adapt_slide, adapt_stage_text
 from histoseg.pipeline.calibrate import calibrate_slide
@@ -134,10 +136,13 @@ def run_plan(
 def run_regions_table(
     path: str | Path, config: SegmentConfig, runner: TaskRunner, predictor: DensePredictor | None = None
 ) -> InstanceTable:
-    """The stitched nuclei of a slide, without writing anything (tests, notebooks)."""
+    """The stitched nuclei of a slide, without writing outputs (tests, notebooks). An int8 engine is calibrated on
+    the slide as ``segment`` calibrates it, in a temporary folder (its workers must see it: local runners)."""
     predictor = predictor or default_predictor(config)
     plan = plan_slide(path, config, predictor)
-    outcome, tables = run_plan(plan, runner, predictor)
+    with tempfile.TemporaryDirectory(prefix="histoseg-calibration-") as tmp:
+        predictor, _ = calibrate_slide(plan, predictor, config, Path(tmp) / f"slide{CALIBRATION_SUFFIX}")
+        outcome, tables = run_plan(plan, runner, predictor)
     return stitch_all(plan, tables, outcome)
 
 
