@@ -1,6 +1,7 @@
 """Typed nuclei and point supervision, one table, one run.
 
-    python -m benchmarks.typing [--model typed] [--ablation-iterations N] [--skip-ablation] [--json out.json]
+    python -m benchmarks.typing [--model typed] [--runtime ENGINE] [--ablation-iterations N] [--skip-ablation]
+                                [--json out.json]
 
 (Run it as a module: as a plain script its folder would come first on ``sys.path`` and its name would hide
 the standard library's ``typing``.)
@@ -23,17 +24,22 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.precision import cpu_line
+from histoseg.config import ENGINE_CHOICES
 from histoseg.datasets import load_crchisto
+from histoseg.inference import NetworkPredictor
 from histoseg.models import load_model, resolve_model
 from histoseg.training.config import TrainConfig
-from histoseg.training.evaluate import RADIUS_UM, crchisto_lut, evaluate, typed_images, typing_scores
+from histoseg.training.evaluate import RADIUS_UM, MapsFn, crchisto_lut, evaluate, typed_images, typing_scores
 from histoseg.training.train import train
 
 ABLATION = {
@@ -47,11 +53,27 @@ def _fmt(v: float) -> str:
     return "  n/a" if not math.isfinite(v) else f"{v:.3f}"
 
 
-def typed_rows(model: str, limit: int | None) -> dict[str, Any]:
+def engine_maps(model: str, runtime: str) -> MapsFn:
+    """The maps of ``runtime`` for an image, an int8 engine calibrated on that image as ``segment`` calibrates on
+    a slide (``benchmarks.runtimes.calibrated_on``)."""
+    from benchmarks.runtimes import calibrated_on
+
+    pred = NetworkPredictor(resolve_model(model), runtime=runtime)
+
+    def maps(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        with tempfile.TemporaryDirectory() as tmp:
+            return calibrated_on(pred, img, Path(tmp)).predict(img)
+
+    return maps
+
+
+def typed_rows(model: str, limit: int | None, runtime: str = "torch") -> dict[str, Any]:
     net, card = load_model(resolve_model(model))
     t0 = time.perf_counter()
     # the network runs once per image; every row below scores the same detections
-    images = typed_images(net, card, load_crchisto("validation", None)[: limit or None], RADIUS_UM["crchisto-val"])
+    maps = None if runtime == "torch" else engine_maps(model, runtime)
+    samples = load_crchisto("validation", None)[: limit or None]
+    images = typed_images(net, card, samples, RADIUS_UM["crchisto-val"], maps=maps)
     lut = crchisto_lut(card.class_names)
     typing = typing_scores(images, card.type_weights, lut)
     typing_3um = typing_scores([im.at_radius(3.0) for im in images], card.type_weights, lut)
@@ -60,6 +82,7 @@ def typed_rows(model: str, limit: int | None) -> dict[str, Any]:
     mon = evaluate("monuseg-test", model, limit)["mean"]
     return {
         "model": card.name,
+        "runtime": runtime,
         "types": list(card.class_names),
         "crchisto": typing,
         "crchisto_3um": typing_3um,
@@ -105,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="typed")
     ap.add_argument("--limit", type=int, default=None, help="first N evaluation images only")
+    ap.add_argument(
+        "--runtime",
+        default="torch",
+        choices=ENGINE_CHOICES,
+        help="engine of the CRCHisto rows (int8: each image calibrated on itself, as segment calibrates a slide); "
+        "MoNuSeg PQ stays PyTorch's",
+    )
     ap.add_argument("--ablation-iterations", type=int, default=600)
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--workdir", default="runs/typing-ablation", help="ablation runs (resumable)")
@@ -113,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     print(cpu_line(), flush=True)
-    typed = typed_rows(args.model, args.limit)
+    typed = typed_rows(args.model, args.limit, args.runtime)
     c = typed["crchisto"]
     print(
         f"\nModel {typed['model']} (types: {', '.join(typed['types'])}); {c['n_images']} CRCHisto validation "
-        f"images, radius {c['radius_um']} µm"
+        f"images, radius {c['radius_um']} µm; CRCHisto rows run by {args.runtime}"
     )
     print("| detection F1 | P | R | weighted class F1 | " + " | ".join(c["per_class_f1"]) + " | MoNuSeg PQ | AJI |")
     print("|---" * (6 + len(c["per_class_f1"])) + "|")

@@ -129,16 +129,21 @@ def evaluate(
     return {**res, "model": card.name, "model_mpp": card.mpp, "views": views}
 
 
+MapsFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+"""RGB at the card's mpp -> (NP, HV, TP) maps: another engine in place of the PyTorch network (benchmarks)."""
+
+
 def typed_nuclei_native(
-    net: Any, card: Any, s: Sample, bf16: bool = False, views: int = 1
+    net: Any, card: Any, s: Sample, bf16: bool = False, views: int = 1, maps: MapsFn | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Centroids (x, y) on the sample's native grid and each nucleus's mean per-class probabilities (N, C)
     over its mask (``C = 0`` for an untyped model): the pipeline's per-nucleus sums
     (:mod:`histoseg.postprocess.pixelsums`), so the type rule sees the same means as the pipeline for every
-    solid nucleus (the pipeline averages a rare non-solid one over its solid part)."""
+    solid nucleus (the pipeline averages a rare non-solid one over its solid part). ``maps``: computes the maps
+    instead of ``net`` (e.g. an int8 engine)."""
     h, w = s.image.shape[:2]
     img = model_grid(s, card)
-    np_prob, hv, tp = run_network(net, card, img, bf16=bf16, views=views)
+    np_prob, hv, tp = maps(img) if maps is not None else run_network(net, card, img, bf16=bf16, views=views)
     params = WatershedParams(**card.postprocess) if card.postprocess else WatershedParams()
     px = LabelledPixels(separate_instances(np_prob, hv, card.mpp, params))
     n_types = 0 if tp is None else tp.shape[0]
@@ -175,14 +180,20 @@ class TypedImage:
 
 
 def typed_images(
-    net: Any, card: Any, samples: Sequence[Sample], radius_um: float, bf16: bool = False, views: int = 1
+    net: Any,
+    card: Any,
+    samples: Sequence[Sample],
+    radius_um: float,
+    bf16: bool = False,
+    views: int = 1,
+    maps: MapsFn | None = None,
 ) -> list[TypedImage]:
     """Run the model once per image (:func:`typed_nuclei_native`) and match its nuclei to the image's points."""
     out = []
     for s in samples:
         if s.points is None or s.point_classes is None:
             raise ConfigError(f"image {s.name} has no classified points to score types against")
-        xy, means = typed_nuclei_native(net, card, s, bf16, views)
+        xy, means = typed_nuclei_native(net, card, s, bf16, views, maps)
         match = match_points(s.points, xy, radius_um / s.mpp)
         out.append(TypedImage(s.name, xy, means, s.points, s.point_classes, s.mpp, float(radius_um), match))
     return out
