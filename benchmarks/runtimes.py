@@ -22,7 +22,6 @@ import argparse
 import os
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,11 +35,10 @@ from histoseg.inference import NetworkPredictor
 from histoseg.inference.eager import run_network
 from histoseg.inference.precision import cpu_native_bf16
 from histoseg.inference.predict import DensePredictor
-from histoseg.inference.quantize import CALIBRATION_SUFFIX, write_calibration
-from histoseg.inference.runtime import CACHE_ENV, INT8_SUFFIX, available
+from histoseg.inference.quantize import CALIBRATION_SUFFIX
+from histoseg.inference.runtime import CACHE_ENV, available
 from histoseg.models import ModelArtifact, ModelCard, NucleiNet, load_model, resolve_model
-from histoseg.pipeline.adapt import crop_boxes
-from histoseg.pipeline.calibrate import SAMPLER
+from histoseg.pipeline.calibrate import calibrate_image
 from histoseg.postprocess import WatershedParams, separate_instances
 from histoseg.training.evaluate import score_dataset
 
@@ -70,16 +68,10 @@ class CompiledPredictor:
 
 
 def calibrated_on(pred: DensePredictor, image: np.ndarray, folder: Path) -> DensePredictor:
-    """``pred`` with an int8 engine calibrated on ``image`` itself, as ``segment`` calibrates on a slide (the
-    sampler of ``pipeline.calibrate`` over an all-tissue image); other engines unchanged."""
-    if not isinstance(pred, NetworkPredictor) or not pred.runtime.endswith(INT8_SUFFIX):
-        return pred
-    tissue = np.ones((image.shape[0] // 8 + 1, image.shape[1] // 8 + 1), bool)
-    boxes = crop_boxes(tissue, image.shape[:2], SAMPLER)
-    crops = [image[b.y : b.y + b.h, b.x : b.x + b.w] for b in boxes]
+    """``pred`` with an int8 engine calibrated on ``image`` itself, as ``segment`` calibrates on a slide; other
+    engines unchanged."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = write_calibration(crops, folder / f"image{CALIBRATION_SUFFIX}")
-    return replace(pred, calibration=str(path))
+    return calibrate_image(pred, image, folder / f"image{CALIBRATION_SUFFIX}")
 
 
 def accuracy(pred: DensePredictor, limit: int, dataset: str = "monuseg-test", slide: bool = False) -> dict[str, float]:
@@ -92,8 +84,11 @@ def accuracy(pred: DensePredictor, limit: int, dataset: str = "monuseg-test", sl
         h, w = s.image.shape[:2]
         f = s.mpp / card.mpp
         img = cv2.resize(s.image[..., :3], (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
-        with tempfile.TemporaryDirectory() as tmp:
-            np_prob, hv, _ = (calibrated_on(pred, img, Path(tmp)) if slide else pred).predict(img)
+        if slide:
+            with tempfile.TemporaryDirectory() as tmp:
+                np_prob, hv, _ = calibrated_on(pred, img, Path(tmp)).predict(img)
+        else:
+            np_prob, hv, _ = pred.predict(img)
         inst = separate_instances(np_prob, hv, card.mpp, params)
         return cv2.resize(inst.astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int32)
 

@@ -37,7 +37,9 @@ from benchmarks.precision import cpu_line
 from histoseg.config import ENGINE_CHOICES
 from histoseg.datasets import load_crchisto
 from histoseg.inference import NetworkPredictor
+from histoseg.inference.quantize import CALIBRATION_SUFFIX
 from histoseg.models import load_model, resolve_model
+from histoseg.pipeline.calibrate import calibrate_image
 from histoseg.training.config import TrainConfig
 from histoseg.training.evaluate import RADIUS_UM, MapsFn, crchisto_lut, evaluate, typed_images, typing_scores
 from histoseg.training.train import train
@@ -55,14 +57,12 @@ def _fmt(v: float) -> str:
 
 def engine_maps(model: str, runtime: str) -> MapsFn:
     """The maps of ``runtime`` for an image, an int8 engine calibrated on that image as ``segment`` calibrates on
-    a slide (``benchmarks.runtimes.calibrated_on``)."""
-    from benchmarks.runtimes import calibrated_on
-
+    a slide (``pipeline.calibrate.calibrate_image``)."""
     pred = NetworkPredictor(resolve_model(model), runtime=runtime)
 
     def maps(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         with tempfile.TemporaryDirectory() as tmp:
-            return calibrated_on(pred, img, Path(tmp)).predict(img)
+            return calibrate_image(pred, img, Path(tmp) / f"image{CALIBRATION_SUFFIX}").predict(img)
 
     return maps
 

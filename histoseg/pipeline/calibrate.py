@@ -19,14 +19,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
+
+import numpy as np
 
 from histoseg.config import SegmentConfig
 from histoseg.errors import ConfigError
 from histoseg.inference import DensePredictor, NetworkPredictor
 from histoseg.inference.quantize import calibration_tag, write_calibration
 from histoseg.inference.runtime import INT8_SUFFIX
-from histoseg.pipeline.adapt import sample_crops
+from histoseg.pipeline.adapt import crop_boxes, sample_crops
 from histoseg.pipeline.plan import SlidePlan
 from histoseg.tta import TTASettings
 
@@ -34,24 +36,48 @@ SAMPLER = TTASettings(method="none", regions=16, crop=256, seed=0)
 """The calibration crops: 16 tissue cells of 256 px (the size and count measured for MoNuSeg calibration)."""
 
 
-def calibrate_slide(
-    plan: SlidePlan, predictor: DensePredictor, config: SegmentConfig, target: Path
-) -> tuple[DensePredictor, dict[str, Any] | None]:
-    """The predictor calibrated on this slide's tissue (crops written to ``target``) and what provenance records,
-    or the predictor unchanged and None when it runs no int8 engine."""
-    if not isinstance(predictor, NetworkPredictor) or not predictor.runtime.endswith(INT8_SUFFIX):
-        return predictor, None
-    crops = sample_crops(
-        plan.path, plan.tissue, plan.plane_shape, plan.card.mpp, SAMPLER, config.backend, config.slide_mpp
-    )
+def runs_int8(predictor: DensePredictor) -> TypeGuard[NetworkPredictor]:
+    """Whether ``predictor`` runs an int8 engine (the only ones calibrated)."""
+    return isinstance(predictor, NetworkPredictor) and predictor.runtime.endswith(INT8_SUFFIX)
+
+
+def calibrated(
+    predictor: NetworkPredictor, crops: list[np.ndarray], target: Path
+) -> tuple[NetworkPredictor, dict[str, Any]]:
+    """``predictor`` calibrated on ``crops`` (RGB at the card's mpp, written to ``target``) and what provenance
+    records of them."""
     if not crops:
-        raise ConfigError(f"{plan.path.name}: no tissue crop to calibrate the int8 engine on")
+        raise ConfigError(f"no tissue crop to calibrate the int8 engine on ({target.name})")
     write_calibration(crops, target)
     record = {
         "source": "slide",
         "crops": len(crops),
         "crop_px": SAMPLER.crop,
         "seed": SAMPLER.seed,
-        "crops_digest": calibration_tag(target),
+        "crops_digest": calibration_tag(target),  # of what was stored
     }
     return replace(predictor, calibration=str(target)), record
+
+
+def calibrate_slide(
+    plan: SlidePlan, predictor: DensePredictor, config: SegmentConfig, target: Path
+) -> tuple[DensePredictor, dict[str, Any] | None]:
+    """The predictor calibrated on this slide's tissue (crops written to ``target``) and what provenance records,
+    or the predictor unchanged and None when it runs no int8 engine (nothing is read then)."""
+    if not runs_int8(predictor):
+        return predictor, None
+    crops = sample_crops(
+        plan.path, plan.tissue, plan.plane_shape, plan.card.mpp, SAMPLER, config.backend, config.slide_mpp
+    )
+    return calibrated(predictor, crops, target)
+
+
+def calibrate_image(predictor: DensePredictor, image: np.ndarray, target: Path) -> DensePredictor:
+    """``predictor`` calibrated on an in-memory image (RGB at the card's mpp, all of it tissue) as
+    :func:`calibrate_slide` calibrates on a slide: the same sampler and crops (benchmarks, notebooks). Other
+    engines are returned unchanged."""
+    if not runs_int8(predictor):
+        return predictor
+    tissue = np.ones((image.shape[0] // 8 + 1, image.shape[1] // 8 + 1), bool)
+    crops = [image[b.y : b.y + b.h, b.x : b.x + b.w] for b in crop_boxes(tissue, image.shape[:2], SAMPLER)]
+    return calibrated(predictor, crops, target)[0]
