@@ -122,3 +122,28 @@ def test_regions_table_calibrates_like_segment(
     assert sorted(map(tuple, np.round(table.centroids, 6))) == sorted(
         zip(np.round(seg["centroid_x"], 6), np.round(seg["centroid_y"], 6), strict=True)
     )
+
+
+@pytest.mark.skipif(not rt.available("onnxruntime-int8"), reason="onnxruntime not installed")
+def test_two_slides_quantise_the_shared_export_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two slides calibrated differently quantise the same cached fp32 export at the same time (a batch, parallel
+    jobs): ONNX Runtime's quantiser writes and deletes a file beside its input, so each reads a private copy; both
+    graphs are built and nothing is left beside the shared export."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from histoseg.inference.predict import _content_key
+
+    monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path / "cache"))
+    art = resolve_model("default")
+    key = _content_key(art)
+    fp32 = rt.export_onnx(art, key)
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(2):
+        (tmp_path / f"s{i}").mkdir()
+        crops = [rng.integers(60, 250, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+        files.append(q.write_calibration(crops, tmp_path / f"s{i}" / f"s{i}{q.CALIBRATION_SUFFIX}"))
+    with ThreadPoolExecutor(2) as pool:
+        graphs = list(pool.map(lambda f: q.quantize_onnx(fp32, art, key, calibration=f), files))
+    assert all(g.exists() and g.parent == f.parent for g, f in zip(graphs, files, strict=True))
+    assert sorted(p.name for p in fp32.parent.iterdir()) == [fp32.name]

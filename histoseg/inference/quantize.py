@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -249,9 +251,13 @@ def quantize_onnx(
     root = logging.getLogger()
     root.addFilter(_no_preprocess_advice)
     try:  # atomic: concurrent quantisers write the same bytes, the last rename wins (see runtime.export_onnx)
-        with atomic_file(target) as tmp:
+        # the quantiser writes and deletes "<input>-inferred.onnx" beside its input: it reads a private copy of the
+        # shared fp32 export, or two slides quantised at once (a batch, parallel jobs) break each other's file
+        with atomic_file(target) as tmp, tempfile.TemporaryDirectory(prefix="histoseg-quantise-") as work:
+            source = Path(work) / "fp32.onnx"
+            shutil.copyfile(fp32, source)
             quantize_static(
-                str(fp32),
+                str(source),
                 str(tmp),
                 _reader(inputs),
                 quant_format=QuantFormat.QDQ if settings.fmt == "qdq" else QuantFormat.QOperator,
