@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import shapely
 from shapely.geometry import Polygon
 
 from histoseg.export.atomic import atomic_file
@@ -66,13 +67,23 @@ def qupath_name(column: str) -> str:
     return QUPATH_MEASUREMENT_NAMES.get(column, column)
 
 
-def _ring(coords: Any) -> list[list[float]]:
-    return np.asarray(coords, dtype=np.float64).round(2).tolist()  # type: ignore[no-any-return]
+def _geometries(polygons: Sequence[Polygon]) -> list[dict[str, Any]]:
+    """GeoJSON ``Polygon`` geometry of every polygon: its rings (exterior first), coordinates rounded to 2 decimals.
 
-
-def _geometry(poly: Polygon) -> dict[str, Any]:
-    rings = [_ring(poly.exterior.coords)] + [_ring(r.coords) for r in poly.interiors]
-    return {"type": "Polygon", "coordinates": rings}
+    Read and rounded for all polygons at once with shapely's array functions: one polygon at a time (its
+    ``exterior.coords``, then each hole's) cost ~59 µs a nucleus in the client, beside the workers."""
+    geoms = np.empty(len(polygons), dtype=object)
+    geoms[:] = list(polygons)
+    rings, owner = shapely.get_rings(geoms, return_index=True)  # exterior first, then the holes, polygon by polygon
+    coords, ring_of = shapely.get_coordinates(rings, return_index=True)
+    xy: list[list[float]] = np.round(coords, 2).tolist()
+    ring_ends = np.searchsorted(ring_of, np.arange(1, len(rings) + 1)).tolist()
+    out: list[dict[str, Any]] = [{"type": "Polygon", "coordinates": []} for _ in range(len(polygons))]
+    start = 0
+    for poly, end in zip(owner.tolist(), ring_ends, strict=True):
+        out[poly]["coordinates"].append(xy[start:end])
+        start = end
+    return out
 
 
 def _classification(table: InstanceTable, class_id: int) -> dict[str, Any] | None:
@@ -157,7 +168,8 @@ class GeoJSONWriter:
         names.append(qupath_name("probability"))
         columns.append(np.asarray(table.probabilities, dtype=np.float64))
         classes = {int(c): _classification(table, int(c)) for c in np.unique(table.class_ids)}
-        for i, poly in enumerate(_polygons(table, polygons, self.stats)):
+        geometries = _geometries(list(_polygons(table, polygons, self.stats)))
+        for i, geometry in enumerate(geometries):
             nid = int(table.ids[i])
             measurements: dict[str, float] = {}
             for name, col in zip(names, columns, strict=True):
@@ -174,7 +186,7 @@ class GeoJSONWriter:
             feature = {
                 "type": "Feature",
                 "id": feature_uuid(self.slide_key, nid),
-                "geometry": _geometry(poly),
+                "geometry": geometry,
                 "properties": properties,
             }
             if self.written:

@@ -143,5 +143,29 @@ def iter_clean_polygons(table: InstanceTable, stats: RepairStats | None = None) 
 
 def clean_polygons(table: InstanceTable, stats: RepairStats | None = None) -> list[Polygon]:
     """:func:`clean_polygon` of every nucleus, as a list: repaired once and shared by the writers (GeoJSON and
-    Parquet would otherwise each repair every polygon of the slide, in the export's serial tail)."""
-    return list(iter_clean_polygons(table, stats))
+    Parquet would otherwise each repair every polygon of the slide, in the export's serial tail).
+
+    The common case, a ring that is valid once rounded, is taken for all nuclei at once with shapely's array
+    functions (the same GEOS calls as :func:`clean_polygon`'s fast path, so the same polygons, vertex for
+    vertex); only the rest go through :func:`clean_polygon` one by one. Why: the client exports while the
+    workers compute, on the same cores; one polygon at a time cost ~57 µs a nucleus (2.7 s of a 10k² slide's
+    48,000 nuclei on an AMD EPYC), in bulk ~1/4 of that."""
+    if len(table.polygons) != len(table):
+        raise ValueError(f"InstanceTable has {len(table)} ids but {len(table.polygons)} polygons")
+    out: list[Polygon | None] = [None] * len(table)
+    rings = [np.asarray(c, dtype=np.float64).reshape(-1, 2) for c in table.polygons]
+    fast = [i for i, r in enumerate(rings) if len(r) >= 3 and bool(np.isfinite(r).all())]
+    orient_all = getattr(shapely, "orient_polygons", None)  # shapely >= 2.1
+    if fast and orient_all is not None:
+        coords = np.round(np.concatenate([rings[i] for i in fast]), 2)
+        index = np.repeat(np.arange(len(fast)), [len(rings[i]) for i in fast])
+        try:
+            polys = shapely.polygons(shapely.linearrings(coords, indices=index))
+        except (ValueError, shapely.errors.GEOSException):  # a ring that closes on its 3rd point: one by one
+            polys = None
+        if polys is not None:
+            ok = shapely.is_valid(polys) & (shapely.area(polys) > 0)
+            for i, poly in zip(np.asarray(fast)[ok], orient_all(polys[ok], exterior_cw=False), strict=True):
+                out[i] = poly
+    return [p if p is not None else clean_polygon(c, b, stats)
+            for p, c, b in zip(out, table.polygons, table.bboxes, strict=True)]
