@@ -140,6 +140,7 @@ def test_job_settings_flags_over_file_and_single_threaded_workers(tmp_path: Path
         assert line in script
     assert "export OMP_NUM_THREADS=1" in script and "--nthreads 1" in script
     assert "export GLIBC_TUNABLES=" in script and "glibc.malloc.hugetlb=1" in script  # engine buffers, huge pages
+    assert "glibc.malloc.mmap_threshold=8388608" in script  # and the thresholds of local workers
 
 
 def test_lsf_account_is_its_project_and_pbs_script_builds(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from histoseg.distributed.runner import WORKER_TUNABLES
 from histoseg.inference.runtime import available
 
 from .conftest import make_demo_slide
@@ -101,8 +102,10 @@ def test_dask_workers_run_the_default_engine_without_torch(tmp_path: Path) -> No
     one = segment_slide(slide, tmp_path / "one", config, InProcessRunner())
     assert two.status == one.status == "ok" and two.nuclei == one.nuclei > 100
     assert loaded and not any(loaded.values()), loaded
-    # the workers started with huge pages for their engine buffers (distributed.runner.huge_pages)
-    assert all("glibc.malloc.hugetlb=1" in v for v in tunables.values()), tunables
+    # the workers started with huge pages for their engine buffers (distributed.runner.worker_tunables)
+    # and glibc's thresholds that keep a region's arrays for the next region (the same tunables' string)
+    want = {f"{k}={v}" for k, v in WORKER_TUNABLES.items()}
+    assert all(want <= set(v.split(":")) for v in tunables.values()), tunables
     import pyarrow.parquet as pq
 
     a, b = (pq.read_table(tmp_path / run / "demo" / "demo.nuclei.parquet") for run in ("one", "two"))

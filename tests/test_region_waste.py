@@ -112,14 +112,21 @@ def test_kept_buffers_stop_the_page_faults_and_close_restores_the_defaults() -> 
     assert closed >= 5 * 32  # restored
 
 
-def test_huge_pages_tunable_respects_the_users_own_and_the_off_switch() -> None:
-    from histoseg.distributed.runner import HUGE_PAGES_TUNABLE, huge_pages
+def test_worker_tunables_respect_the_users_own_and_the_off_switch() -> None:
+    from histoseg.distributed.runner import WORKER_TUNABLES, worker_tunables
 
-    assert huge_pages({}) == HUGE_PAGES_TUNABLE == "glibc.malloc.hugetlb=1"
+    ours = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=8388608:glibc.malloc.trim_threshold=8388608"
+    assert worker_tunables({}) == ours == ":".join(f"{k}={v}" for k, v in WORKER_TUNABLES.items())
     own = "glibc.malloc.arena_max=2"
-    assert huge_pages({"GLIBC_TUNABLES": own}) == f"{own}:{HUGE_PAGES_TUNABLE}"
-    assert huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == "glibc.malloc.hugetlb=0"  # the user's stands
-    assert huge_pages({KEEP_MEMORY_ENV: "0"}) is None  # the allocator at its defaults
+    assert worker_tunables({"GLIBC_TUNABLES": own}) == f"{own}:{ours}"
+    # each of the user's own stands, the others are added
+    assert worker_tunables({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == (
+        "glibc.malloc.hugetlb=0:glibc.malloc.mmap_threshold=8388608:glibc.malloc.trim_threshold=8388608"
+    )
+    mine = "glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=131072:glibc.malloc.hugetlb=0"
+    assert worker_tunables({"GLIBC_TUNABLES": mine}) == mine
+    assert worker_tunables({"GLIBC_TUNABLES": ours}) == ours  # a cluster of this process still open: unchanged
+    assert worker_tunables({KEEP_MEMORY_ENV: "0"}) is None  # the allocator at its defaults
 
 
 def _thp_mode() -> str:
@@ -158,7 +165,7 @@ def test_workers_tunable_maps_large_buffers_with_huge_pages() -> None:
     import subprocess
     import sys
 
-    from histoseg.distributed.runner import huge_pages
+    from histoseg.distributed.runner import worker_tunables
 
     def faults(tunables: str | None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
@@ -167,7 +174,7 @@ def test_workers_tunable_maps_large_buffers_with_huge_pages() -> None:
         out = subprocess.run([sys.executable, "-c", _MAPS], env=env, capture_output=True, text=True, check=True)
         return int(out.stdout.strip())
 
-    tunable = huge_pages({})
+    tunable = worker_tunables({})
     assert tunable is not None
     with_huge, plain = faults(tunable), faults(None)
     assert with_huge < 5 * 16384 // 10

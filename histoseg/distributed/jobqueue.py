@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from histoseg.distributed.cluster import ClusterSpec, wait_for_first_worker
-from histoseg.distributed.runner import SINGLE_THREAD_ENV, DaskRunner, huge_pages, log_dashboard
+from histoseg.distributed.runner import SINGLE_THREAD_ENV, DaskRunner, log_dashboard, worker_tunables
 from histoseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def cluster_kwargs(spec: ClusterSpec, default_log_directory: str | Path | None =
     # job workers log to their own files (OUT/_cluster_logs): keep Dask's INFO there even when the submitting
     # CLI quietened its own terminal through the environment (which batch systems pass on to the jobs)
     exports.append("export DASK_LOGGING__DISTRIBUTED=info")
-    if tunables := huge_pages():  # the engine buffers with huge pages, as for local workers
+    if tunables := worker_tunables():  # the allocator's settings of local workers (huge pages, thresholds)
         exports.append(f"export GLIBC_TUNABLES={tunables}")
     kw["job_script_prologue"] = exports + list(_as_list(kw.get("job_script_prologue"), "job-script-prologue"))
     return kw

@@ -8,7 +8,7 @@ is the difference between 3.35 and 2.73 GB of peak RSS on a 10000² slide in fp3
 A slide's regions come in a few dozen shapes (tissue boxes plus halo, multiples of 32 px), and a new shape
 costs a compilation (~0.2 s, ~36 MB) and fresh buffers, so the engine keeps the ``SHAPES_KEPT`` most recently
 used compilations and lets only the one in use hold buffers; worker processes map those buffers with huge
-pages (:func:`histoseg.distributed.runner.huge_pages`), which took the extra system time of the shape changes
+pages (:func:`histoseg.distributed.runner.worker_tunables`), which took the extra system time of the shape changes
 from ~17 s to ~2 s on a 10000² slide. Net cost there: ~2% of the wall time (2-core Intel
 Xeon, AVX-512 and AMX, fp32, 2 workers). In bf16 the buffers are half as large, two workers stay within the
 budget with one dynamic compilation (2.71 GB), and the compilations cost more than they save (network time
