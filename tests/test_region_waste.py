@@ -73,43 +73,53 @@ def test_relabel_sequential_keeps_order() -> None:
     assert _relabel_sequential(lab).tolist() == [[0, 2, 2], [1, 0, 3]]
 
 
-_FAULTS = """
-import resource, sys
+_ALLOCATOR = """
+import json, resource, sys
 import numpy as np
+import psutil
 from histoseg.distributed.runner import InProcessRunner
-runner = InProcessRunner()  # applies the setting (unless HISTOSEG_KEEP_MEMORY=0)
+proc = psutil.Process()
+runner = InProcessRunner()  # applies the thresholds (unless HISTOSEG_KEEP_MEMORY=0)
 if sys.argv[1] == "closed":
-    runner.close()  # puts glibc's defaults back
-a = np.ones(64 << 20, np.uint8)
-del a
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):  # a region's buffers: allocated and freed again and again
-    a = np.ones(64 << 20, np.uint8)
+    runner.close()  # puts glibc's default thresholds back
+def rounds(nbytes):  # a region's array: allocated, written and freed again and again
+    a = np.ones(nbytes, np.uint8)
     del a
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        a = np.ones(nbytes, np.uint8)
+        del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+small = rounds(6 << 20)
+rss0 = proc.memory_info().rss
+big = np.ones(64 << 20, np.uint8)
+del big
+print(json.dumps({"small": small, "big_left_mb": (proc.memory_info().rss - rss0) / 2**20}))
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's")
-def test_kept_buffers_stop_the_page_faults_and_close_restores_the_defaults() -> None:
-    """Five 64 MiB allocate/free rounds: with glibc's defaults each round maps fresh pages (16k faults, or 32 with
-    transparent huge pages); with
-    the in-process runner's setting the freed block is reused (almost none); close() restores the defaults."""
+def test_in_process_thresholds_keep_small_blocks_return_large_ones_and_close_restores() -> None:
+    """With the in-process runner's thresholds (8 MiB): a 6 MiB array allocated and freed five times is served
+    from the same heap pages (no new faults); a 64 MiB one goes back to the kernel at once (the earlier setting,
+    mmap off, kept it resident until the next hand-back: that was the runner's peak). close() puts glibc's
+    128 KiB threshold back: the 6 MiB array is mapped afresh each round again (at least one fault per 2 MiB
+    huge page)."""
+    import json
     import os
     import subprocess
     import sys
 
-    def faults(mode: str, keep: str) -> int:
+    def run(mode: str) -> dict[str, float]:
         # without tunables: a Dask cluster of this process still open (another test's) puts its workers' in os.environ
-        env = {**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, KEEP_MEMORY_ENV: keep}
-        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, capture_output=True, text=True, check=True)
-        return int(out.stdout.strip())
+        env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", KEEP_MEMORY_ENV)}
+        out = subprocess.run([sys.executable, "-c", _ALLOCATOR, mode], env=env, capture_output=True, text=True,
+                             check=True)
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    default, kept, closed = faults("open", "0"), faults("open", "1"), faults("closed", "1")
-    # every round faults at least one page per 2 MiB (huge pages) with the defaults; kept, the pages are reused
-    assert default >= 5 * 32
-    assert kept < default // 20
-    assert closed >= 5 * 32  # restored
+    kept, closed = run("open"), run("closed")
+    assert kept["small"] < 5 and kept["big_left_mb"] < 8
+    assert closed["small"] >= 5 * 3
 
 
 def test_worker_tunables_respect_the_users_own_and_the_off_switch() -> None:

@@ -6,13 +6,10 @@ back as tasks complete (``as_completed``), each with its item's index: callers t
 by that index (stitching orders regions by raster position), never by arrival.
 ``--workers 1`` runs tasks in this process with ``HISTOSEG_THREADS`` math threads (default 1).
 
-The in-process runner also tells glibc's allocator to keep freed memory (:func:`keep_freed_memory`): a region's
-network activations are hundreds of MB, served by ``mmap`` and handed back to the kernel after every
-forward pass, so each region faulted them in again page by page (measured: 2.3 million minor page faults
-and 6.6 s of system time in a 37 s CPU run on CMU-1-Small-Region; with the buffers kept, 0.25 million and
-1.6 s). The results do not change: only where the bytes live. Between tasks it hands the free memory back
-(:func:`release_freed_memory`), so the process stays flat however many regions a slide has (see
-:class:`InProcessRunner`).
+The in-process runner and the Dask workers set glibc's allocator thresholds (:data:`ALLOCATOR_THRESHOLD`): a
+region's arrays are allocated and freed again for every region, and with glibc's defaults most of them were mapped
+and zeroed by the kernel afresh each time (~24 s of system time on a 10000² slide). The results do not change:
+only where the bytes live.
 """
 
 from __future__ import annotations
@@ -51,32 +48,29 @@ class TaskRunner(Protocol):
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_DEFAULT_MMAP_MAX = 65536  # glibc's defaults (mallopt(3))
-_DEFAULT_TRIM_THRESHOLD = 128 * 1024
-KEEP_ALL = 2**31 - 1  # mallopt takes an int: free memory above this at the heap's top is still trimmed
+_M_MMAP_THRESHOLD = -3
+_DEFAULT_THRESHOLD = 128 * 1024  # glibc's default mmap and trim thresholds (mallopt(3))
 KEEP_MEMORY_ENV = "HISTOSEG_KEEP_MEMORY"  # "0" leaves the allocator at its defaults
-TRIM_EVERY = 8  # a Dask client returns the heap's free memory to the kernel after this many results
+TRIM_EVERY = 8  # the in-process runner and a Dask client return the heap's free memory after this many results
+ALLOCATOR_THRESHOLD = 8 << 20
+"""glibc's mmap and trim thresholds (bytes) in a process that runs regions: blocks below are kept in the heap for
+the next region, blocks above are mapped and handed back at once. Measured on an AMD EPYC (AVX2, 2 cores), int8,
+10000² slide: two Dask workers, system time 23.8 -> 13.3 s, wall 94.0 -> 88.3 s, peak RSS of all processes 2.67
+-> 2.68 GB (16 MiB: 2.86 GB, 32 MiB: 3.07 GB; issue 13's budget is 3 GB); one worker in process, against the
+earlier setting there (mmap off, all freed memory kept, handed back after every region): wall 154.1 -> 145.5 s,
+system time 22.3 -> 10.1 s, peak 1.99 -> 1.48 GB; CMU-1-Small-Region with PyTorch: 35.7 -> 34.3 s, peak 2.46 ->
+1.41 GB (the large activations no longer stay resident until the hand-back)."""
 
 
-def keep_freed_memory(keep_bytes: int = KEEP_ALL) -> bool:
-    """Make glibc serve large blocks from the heap and keep freed ones for reuse (True when applied).
+def keep_freed_memory() -> bool:
+    """Set glibc's mmap and trim thresholds of this process to :data:`ALLOCATOR_THRESHOLD` (True when applied).
 
-    Why: the same large buffers are allocated and freed for every region; by default glibc maps each one
-    fresh (``mmap``) and unmaps it on free, so every region pays page faults and kernel time for memory it
-    used a moment before. With mmap off and a high trim threshold, freed blocks stay in the heap and the
-    next region reuses them. ``keep_bytes`` bounds the free memory kept at the heap's top (the rest goes
-    back to the kernel): the price is resident memory, measured on CMU-1-Small-Region in one process (maximum
-    RSS / system time / minor faults): glibc defaults 1.12 GB / 4.9 s / 2.1 M; ``KEEP_ALL`` 1.35 GB / 1.1 s /
-    0.27 M; a 256 MB bound 1.23 GB / 2.9 s / 1.25 M. Only ``--workers 1`` (``InProcessRunner``) applies it:
-    on a 6000² slide it cut 1.46x of the CPU time at 1.84 GB peak (vs 1.24 GB), but two Dask workers doing
-    the same reached 3.8 GB in all (vs 2.5 GB), over the 3 GB budget, so workers keep glibc's defaults.
-    No effect outside glibc (e.g. macOS, musl) or with ``HISTOSEG_KEEP_MEMORY=0``.
-    """
+    For the in-process runner: its regions' arrays below the threshold are reused by the next region instead of
+    mapped afresh. No effect outside glibc (e.g. macOS, musl) or with ``HISTOSEG_KEEP_MEMORY=0``."""
     mallopt = None if os.environ.get(KEEP_MEMORY_ENV, "1") == "0" else _glibc("mallopt", ctypes.c_int, ctypes.c_int)
     if mallopt is None:
         return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, max(0, min(keep_bytes, KEEP_ALL))))
+    return all(bool(mallopt(option, ALLOCATOR_THRESHOLD)) for option in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
 
 
 def _glibc(name: str, *argtypes: Any) -> Any:
@@ -92,21 +86,21 @@ def _glibc(name: str, *argtypes: Any) -> Any:
 
 
 def restore_allocator_defaults() -> None:
-    """Put back glibc's documented defaults for what :func:`keep_freed_memory` changed (mmap for large blocks,
-    128 KiB trim threshold) and hand the kept memory back, so a library caller's process is left as found."""
+    """Put glibc's documented default thresholds back (128 KiB; the mmap threshold no longer adapts, as it does
+    in a process that never set it) and hand the kept memory back, so a library caller's process is left as
+    found as far as glibc allows."""
     mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
     if mallopt is None:
         return
-    mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-    mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+    mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
     release_freed_memory()
 
 
-WORKER_MMAP_THRESHOLD = 8 << 20  # bytes; see worker_tunables
 WORKER_TUNABLES: dict[str, str] = {
     "glibc.malloc.hugetlb": "1",
-    "glibc.malloc.mmap_threshold": str(WORKER_MMAP_THRESHOLD),
-    "glibc.malloc.trim_threshold": str(WORKER_MMAP_THRESHOLD),
+    "glibc.malloc.mmap_threshold": str(ALLOCATOR_THRESHOLD),
+    "glibc.malloc.trim_threshold": str(ALLOCATOR_THRESHOLD),
 }
 """glibc tunables of a worker process, by name (see :func:`worker_tunables`)."""
 
@@ -124,15 +118,9 @@ def worker_tunables(environ: dict[str, str] | None = None) -> str | None:
     cost ~17 s of system time on a 10000² slide. With this tunable glibc asks for 2 MiB pages for those mappings
     (``madvise``), which the kernel grants where transparent huge pages are ``always`` or ``madvise``.
 
-    ``mmap_threshold`` and ``trim_threshold`` at 8 MiB: a region's arrays (maps, labels, the engine's input and
-    outputs: 2-24 MB each for a 1408² region) are allocated and freed again for every region. By default glibc
-    serves blocks above a threshold that only rises as blocks are freed, and in a worker's task thread (a
-    non-main arena) gives freed memory back soon, so most of them were mapped and zeroed by the kernel afresh:
-    ~24 s of system time on a 10000² slide with two workers. From 8 MiB up they still are; below, freed blocks
-    stay for the next region. Measured (2-core AMD EPYC, AVX2, int8, 10000² slide, 2 workers, default
-    settings, one after another): system time 23.8 -> 13.3 s, wall 94.0 -> 88.3 s, peak RSS of all processes
-    2.67 -> 2.68 GB; a 16 MiB threshold gave 11.2 s and 86.2 s but 2.86 GB, 32 MiB 3.07 GB (issue 13's budget
-    is 3 GB)."""
+    ``mmap_threshold`` and ``trim_threshold``: :data:`ALLOCATOR_THRESHOLD` (see there), as the in-process runner
+    sets them at run time; a worker's task thread allocates from a non-main arena, which glibc's defaults handed
+    back to the kernel soon after each region."""
     env = os.environ if environ is None else environ
     if env.get(KEEP_MEMORY_ENV, "1") == "0":
         return None
@@ -154,16 +142,15 @@ def release_freed_memory() -> None:
 
 
 class InProcessRunner:
-    """Runs tasks one after another in this process (``--workers 1``), handing the heap's free memory back to
-    the kernel after each task.
+    """Runs tasks one after another in this process (``--workers 1``, the default), with glibc's thresholds at
+    :data:`ALLOCATOR_THRESHOLD` (:func:`keep_freed_memory`; ``close()`` puts the defaults back), handing the heap's
+    free memory back to the kernel every :data:`TRIM_EVERY` tasks.
 
-    Why the hand-back: every result stays in this process until the slide is stitched, so small long-lived
-    allocations land between the large blocks each task frees, and glibc could neither reuse nor return that
-    memory. Measured on a 10k² slide (97 regions of 1024, AMD EPYC, default settings): with OpenVINO the process
-    grew by ~60 MB a region to 7.1 GB; with the hand-back it peaked at 1.4 GB at the same speed (PyTorch with
-    glibc's defaults had reached 4.3 GB). PyTorch pays for it: on a 4000² slide its CPU time rose 18% (the kept
-    activation buffers are faulted in again), against a peak of 1.35 GB instead of 1.83 GB. Dask workers send
-    their results away, so their heaps do not fill this way."""
+    Why the periodic hand-back: a caller without a region store (``run_regions_table``) keeps every result in this
+    process until the slide is stitched, so small long-lived allocations land between the blocks each task frees,
+    which glibc could neither reuse nor return (measured earlier, with freed memory kept and no hand-back: ~60 MB a
+    region, 7.1 GB on a 10k² slide). Handing it back after every task, as this runner did before, re-faulted the
+    next region's arrays each time (11% of the CPU time on a 10k² slide, AMD EPYC)."""
 
     n_workers = 1
 
@@ -175,7 +162,8 @@ class InProcessRunner:
     def imap_unordered(self, fn: Callable[..., Any], items: Sequence[Any], *args: Any) -> Iterator[tuple[int, Any]]:
         for i, item in enumerate(items):
             result = fn(item, *args)
-            release_freed_memory()  # see the class docstring
+            if (i + 1) % TRIM_EVERY == 0:
+                release_freed_memory()  # see the class docstring
             yield i, result
 
     def close(self) -> None:
