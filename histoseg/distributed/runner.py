@@ -57,9 +57,10 @@ ALLOCATOR_THRESHOLD = 8 << 20
 the next region, blocks above are mapped and handed back at once. Measured on an AMD EPYC (AVX2, 2 cores), int8,
 10000² slide: two Dask workers, system time 23.8 -> 13.3 s, wall 94.0 -> 88.3 s, peak RSS of all processes 2.67
 -> 2.68 GB (16 MiB: 2.86 GB, 32 MiB: 3.07 GB; issue 13's budget is 3 GB); one worker in process, against the
-earlier setting there (mmap off, all freed memory kept, handed back after every region): wall 154.1 -> 145.5 s,
-system time 22.3 -> 10.1 s, peak 1.99 -> 1.48 GB; CMU-1-Small-Region with PyTorch: 35.7 -> 34.3 s, peak 2.46 ->
-1.41 GB (the large activations no longer stay resident until the hand-back)."""
+earlier setting there (mmap off, all freed memory kept, handed back after every region; ``benchmarks/throughput.py``
+against the previous commit): wall 171.1 -> 149.6 s, system time 25.2 -> 10.9 s, peak 1.97 -> 1.49 GB;
+CMU-1-Small-Region with PyTorch: 35.7 -> 34.3 s, peak 2.46 -> 1.41 GB (the large activations no longer stay
+resident until the hand-back)."""
 
 
 def keep_freed_memory() -> bool:
