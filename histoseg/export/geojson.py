@@ -20,7 +20,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,7 +29,7 @@ import shapely
 from shapely.geometry import Polygon
 
 from histoseg.export.atomic import atomic_file
-from histoseg.export.geometry import RepairStats, iter_clean_polygons
+from histoseg.export.geometry import RepairStats, clean_polygons
 from histoseg.types import InstanceTable
 
 __all__ = [
@@ -93,10 +93,10 @@ def _classification(table: InstanceTable, class_id: int) -> dict[str, Any] | Non
     return {"name": table.class_name(class_id), "color": list(table.class_color(class_id))}
 
 
-def _polygons(table: InstanceTable, polygons: Sequence[Polygon] | None, stats: RepairStats) -> Iterable[Polygon]:
+def _polygons(table: InstanceTable, polygons: Sequence[Polygon] | None, stats: RepairStats) -> Sequence[Polygon]:
     """The given cleaned polygons (one per nucleus), or the table's cleaned now."""
     if polygons is None:
-        return iter_clean_polygons(table, stats)
+        return clean_polygons(table, stats)
     if len(polygons) != len(table):
         raise ValueError(f"{len(polygons)} cleaned polygons for {len(table)} nuclei")
     return polygons
@@ -168,7 +168,7 @@ class GeoJSONWriter:
         names.append(qupath_name("probability"))
         columns.append(np.asarray(table.probabilities, dtype=np.float64))
         classes = {int(c): _classification(table, int(c)) for c in np.unique(table.class_ids)}
-        geometries = _geometries(list(_polygons(table, polygons, self.stats)))
+        geometries = _geometries(_polygons(table, polygons, self.stats))
         for i, geometry in enumerate(geometries):
             nid = int(table.ids[i])
             measurements: dict[str, float] = {}

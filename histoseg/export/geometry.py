@@ -11,7 +11,6 @@ when nothing valid remains, the nucleus bounding box is used. Exterior rings are
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +20,7 @@ from shapely.geometry.polygon import orient
 
 from histoseg.types import InstanceTable
 
-__all__ = ["GRID", "RepairStats", "clean_polygon", "iter_clean_polygons"]
+__all__ = ["GRID", "RepairStats", "clean_polygon", "clean_polygons"]
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +130,6 @@ def clean_polygon(coords: np.ndarray, bbox: np.ndarray, stats: RepairStats | Non
     if stats is not None:
         stats.bbox_fallback += 1
     return _bbox_polygon(bbox, pts)
-
-
-def iter_clean_polygons(table: InstanceTable, stats: RepairStats | None = None) -> Iterator[Polygon]:
-    """Yield :func:`clean_polygon` of every nucleus of ``table``, in table order."""
-    if len(table.polygons) != len(table):
-        raise ValueError(f"InstanceTable has {len(table)} ids but {len(table.polygons)} polygons")
-    for coords, bbox in zip(table.polygons, table.bboxes, strict=True):
-        yield clean_polygon(coords, bbox, stats)
 
 
 def clean_polygons(table: InstanceTable, stats: RepairStats | None = None) -> list[Polygon]:

@@ -30,7 +30,7 @@ from shapely.geometry import Polygon
 
 from histoseg.export.atomic import atomic_file
 from histoseg.export.geojson import QUPATH_MEASUREMENT_NAMES
-from histoseg.export.geometry import RepairStats, iter_clean_polygons
+from histoseg.export.geometry import RepairStats, clean_polygons
 from histoseg.types import InstanceTable
 
 __all__ = ["FIXED_COLUMNS", "ROW_GROUP", "ParquetTableWriter", "write_parquet"]
@@ -157,7 +157,7 @@ class ParquetTableWriter:
             raise RuntimeError("ParquetTableWriter.write outside its with-block")
         n = len(table)
         if polygons is None:
-            polys: Sequence[Polygon] = list(iter_clean_polygons(table, self.stats))
+            polys: Sequence[Polygon] = clean_polygons(table, self.stats)
         elif len(polygons) != n:
             raise ValueError(f"{len(polygons)} cleaned polygons for {n} nuclei")
         else:
