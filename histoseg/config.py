@@ -29,6 +29,9 @@ def data_dir() -> Path:
 # bounds that keep every size derived from the options allocatable (a region is held as float32 maps)
 MIN_REGION_SIZE, MAX_REGION_SIZE = 64, 8192
 MAX_WORKERS = 1024
+AUTO_WORKERS = "auto"
+"""``--workers auto`` (the command line's default): one local worker per usable core, as many as the memory holds
+(``histoseg.distributed.capacity``); the library's ``SegmentConfig`` and ``ClusterSpec`` take a resolved count."""
 MAX_TTA_REGIONS, MAX_TTA_STEPS = 64, 1000
 
 Precision = Literal["auto", "bf16", "fp32"]

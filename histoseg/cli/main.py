@@ -20,6 +20,7 @@ from histoseg import __version__
 from histoseg.cli.report import add_report_parser, run_report
 from histoseg.config import (
     ALL_FORMATS,
+    AUTO_WORKERS,
     BACKENDS,
     CLUSTER_KINDS,
     LOCAL_CLUSTER,
@@ -32,6 +33,16 @@ from histoseg.config import (
 from histoseg.errors import HistosegError
 
 log = logging.getLogger("histoseg")
+
+
+def _worker_count(s: str) -> int | str:
+    """``--workers``: a count, or ``auto`` (resolved on this machine: ``histoseg.distributed.capacity``)."""
+    if s == AUTO_WORKERS:
+        return s
+    try:
+        return int(s)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number or {AUTO_WORKERS!r}: {s!r}") from exc
 
 
 def _positive_float(s: str) -> float:
@@ -61,7 +72,7 @@ examples:
   # a folder of slides (recursive), results in results/<slide-stem>/
   histoseg segment /data/cohort1/ -o results/
 
-  # two local worker processes; outputs are identical to one worker
+  # two local worker processes (the default: one per usable core); outputs are identical to one worker
   histoseg segment "/data/cohort1/*.svs" -o results/ --workers 2
 
   # a SLURM cluster: 4 jobs of 8 single-threaded workers each (run on a login node)
@@ -186,7 +197,14 @@ def _add_cluster_arguments(seg: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cluster", default=LOCAL_CLUSTER, choices=list(CLUSTER_KINDS), help="local processes or a job queue"
     )
-    g.add_argument("--workers", type=int, default=None, help="local worker processes (default 1: in this process)")
+    g.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=None,
+        metavar="N|auto",
+        help="local worker processes (default auto: one per usable core, as many as the memory holds; "
+        "1 runs in this process)",
+    )
     g.add_argument("--gpus", default=None, metavar="all|IDS", help="local: one worker per GPU, e.g. all or 0,1")
     g.add_argument(
         "--scheduler", default=None, metavar="ADDRESS", help="use a running Dask scheduler (tcp://host:8786)"

@@ -8,19 +8,32 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from histoseg.config import SegmentConfig
+from histoseg.config import AUTO_WORKERS, LOCAL_CLUSTER, SegmentConfig
 from histoseg.distributed import ClusterSpec
+from histoseg.distributed.capacity import auto_workers
 from histoseg.errors import ConfigError
 from histoseg.pipeline import SlideReport, segment_batch
 
 log = logging.getLogger("histoseg")
 
 
+def worker_count(args: argparse.Namespace) -> int:
+    """``--workers``: the given count; ``auto`` (or not given) on a plain local cluster: one worker per usable
+    core that the memory holds (``histoseg.distributed.capacity``); otherwise 1 (GPU workers, a running
+    scheduler and job queues size themselves)."""
+    if args.workers not in (None, AUTO_WORKERS):
+        return int(args.workers)
+    if args.cluster == LOCAL_CLUSTER and args.gpus is None and args.scheduler is None:
+        return auto_workers()
+    return 1
+
+
 def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
     """The ``--cluster``/``--workers``/``--gpus``/job-queue flags as a checked ``ClusterSpec``."""
     return ClusterSpec(
         kind=args.cluster,
-        workers=1 if args.workers is None else args.workers,
+        workers=worker_count(args),
+        auto=args.workers in (None, AUTO_WORKERS),
         gpus=args.gpus,
         scheduler=args.scheduler,
         jobs=1 if args.jobs is None else args.jobs,
@@ -45,7 +58,7 @@ def config_from_args(args: argparse.Namespace, cluster: ClusterSpec | None = Non
         model=args.model,
         slide_mpp=args.slide_mpp,
         region_size=args.region_size,
-        workers=cluster.workers if cluster is not None else (args.workers or 1),
+        workers=cluster.workers if cluster is not None else worker_count(args),
         formats=formats,
         geojson_gzip=args.geojson_gzip,
         overwrite=args.overwrite,

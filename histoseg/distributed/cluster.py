@@ -54,6 +54,7 @@ class ClusterSpec:
     interface: str | None = None
     log_directory: str | None = None
     worker_timeout: float = 600.0  # seconds to wait for the first worker of a job queue or scheduler
+    auto: bool = False  # ``workers`` came from ``--workers auto``: a lone small slide may run in this process
 
     def __post_init__(self) -> None:
         if self.kind not in CLUSTER_KINDS:
@@ -145,17 +146,31 @@ def _check_memory(text: str) -> None:
 
 
 def open_runner(
-    spec: ClusterSpec, default_log_directory: str | Path | None = None, *, lazy: bool = False
+    spec: ClusterSpec,
+    default_log_directory: str | Path | None = None,
+    *,
+    lazy: bool = False,
+    small_below: int = 0,
 ) -> TaskRunner:
     """Start (or connect to) the cluster described by ``spec``; the caller closes the runner.
 
     Settings are checked at once (missing GPUs, ``sbatch`` not on PATH, a bad config file), but with
     ``lazy=True`` nothing starts before the first task: a batch whose slides are all done submits no job.
     ``default_log_directory``: where job-queue workers write their logs when neither a flag nor the
-    config file says (the batch uses ``OUT/_cluster_logs``).
+    config file says (the batch uses ``OUT/_cluster_logs``). ``small_below`` (lazy, local worker processes
+    only): a first request of fewer tasks runs in this process instead of starting the workers.
     """
     start = runner_factory(spec, default_log_directory)
-    return LazyRunner(start) if lazy else start()
+    if not lazy:
+        return start()
+    if small_below > 0 and is_local_processes(spec) and spec.workers > 1:
+        return LazyRunner(start, small=lambda: make_runner(1), small_below=small_below)
+    return LazyRunner(start)
+
+
+def is_local_processes(spec: ClusterSpec) -> bool:
+    """Whether ``spec`` runs local CPU worker processes (no scheduler, job queue or GPUs)."""
+    return spec.scheduler is None and spec.kind == LOCAL_CLUSTER and spec.gpus is None
 
 
 def runner_factory(spec: ClusterSpec, default_log_directory: str | Path | None = None) -> Callable[[], TaskRunner]:

@@ -22,8 +22,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from histoseg.config import LOCAL_CLUSTER, SegmentConfig
+from histoseg.config import SegmentConfig
 from histoseg.distributed import ClusterSpec, TaskRunner, open_runner
+from histoseg.distributed.capacity import SMALL_SLIDE_REGIONS
+from histoseg.distributed.cluster import is_local_processes
 from histoseg.distributed.runner import DaskRunner
 from histoseg.errors import HistosegError, SlideNotFoundError
 from histoseg.inference import DensePredictor, NetworkPredictor
@@ -138,7 +140,9 @@ def segment_batch(
         # a caller's runner: pipeline only onto Dask workers (anything else may run tasks in this process)
         in_process = not isinstance(runner, DaskRunner) if runner is not None else _in_process(spec)
         lookahead = 0 if in_process else LOOKAHEAD
-    run = runner or open_runner(spec, default_log_directory=Path(out_root) / CLUSTER_LOGS, lazy=True)
+    # --workers auto and one slide: fewer regions to compute than SMALL_SLIDE_REGIONS run in this process
+    small = SMALL_SLIDE_REGIONS if spec.auto and len(slides) == 1 else 0
+    run = runner or open_runner(spec, default_log_directory=Path(out_root) / CLUSTER_LOGS, lazy=True, small_below=small)
     errors = _input_errors(slides)
     turns = _Turns(slides, on_slide_start, on_region, on_stage, on_slide_done)
 
@@ -174,7 +178,7 @@ def segment_batch(
 
 def _in_process(spec: ClusterSpec) -> bool:
     """Whether ``spec`` runs region tasks in this process (``--workers 1`` on this machine)."""
-    return spec.scheduler is None and spec.kind == LOCAL_CLUSTER and spec.gpus is None and spec.workers <= 1
+    return is_local_processes(spec) and spec.workers <= 1
 
 
 def _input_errors(slides: list[Path]) -> list[HistosegError | None]:

@@ -1,0 +1,89 @@
+"""How many local worker processes this machine can hold: what ``histoseg segment --workers auto`` (the default)
+starts.
+
+One single-threaded worker per usable core (Dask's count: the CPU affinity mask, e.g. ``taskset`` or a SLURM
+job's cpuset, and a cgroup CPU quota, e.g. a container's ``--cpus``), as many as the available memory holds at
+``WORKER_MEMORY`` each. One worker runs in this process (no cluster to start); more are a local Dask cluster.
+Measured on a 2-core AMD EPYC (AVX2 only), 10000² real-tissue slide, region size 1024: 1 worker 0.29 MP/s, 2
+workers 0.42-0.46 MP/s (``benchmarks/throughput.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from histoseg.config import MAX_WORKERS
+
+log = logging.getLogger("histoseg")
+
+WORKER_MEMORY = 1536 * 2**20
+"""Bytes of memory set aside per worker process at the default region size: a worker's measured peak is
+~1.1 GB (1024-px regions, the default int8 engine; 2 workers and their client peaked at 2.7 GB on the 10000²
+slide), plus room for the client, which holds the slide's stitched outputs."""
+
+SMALL_SLIDE_REGIONS = 12
+"""Under ``--workers auto``, a batch of one slide with fewer regions to compute runs them in this process: starting
+worker processes (each imports the runtime and loads the network) costs about what a second core saves there.
+Measured on a 2-core AMD EPYC (AVX2 only), crops of a real-tissue slide at 0.5 µm/px, default settings, 1 vs 2
+workers: 1 region (a MoNuSeg image) 8.2 vs 11.8 s; 4 regions 16.4 vs 16.6 s; 9 regions 20.8 vs 21.0 s; 16 regions
+34.5 vs 28.9 s."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What this machine offers local workers, and the worker count taken from it."""
+
+    cores: int  # usable cores
+    memory: int | None  # bytes available now (None: unknown)
+
+    @property
+    def workers(self) -> int:
+        """One per core, at most as many as the memory holds (at least one, at most ``MAX_WORKERS``)."""
+        by_memory = self.cores if self.memory is None else self.memory // WORKER_MEMORY
+        return max(1, min(self.cores, by_memory, MAX_WORKERS))
+
+    def describe(self) -> str:
+        mem = "memory unknown" if self.memory is None else f"{self.memory / 2**30:.1f} GiB available"
+        return f"{self.workers} worker(s): {self.cores} usable core(s), {mem}"
+
+
+def usable_cores() -> int:
+    """Cores this process may use: the host's, limited by the affinity mask and a cgroup CPU quota."""
+    from dask.system import cpu_count
+
+    return max(1, int(cpu_count()))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now: the host's available memory, limited by a cgroup or rlimit memory limit
+    (Dask's reading of it); ``None`` when it cannot be read."""
+    try:
+        import psutil
+        from distributed.system import MEMORY_LIMIT
+    except ImportError:  # psutil comes with distributed; without them nothing bounds the count but the cores
+        return None
+    return int(min(psutil.virtual_memory().available, MEMORY_LIMIT))
+
+
+def machine_capacity() -> Capacity:
+    """This machine's capacity, read now."""
+    return Capacity(usable_cores(), available_memory())
+
+
+def auto_workers() -> int:
+    """The ``--workers auto`` count on this machine (logged with its reasons)."""
+    cap = machine_capacity()
+    log.info("--workers auto: %s", cap.describe())
+    return cap.workers
+
+
+__all__ = [
+    "SMALL_SLIDE_REGIONS",
+    "WORKER_MEMORY",
+    "Capacity",
+    "auto_workers",
+    "available_memory",
+    "machine_capacity",
+    "usable_cores",
+]

@@ -1,0 +1,123 @@
+"""``--workers auto`` (the command line's default): one local worker per usable core, as many as the memory holds;
+1 for GPU workers, a running scheduler and job queues, which size themselves."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from histoseg.cli.main import build_parser
+from histoseg.cli.segment import cluster_from_args, config_from_args, worker_count
+from histoseg.config import MAX_WORKERS, SegmentConfig
+from histoseg.distributed import ClusterSpec
+from histoseg.distributed.capacity import (
+    SMALL_SLIDE_REGIONS,
+    WORKER_MEMORY,
+    Capacity,
+    machine_capacity,
+    usable_cores,
+)
+from histoseg.distributed.runner import InProcessRunner, LazyRunner
+from histoseg.pipeline import segment_batch
+
+
+def test_capacity_takes_the_smaller_of_cores_and_memory() -> None:
+    assert Capacity(cores=8, memory=None).workers == 8
+    assert Capacity(cores=8, memory=3 * WORKER_MEMORY + WORKER_MEMORY // 2).workers == 3
+    assert Capacity(cores=2, memory=64 * WORKER_MEMORY).workers == 2
+    assert Capacity(cores=16, memory=WORKER_MEMORY // 3).workers == 1  # at least one, in this process
+    assert Capacity(cores=4096, memory=None).workers == MAX_WORKERS
+    assert Capacity(cores=4, memory=2 * WORKER_MEMORY).describe().startswith("2 worker(s): 4 usable core(s), 3.0 GiB")
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or not hasattr(os, "sched_getaffinity"), reason="needs taskset")
+def test_usable_cores_follow_the_affinity_mask() -> None:
+    """A process pinned to one core (``taskset``, a SLURM job's cpuset) counts one core, not the host's."""
+    code = "import json; from histoseg.distributed.capacity import usable_cores; print(json.dumps(usable_cores()))"
+    first = sorted(os.sched_getaffinity(0))[0]
+    out = subprocess.run(["taskset", "-c", str(first), sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    assert json.loads(out.stdout) == 1
+    assert usable_cores() == len(os.sched_getaffinity(0))
+
+
+def test_the_default_is_auto_on_a_plain_local_cluster() -> None:
+    expected = machine_capacity().workers
+    for argv in ([], ["--workers", "auto"]):
+        args = build_parser().parse_args(["segment", "x.svs", "-o", "out", *argv])
+        cluster = cluster_from_args(args)
+        assert worker_count(args) == cluster.workers == config_from_args(args, cluster).workers == expected
+        assert cluster.auto
+    args = build_parser().parse_args(["segment", "x.svs", "-o", "out", "--workers", "3"])
+    assert cluster_from_args(args).workers == 3 and not cluster_from_args(args).auto
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--cluster", "slurm"], ["--scheduler", "tcp://127.0.0.1:8786"], ["--gpus", "all"],
+     ["--cluster", "slurm", "--workers", "auto"]],
+)  # fmt: skip
+def test_auto_is_one_where_the_cluster_sizes_itself(flags: list[str]) -> None:
+    args = build_parser().parse_args(["segment", "x.svs", "-o", "out", *flags])
+    assert worker_count(args) == 1
+
+
+def test_a_bad_worker_count_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["segment", "x.svs", "-o", "out", "--workers", "many"])
+    assert exc.value.code == 2
+    assert "not a number or 'auto': 'many'" in capsys.readouterr().err
+
+
+def test_lazy_runner_takes_the_small_runner_for_a_small_first_request() -> None:
+    started: list[str] = []
+
+    def start(kind: str) -> Callable[[], InProcessRunner]:
+        return lambda: started.append(kind) or InProcessRunner()
+
+    for tasks, kind in ((SMALL_SLIDE_REGIONS - 1, "small"), (SMALL_SLIDE_REGIONS, "workers")):
+        lazy = LazyRunner(start("workers"), small=start("small"), small_below=SMALL_SLIDE_REGIONS)
+        assert sorted(r for _, r in lazy.imap_unordered(lambda x: x + 1, range(tasks))) == list(range(1, tasks + 1))
+        assert started[-1] == kind
+        list(lazy.imap_unordered(lambda x: x, range(50)))  # later requests keep the runner started first
+        assert len(started) == (1 if kind == "small" else 2)
+        lazy.close()
+
+
+def _tissue_png(path: Path, side: int) -> Path:
+    rng = np.random.default_rng(0)
+    img = np.full((side, side, 3), (230, 170, 200), np.uint8)
+    for y, x in rng.integers(10, side - 10, size=(side * side // 4000, 2)):
+        cv2.circle(img, (int(x), int(y)), 7, (90, 40, 120), -1)
+    cv2.imwrite(str(path), img[..., ::-1])
+    return path
+
+
+def test_auto_runs_a_lone_small_slide_in_this_process_and_starts_workers_for_more(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Dask dashboard line is logged when a cluster starts: none for 4 regions, one for 16 (real workers),
+    and the nuclei are the same either way."""
+    png = _tissue_png(tmp_path / "tissue.png", 512)
+    tables = {}
+    for region, cluster_started in ((256, False), (128, True)):  # 4 and 16 regions of 512² px
+        cfg = SegmentConfig(slide_mpp=0.5, region_size=region, tta="none", report=False, formats=("parquet",))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="histoseg"):
+            out = tmp_path / f"out{region}"
+            (report,) = segment_batch([str(png)], out, cfg, cluster=ClusterSpec(workers=2, auto=True))
+        assert report.status == "ok", report.message
+        assert ("dask dashboard" in caplog.text) is cluster_started, caplog.text
+        tables[region] = pd.read_parquet(out / "tissue" / "tissue.nuclei.parquet")
+    assert len(tables[256]) == len(tables[128]) > 10
