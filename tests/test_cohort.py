@@ -150,7 +150,7 @@ def test_generator_step_moves_the_segmenter_and_discriminator_step_moves_the_dis
 
 def test_settings_refuse_bad_values() -> None:
     for kw in ({"method": "pixel"}, {"steps": 0}, {"crop": 100}, {"modes": 1}, {"patch": 48}, {"lr": -1.0},
-               {"align_weight": -0.1}, {"align_weight": float("nan")}):
+               {"align_weight": -0.1}, {"align_weight": float("nan")}, {"head_warmup": -1}):
         with pytest.raises(ConfigError):
             CohortSettings(**kw)  # type: ignore[arg-type]
 
@@ -230,7 +230,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(
     src = replace(src, sources=[replace(src.sources[0], samples=small)])
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
-    st = CohortSettings(method="patch+output", steps=4, crop=64, checkpoint_every=2)
+    st = CohortSettings(method="patch+output", steps=4, crop=64, checkpoint_every=2, head_warmup=3)
     straight = adapt_cohort(crops, tmp_path / "a.safetensors", settings=st, source=src)
 
     class Killed(Exception):
@@ -250,7 +250,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(
     sa, sb, s0 = net_a.state_dict(), net_b.state_dict(), net_0.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], s0[k]) for k in sa)
-    other = CohortSettings(method="patch+output", steps=4, crop=64, checkpoint_every=2, seed=1)
+    other = CohortSettings(method="patch+output", steps=4, crop=64, checkpoint_every=2, head_warmup=3, seed=1)
     with pytest.raises(ConfigError, match="another cohort run"):
         adapt_cohort(crops, tmp_path / "c.safetensors", settings=other, source=src, work=tmp_path / "b.work")
 
@@ -280,13 +280,34 @@ def test_alignment_term_moves_the_target_statistics_toward_the_source(
 
     losses = {}
     for weight in (0.0, 1.0):
-        st = CohortSettings(steps=3, crop=64, align_weight=weight)
+        st = CohortSettings(steps=3, crop=64, align_weight=weight, head_warmup=0)
         out = adapt_cohort(crops, tmp_path / f"w{weight}.safetensors", settings=st, source=src, slides=slides)
         assert ModelCard.load(out.with_suffix(".json")).training["cohort"]["settings"]["align_weight"] == weight
         losses[weight] = target_loss(out)
     before = target_loss(None)
     assert before > 1.0  # DSB lies outside the source slides' range (a source slide costs about 0)
     assert losses[1.0] < losses[0.0] and losses[1.0] < before
+
+
+def test_head_warmup_teaches_the_mode_head_the_source_modes_first(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real MoNuSeg source crops: the warm-up's loss falls from about ln K (a fresh head at chance), and the card
+    records it; without a warm-up nothing is recorded."""
+    from histoseg.cohort.data import source_data
+    from histoseg.cohort.train import adapt_cohort
+
+    monkeypatch.setenv("HISTOSEG_DATA", str(small_data))
+    torch.set_num_threads(1)
+    src = source_data(resolve_model("default").card(), 128)
+    crops = [np.random.default_rng(i).integers(0, 255, (128, 128, 3), dtype=np.uint8) for i in range(2)]
+    st = CohortSettings(steps=1, crop=128, head_warmup=60)
+    warm = ModelCard.load(adapt_cohort(crops, tmp_path / "w.safetensors", settings=st, source=src).with_suffix(".json"))
+    w = warm.training["cohort"]["head_warmup"]
+    assert w["steps"] == 60 and abs(w["loss_first"] - np.log(st.modes)) < 0.4
+    assert w["loss_last"] < w["loss_first"] - 0.2, w
+    cold = adapt_cohort(crops, tmp_path / "c.safetensors", settings=replace(st, head_warmup=0), source=src)
+    assert ModelCard.load(cold.with_suffix(".json")).training["cohort"]["head_warmup"] is None
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ class CohortSettings:
     features: str = "size+density"
     lr: float = 2.5e-4  # segmenter and mode head (SGD, momentum 0.9, as AdaptSegNet; warm-up then cosine)
     head_lr: float = 2.5e-3  # mode head
+    head_warmup: int = 200  # steps that teach the fresh mode head the source modes first (segmenter frozen, Adam)
     disc_lr: float = 1e-4  # discriminators (Adam, betas 0.9/0.99 as AdaptSegNet)
     mode_weight: float = 0.1
     adv_weight: float = 0.05  # patch-representation adversarial loss
@@ -55,6 +56,8 @@ class CohortSettings:
                 "crops_per_slide": self.crops_per_slide, "checkpoint_every": self.checkpoint_every,
                 "threads": self.threads}  # fmt: skip
         bad = [f"{k}={v}" for k, v in ints.items() if v < 1]
+        if self.head_warmup < 0:
+            bad.append(f"head_warmup={self.head_warmup}")
         if self.modes < 2:
             bad.append(f"modes={self.modes} (at least 2)")
         if self.crop < 64 or self.crop % 32 or self.patch < 8 or self.patch % 8 or self.crop % self.patch:
