@@ -29,6 +29,7 @@ import shapely
 from shapely.geometry import Polygon
 
 from histoseg.export.atomic import atomic_file
+from histoseg.export.gcpause import gc_paused
 from histoseg.export.geometry import RepairStats, clean_polygons
 from histoseg.types import InstanceTable
 
@@ -158,6 +159,10 @@ class GeoJSONWriter:
         out = self._out
         if out is None:
             raise RuntimeError("GeoJSONWriter.write outside its with-block")
+        with gc_paused():  # a list per vertex, a dict per nucleus (histoseg.export.gcpause)
+            return self._write(out, table, polygons)
+
+    def _write(self, out: TextIO, table: InstanceTable, polygons: Sequence[Polygon] | None) -> int:
         n = len(table)
         for name, col in table.measurements.items():
             if len(col) != n:

@@ -22,6 +22,7 @@ from histoseg.config import SegmentConfig
 from histoseg.distributed.runner import release_freed_memory
 from histoseg.errors import OutputError
 from histoseg.export import GeoJSONWriter, LabelZarrWriter, ParquetTableWriter, RepairStats, SlideImage
+from histoseg.export.gcpause import gc_paused
 from histoseg.export.geometry import clean_polygons
 from histoseg.pipeline.plan import PlanOutcome, SlidePlan
 from histoseg.pipeline.resume import RegionStore
@@ -151,6 +152,10 @@ class BandExport:
             self._next += 1
 
     def _write_band(self, band: list[Region]) -> None:
+        with gc_paused():  # the band's outputs are millions of small objects (histoseg.export.gcpause)
+            self._write_band_now(band)
+
+    def _write_band_now(self, band: list[Region]) -> None:
         t0 = time.perf_counter()
         table, final_above = stitch_band(self.plan, self.tables, self.stitcher, band)
         t1 = time.perf_counter()
