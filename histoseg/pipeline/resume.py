@@ -24,9 +24,10 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -96,6 +97,20 @@ def resume_settings(
     )
 
 
+STORE_DEFLATE_LEVEL = 1
+"""zlib level of the region files, written in the client beside the workers: ``np.savez_compressed``'s level 6
+cost 12.1 ms a region, level 1 4.3 ms, both 0.07 MB a region (0.32 MB uncompressed; 1024-px regions of
+real tissue, AMD EPYC with AVX2)."""
+
+
+def _write_npz(f: BinaryIO, arrays: dict[str, Any]) -> None:
+    """``arrays`` as a deflated ``.npz`` (what ``np.load`` reads), at :data:`STORE_DEFLATE_LEVEL`."""
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=STORE_DEFLATE_LEVEL) as z:
+        for name, value in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+
+
 def _region_arrays(region: Region) -> np.ndarray:
     c, o = region.core, region.owns
     return np.array([region.row, region.col, c.x, c.y, c.w, c.h, region.halo, o.x, o.y, o.w, o.h], np.int64)
@@ -153,7 +168,7 @@ class RegionStore:
         arrays["_fingerprint"] = np.array(self.key)
         arrays["_region"] = _region_arrays(region)
         with atomic_file(self.path(region)) as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
+            _write_npz(f, arrays)
             f.flush()
             os.fsync(f.fileno())
 
