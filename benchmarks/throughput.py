@@ -2,6 +2,8 @@
 
     python -m benchmarks.throughput [--sizes 10000,20000] [--workers 1,2] [--workdir /tmp/hsbench]
 
+``--workers`` takes counts and ``auto`` (the command line's default: one worker per usable core).
+
 For each slide size and worker count it runs ``segment`` twice, each in its own process (so allocator
 settings and peak memory do not leak from one run into the next): the current default, and the previous
 default (``--previous``: the options and environment of the earlier defaults; ``HISTOSEG_KEEP_MEMORY=0``
@@ -61,7 +63,7 @@ def tissue_mp(slide: Path) -> tuple[float, float, float]:
 
 
 def run_once(
-    slide: Path, out: Path, workers: int, options: list[str], env: dict[str, str], mp: float
+    slide: Path, out: Path, workers: str, options: list[str], env: dict[str, str], mp: float
 ) -> dict[str, Any]:
     """One ``histoseg segment`` in a child process; its figures (see the module docstring)."""
     shutil.rmtree(out, ignore_errors=True)
@@ -133,7 +135,7 @@ def main() -> None:
             f"({read / mp:.2f}x the tissue; whole cores plus halo would be {whole:.1f} MP, {whole / mp:.2f}x)"
         )
         one: dict[str, dict[str, Any]] = {}
-        for w in [int(x) for x in args.workers.split(",")]:
+        for w in [x.strip() for x in args.workers.split(",")]:
             got = {}
             for name, options, env in configs:
                 got[name] = run_once(slide, work / f"out_{size}_{w}_{name}", w, options, env, mp)
