@@ -119,5 +119,7 @@ def test_auto_runs_a_lone_small_slide_in_this_process_and_starts_workers_for_mor
             (report,) = segment_batch([str(png)], out, cfg, cluster=ClusterSpec(workers=2, auto=True))
         assert report.status == "ok", report.message
         assert ("dask dashboard" in caplog.text) is cluster_started, caplog.text
+        record = json.loads((out / "tissue" / "provenance.json").read_text())
+        assert record["processing"]["workers"] == (2 if cluster_started else 1)
         tables[region] = pd.read_parquet(out / "tissue" / "tissue.nuclei.parquet")
     assert len(tables[256]) == len(tables[128]) > 10

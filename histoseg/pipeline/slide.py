@@ -24,7 +24,7 @@ import numpy as np
 
 from histoseg.config import SegmentConfig, SlideStatus
 from histoseg.distributed import TaskRunner
-from histoseg.distributed.runner import release_freed_memory
+from histoseg.distributed.runner import LazyRunner, release_freed_memory
 from histoseg.errors import OutputError
 from histoseg.export import atomic_file, write_provenance, write_success
 from histoseg.export.atomic import remove_stale_temporaries
@@ -237,6 +237,7 @@ def _segment_locked(
     seconds = time.perf_counter() - t_start
     timings["total"] = seconds
     record = provenance_record(plan, fp, predictor, config, outcome)
+    record["processing"]["workers"] = _workers_used(runner)  # config.workers is the request (auto: the cap)
     record["adaptation"] = adaptation
     if calibration is not None:
         record["int8_calibration"] = calibration
@@ -256,6 +257,14 @@ def _segment_locked(
         timings=timings,
         regions_reused=outcome.regions_reused,
     )
+
+
+def _workers_used(runner: TaskRunner) -> int:
+    """Worker processes the regions ran on (1: this process; 0: none ran, all were reused): ``--workers auto``
+    runs a small slide in this process, so the request alone does not say."""
+    if isinstance(runner, LazyRunner) and not runner.started:
+        return 0
+    return runner.n_workers
 
 
 def _open_store(
