@@ -53,12 +53,12 @@ def test_usable_cores_follow_the_affinity_mask() -> None:
 
 
 def test_the_default_is_auto_on_a_plain_local_cluster() -> None:
-    expected = machine_capacity().workers
     for argv in ([], ["--workers", "auto"]):
+        before = machine_capacity().workers  # read around the call: the available memory may move meanwhile
         args = build_parser().parse_args(["segment", "x.svs", "-o", "out", *argv])
         cluster = cluster_from_args(args)
-        assert worker_count(args) == cluster.workers == config_from_args(args, cluster).workers == expected
-        assert cluster.auto
+        assert cluster.workers == config_from_args(args, cluster).workers
+        assert cluster.workers in (before, machine_capacity().workers) and cluster.auto
     args = build_parser().parse_args(["segment", "x.svs", "-o", "out", "--workers", "3"])
     assert cluster_from_args(args).workers == 3 and not cluster_from_args(args).auto
 
