@@ -260,8 +260,9 @@ def _segment_locked(
 
 
 def _workers_used(runner: TaskRunner) -> int:
-    """Worker processes the regions ran on (1: this process; 0: none ran, all were reused): ``--workers auto``
-    runs a small slide in this process, so the request alone does not say."""
+    """Worker processes of the batch's runner (1: this process; 0: none was started, every region so far was
+    reused; a runner started for an earlier slide counts even where this slide reused all its regions):
+    ``--workers auto`` runs a small slide in this process, so the request alone does not say."""
     if isinstance(runner, LazyRunner) and not runner.started:
         return 0
     return runner.n_workers
