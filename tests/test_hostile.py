@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from histoseg.atomic import atomic_file, is_temporary_name, remove_stale_temporaries
 from histoseg.cli.main import main
 from histoseg.config import SegmentConfig
 from histoseg.distributed import InProcessRunner
 from histoseg.errors import ConfigError, ImplausibleSlideError, ModelError, OutputError, UnsupportedImageError
-from histoseg.export.atomic import atomic_file, is_temporary_name, remove_stale_temporaries
 from histoseg.io import open_slide
 from histoseg.io.limits import covered_bytes
 from histoseg.models import ModelCard, load_model, resolve_model

@@ -79,6 +79,18 @@ def test_a_worker_imports_no_torch_to_unpickle_a_region_task() -> None:
     assert out.stdout.strip() == "8 1 []"
 
 
+def test_models_and_training_import_no_output_writers() -> None:
+    """The model card writes through the layer-0 ``histoseg.atomic``, not the export layer: loading a model,
+    training or adapting a cohort leaves zarr, shapely and pyarrow (the writers' libraries) unimported, so a
+    worker or a training job starts lighter and runs where those are not installed."""
+    code = (
+        "import sys, histoseg.models, histoseg.cohort.train, histoseg.training.train, histoseg.tta; "
+        "print(sorted(m for m in ('zarr', 'shapely', 'pyarrow', 'histoseg.export') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.skipif(not available("openvino"), reason="the default engine (OpenVINO) is not installed")
 def test_dask_workers_run_the_default_engine_without_torch(tmp_path: Path) -> None:
     """A real 2-worker run with the default settings (adaptation included): the client writes the adapted

@@ -59,11 +59,11 @@ def add_cohort_parser(
 
 def run_adapt_cohort(args: argparse.Namespace) -> int:
     """``histoseg adapt-cohort``: check every option and the output first, sample the slides' crops, adapt."""
+    from histoseg.atomic import check_writable_target
     from histoseg.cli.learn import model_output
     from histoseg.cohort.data import cohort_crops
     from histoseg.cohort.train import CohortSettings, adapt_cohort
     from histoseg.errors import ConfigError
-    from histoseg.export.atomic import check_writable_target
     from histoseg.models.registry import check_not_a_model_source, resolve_model
 
     out = model_output(args.output)

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from histoseg.atomic import atomic_file, check_writable_target
 from histoseg.errors import ConfigError
-from histoseg.export.atomic import atomic_file, check_writable_target
 from histoseg.models.registry import check_not_a_model_source
 
 

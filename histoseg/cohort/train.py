@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from histoseg.atomic import atomic_file
 from histoseg.cohort.data import source_data, target_batch
 from histoseg.cohort.heads import (
     ModeHead,
@@ -54,7 +55,6 @@ from histoseg.cohort.heads import (
 from histoseg.cohort.modes import PatchModes, fit_modes
 from histoseg.cohort.settings import METHODS, CohortSettings
 from histoseg.errors import ConfigError
-from histoseg.export.atomic import atomic_file
 from histoseg.models import ModelCard, NucleiNet, save_model
 from histoseg.models.bnstats import capture_bn_inputs
 from histoseg.models.inputs import to_input

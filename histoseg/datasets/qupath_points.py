@@ -384,7 +384,7 @@ def write_qupath_points(
 
 def _atomic_write(target: Path, data: bytes) -> None:
     """Write ``data`` to a temporary sibling of ``target``, then rename it onto ``target``."""
-    # named like histoseg.export.atomic's temporaries, so its stale-temporary clean-up knows them
+    # named like histoseg.atomic's temporaries, so its stale-temporary clean-up knows them
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ table, ``provenance.json`` and the ``_SUCCESS`` marker; every file or folder app
 functions write one table.
 """
 
-from histoseg.export.atomic import atomic_dir, atomic_file
+from histoseg.atomic import atomic_dir, atomic_file
 from histoseg.export.geojson import (
     QUPATH_MEASUREMENT_NAMES,
     GeoJSONWriter,

@@ -28,7 +28,7 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon
 
-from histoseg.export.atomic import atomic_file
+from histoseg.atomic import atomic_file
 from histoseg.export.gcpause import gc_paused
 from histoseg.export.geometry import RepairStats, clean_polygons
 from histoseg.types import InstanceTable

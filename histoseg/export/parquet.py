@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import shapely
 from shapely.geometry import Polygon
 
-from histoseg.export.atomic import atomic_file
+from histoseg.atomic import atomic_file
 from histoseg.export.geojson import QUPATH_MEASUREMENT_NAMES
 from histoseg.export.geometry import RepairStats, clean_polygons
 from histoseg.types import InstanceTable

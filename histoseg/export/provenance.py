@@ -17,7 +17,7 @@ from typing import Any, overload
 
 import numpy as np
 
-from histoseg.export.atomic import atomic_file
+from histoseg.atomic import atomic_file
 
 __all__ = ["SUCCESS_NAME", "jsonable", "write_provenance", "write_success"]
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from histoseg.export.atomic import atomic_dir
+from histoseg.atomic import atomic_dir
 from histoseg.export.zarr_image import SlideImage, pyramid_shapes, write_root_image
 from histoseg.types import InstanceTable, PlaneInfo
 

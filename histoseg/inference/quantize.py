@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from histoseg.atomic import atomic_file
 from histoseg.errors import ConfigError, DatasetError, ModelError, OutputError
-from histoseg.export.atomic import atomic_file
 from histoseg.models import ModelArtifact, ModelCard
 from histoseg.models.inputs import input_array, to_input
 

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
+from histoseg.atomic import atomic_file
 from histoseg.config import RUNTIME_CHOICES
 from histoseg.errors import ConfigError, ModelError, OutputError
-from histoseg.export.atomic import atomic_file
 from histoseg.models import ModelArtifact, load_model
 
 CACHE_ENV = "HISTOSEG_CACHE"
@@ -180,7 +180,7 @@ def export_onnx(artifact: ModelArtifact, key: str) -> Path:
             return tuple(out[n] for n in names)
 
     try:  # atomic: concurrent exporters write the same bytes, the last rename wins; a killed one leaves a
-        # temporary that the slide folder's clean-up recognises (export.atomic.remove_stale_temporaries)
+        # temporary that the slide folder's clean-up recognises (histoseg.atomic.remove_stale_temporaries)
         with atomic_file(target) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(

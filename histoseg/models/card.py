@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from histoseg.atomic import atomic_file
 from histoseg.errors import ModelError
-from histoseg.export.atomic import atomic_file
 from histoseg.models.arch import STRIDE, SWITCH_DEFAULTS, NetConfig
 from histoseg.postprocess.watershed import WatershedParams
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
+from histoseg.atomic import atomic_file
 from histoseg.errors import ConfigError, ModelError, OutputError
-from histoseg.export.atomic import atomic_file
 from histoseg.models.card import ModelCard
 
 if TYPE_CHECKING:  # torch is imported only to load or save weights (see histoseg.models)

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 import histoseg
-from histoseg.export import atomic_file
+from histoseg.atomic import atomic_file
 from histoseg.export.provenance import jsonable
 from histoseg.inference import DensePredictor
 from histoseg.models import ModelCard

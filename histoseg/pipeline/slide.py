@@ -22,12 +22,12 @@ from typing import Any
 import cv2
 import numpy as np
 
+from histoseg.atomic import atomic_file, remove_stale_temporaries
 from histoseg.config import SegmentConfig, SlideStatus
 from histoseg.distributed import TaskRunner
 from histoseg.distributed.runner import LazyRunner, release_freed_memory
 from histoseg.errors import OutputError
-from histoseg.export import atomic_file, write_provenance, write_success
-from histoseg.export.atomic import remove_stale_temporaries
+from histoseg.export import write_provenance, write_success
 from histoseg.inference import DensePredictor, NetworkPredictor
 from histoseg.inference.quantize import CALIBRATION_SUFFIX
 from histoseg.pipeline import folder as outdir

@@ -27,9 +27,9 @@ import cv2
 import numpy as np
 
 import histoseg
+from histoseg.atomic import atomic_file
 from histoseg.config import SlideStatus
 from histoseg.errors import HistosegError
-from histoseg.export.atomic import atomic_file
 from histoseg.io import open_slide
 from histoseg.report.data import SlideOutputs, load_slide_outputs, slide_folders
 from histoseg.report.figures import encode_jpeg

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 import histoseg
+from histoseg.atomic import atomic_file
 from histoseg.config import SegmentConfig
 from histoseg.errors import HistosegError
-from histoseg.export.atomic import atomic_file
 from histoseg.io import open_slide
 from histoseg.io.base import SlideReader
 from histoseg.report import figures as fg

@@ -1,4 +1,5 @@
-"""Atomic writes: an output either appears complete under its final name or not at all.
+"""Atomic writes (layer 0: models, inference, export and the pipeline all write through it): an output either
+appears complete under its final name or not at all.
 
 Both helpers build in a hidden sibling of the target (same folder, so the final ``os.replace`` is a
 rename on one file system) and clean up after a failure. ``OSError`` raised while creating, writing or
