@@ -15,6 +15,9 @@ adversarial (AdaptSegNet), patch representations (Tsai et al. 2019), patch repre
 cohort row with the default ``CohortSettings`` (feature-statistics alignment included). Adaptation time: the
 cohort training (one run per cohort and method, including the source statistics) or the summed per-slide
 adaptation. Then MoNuSeg-test PQ of every cohort model against the source model (the in-domain cost).
+``--keep-models DIR`` writes the cohort models there and scores a model already there instead of training it again
+when its card records the same settings (but the device and threads): ``--train-only --device cuda`` trains them on
+a GPU machine that lacks the scored images, a second run without it scores them here (adaptation time: the card's).
 ``--sections k`` prints the K table: k-means inertia (share of the variance left) and silhouette of the source
 patch histograms for each feature set and K, the measurement behind ``CohortSettings.modes`` and ``features``.
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -127,6 +130,10 @@ def main() -> None:
     ap.add_argument("--cohorts", default="dsb,crchisto")
     ap.add_argument("--sections", default="k,table")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cohort training device (scoring runs on the CPU)")
+    ap.add_argument("--keep-models", default=None, help="folder of the cohort models: kept, and reused when they match")
+    ap.add_argument("--variants", default="alignment,output-space,patch", help="cohort models to train and score")
+    ap.add_argument("--train-only", action="store_true", help="train the cohort models (--keep-models), score none")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -141,36 +148,39 @@ def main() -> None:
     g2p = TTASettings(method="g2p", regions=args.g2p_regions, steps=args.g2p_steps, crop=args.g2p_crop)
     net0, card0 = load_model(resolve_model("default"))
     source = source_data(card0, args.crop, args.seed)
-    nuclei = data_dir() / "nuclei"
-    cohorts: dict[str, tuple[list[Path], float, list[Sample], str]] = {}
-    if "dsb" in args.cohorts:
-        files = _image_files(nuclei / "dsb2018-he" / "stage1_train")
-        perm = np.random.default_rng(args.seed).permutation(len(files))
-        adapt_half = [files[i] for i in sorted(perm[: len(files) // 2])]
-        held = {files[i].stem for i in perm[len(files) // 2 :]}
-        scored = [s for s in load_dataset("dsb") if s.name in held][: args.dsb_score_limit]
-        cohorts["dsb"] = (adapt_half, 0.5, scored, "dsb")
-    if "crchisto" in args.cohorts:
-        files = _image_files(nuclei / "crchisto" / "train")
-        pick = np.random.default_rng(args.seed).permutation(len(files))[: args.crc_slides]
-        cohorts["crchisto"] = ([files[i] for i in sorted(pick)], 0.55, load_dataset("crchisto-val"), "crchisto-val")
-    mon = load_dataset("monuseg-test")
+    train_only = bool(args.train_only)
+    if train_only and not args.keep_models:
+        ap.error("--train-only needs --keep-models (the folder the trained models go to)")
+    cohorts = _cohorts(args, scored=not train_only)
+    mon = [] if train_only else load_dataset("monuseg-test")
     table: dict[str, dict[str, dict[str, float]]] = {r: {} for r in ROWS}
-    mon_pq: dict[str, float] = {"source": score(mon, net0, card0, None, "monuseg-test")["pq"]}
+    mon_pq: dict[str, float] = {} if train_only else {"source": score(mon, net0, card0, None, "monuseg-test")["pq"]}
     with TemporaryDirectory() as tmp:
+        keep = Path(args.keep_models or tmp)
+        keep.mkdir(parents=True, exist_ok=True)
         for name, (files, mpp, scored, ds) in cohorts.items():
             print(f"\n{name}: adapt on {len(files)} images, score on {len(scored)} ({ds})", flush=True)
-            table["source only"][name] = score(scored, net0, card0, None, ds)
-            table["per-slide g2p"][name] = score(scored, net0, card0, g2p, ds)
-            st = CohortSettings(steps=args.steps, crop=args.crop, crops_per_slide=args.crops_per_slide, seed=args.seed)
+            if not train_only:
+                table["source only"][name] = score(scored, net0, card0, None, ds)
+                table["per-slide g2p"][name] = score(scored, net0, card0, g2p, ds)
+            st = CohortSettings(steps=args.steps, crop=args.crop, crops_per_slide=args.crops_per_slide, seed=args.seed,
+                                device=args.device)  # fmt: skip
             crops, slides = cohort_crops(files, slide_mpp=mpp, crops_per_slide=st.crops_per_slide, crop=st.crop,
                                          seed=st.seed)  # fmt: skip
             for row, changes in VARIANTS:
                 t0 = time.perf_counter()
                 tag = row.split()[0]
-                path = adapt_cohort(crops, Path(tmp) / f"{name}-{tag}.safetensors", settings=replace(st, **changes),
-                                    slides=slides, source=source)  # fmt: skip
-                seconds = time.perf_counter() - t0
+                if tag not in args.variants.split(","):
+                    continue
+                path = keep / f"{name}-{tag}-seed{args.seed}.safetensors"
+                settings = replace(st, **changes)
+                seconds = _trained_seconds(path, settings)
+                if seconds is None:
+                    adapt_cohort(crops, path, settings=settings, slides=slides, source=source)
+                    seconds = time.perf_counter() - t0
+                if train_only:
+                    print(f"  {row:<18} trained on {args.device} in {seconds:.0f} s: {path.name}", flush=True)
+                    continue
                 net, card = load_model(resolve_model(str(path)))
                 table[row][name] = {**score(scored, net, card, None, ds), "adapt_s": seconds}
                 mon_pq[f"{name}/{tag}"] = score(mon, net, card, None, "monuseg-test")["pq"]
@@ -179,10 +189,48 @@ def main() -> None:
                     table["patch repr + g2p"][name] = {**r, "adapt_s": seconds + r["adapt_s"]}
                 _progress(name, row, table[row][name])
             for row in ("source only", "per-slide g2p", "patch repr + g2p"):
-                _progress(name, row, table[row][name])
+                if not train_only and name in table[row]:
+                    _progress(name, row, table[row][name])
+    if train_only:
+        return _finish(results, args, t_all)
     results.update(table=table, monuseg_pq=mon_pq)
     _print_table(table, cohorts, mon_pq, args)
     _finish(results, args, t_all)
+
+
+def _cohorts(args: Any, scored: bool) -> dict[str, tuple[list[Path], float, list[Sample], str]]:
+    """Each cohort's adaptation images, their mpp, the scored samples (none with ``scored=False``: a training
+    machine may lack them) and the scored dataset's name."""
+    nuclei = data_dir() / "nuclei"
+    cohorts: dict[str, tuple[list[Path], float, list[Sample], str]] = {}
+    if "dsb" in args.cohorts:
+        files = _image_files(nuclei / "dsb2018-he" / "stage1_train")
+        perm = np.random.default_rng(args.seed).permutation(len(files))
+        adapt_half = [files[i] for i in sorted(perm[: len(files) // 2])]
+        held = {files[i].stem for i in perm[len(files) // 2 :]}
+        samples = [s for s in load_dataset("dsb") if s.name in held][: args.dsb_score_limit] if scored else []
+        cohorts["dsb"] = (adapt_half, 0.5, samples, "dsb")
+    if "crchisto" in args.cohorts:
+        files = _image_files(nuclei / "crchisto" / "train")
+        pick = np.random.default_rng(args.seed).permutation(len(files))[: args.crc_slides]
+        samples = load_dataset("crchisto-val") if scored else []
+        cohorts["crchisto"] = ([files[i] for i in sorted(pick)], 0.55, samples, "crchisto-val")
+    return cohorts
+
+
+def _trained_seconds(path: Path, settings: CohortSettings) -> float | None:
+    """The training time its card records when ``path`` holds a cohort model of these settings (the device and
+    threads aside), else None: the model must be trained."""
+    if not path.is_file():
+        return None
+    cohort = resolve_model(str(path)).card().training.get("cohort", {})
+    ignore = ("device", "threads")
+    have = {k: v for k, v in cohort.get("settings", {}).items() if k not in ignore}
+    want = {k: v for k, v in asdict(settings).items() if k not in ignore}
+    if have != want:
+        return None
+    print(f"  reusing {path.name} (trained on {cohort['settings'].get('device', 'cpu')})", flush=True)
+    return float(cohort.get("seconds", float("nan")))
 
 
 def _progress(cohort: str, row: str, r: dict[str, float]) -> None:
@@ -209,6 +257,8 @@ def _print_table(
         head += f"{'CRC F1':>9}{'adapt s':>9}"
     print(head)
     for row in ROWS:
+        if any(name not in table[row] for name in cohorts):
+            continue  # a variant left out (--variants)
         line = f"{row:<18}"
         if "dsb" in cohorts:
             r = table[row]["dsb"]
