@@ -72,7 +72,7 @@ def main() -> None:
     try:  # python -m benchmarks.precision, or imported from the package
         from benchmarks._common import cmu1_pixels
     except ModuleNotFoundError:  # python benchmarks/precision.py: this folder is sys.path[0]
-        from _common import cmu1_pixels
+        from _common import cmu1_pixels  # type: ignore[no-redef]
 
     tissue, mpp0 = cmu1_pixels()
     art = resolve_model("default")

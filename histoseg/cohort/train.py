@@ -214,7 +214,7 @@ def _warm_head(
         with torch.no_grad(), decoder_features(parts.net) as feats:
             parts.net(x)
         logits = parts.head(feats[0])
-        labels = torch.from_numpy(np.stack([modes.labels(c.inst) for c, _ in src])).to(st.device)
+        labels = _mode_labels(modes, src, st.device)
         loss = F.cross_entropy(logits, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -225,6 +225,11 @@ def _warm_head(
     return {"steps": st.head_warmup, "loss_first": round(float(np.mean(losses[:n])), 5),
             "loss_last": round(float(np.mean(losses[-n:])), 5), "accuracy_first": round(float(np.mean(hits[:n])), 5),
             "accuracy_last": round(float(np.mean(hits[-n:])), 5)}  # fmt: skip
+
+
+def _mode_labels(modes: PatchModes, src: list[Any], device: str) -> torch.Tensor:
+    """The source crops' patch-mode grids (the mode head's targets), on ``device``."""
+    return torch.from_numpy(np.stack([modes.labels(c.inst) for c, _ in src])).to(device)
 
 
 def _step(
@@ -263,7 +268,7 @@ def _step(
             terms.update(align=float(align_t.detach()), shift=shift)
         if parts.head is not None and parts.patch_d is not None and modes is not None:
             logits_s, logits_t = parts.head(feats[0]), parts.head(feats[1])
-            labels = torch.from_numpy(np.stack([modes.labels(c.inst) for c, _ in src])).to(dev)
+            labels = _mode_labels(modes, src, dev)
             mode_ce = F.cross_entropy(logits_s, labels)
             p_s, p_t = torch.softmax(logits_s, 1), torch.softmax(logits_t, 1)
             adv = adversarial_loss(parts.patch_d(p_t), True)

@@ -2,7 +2,7 @@
 
 A band of the GeoJSON export builds a list per polygon vertex and a dict per nucleus: millions of acyclic
 objects that count towards the collector's thresholds and set off full collections, each of which walks every
-tracked object of the client (the loaded network, Dask's state, the tables): 24 full collections, 3.9 s of
+tracked object of the client (the loaded network, Dask's state, the tables): 24 full collections, 4.2 s of
 client CPU beside the workers on a 10000² slide (48,011 nuclei; 2-core AMD EPYC, AVX2 only). Reference counting
 frees these objects as before; only the search for cycles waits until the block ends.
 """
