@@ -22,9 +22,11 @@ from histoseg.cli.segment import cluster_from_args, config_from_args, worker_cou
 from histoseg.config import MAX_WORKERS, SegmentConfig
 from histoseg.distributed import ClusterSpec
 from histoseg.distributed.capacity import (
+    GPU_WORKER_MEMORY,
     SMALL_SLIDE_REGIONS,
     WORKER_MEMORY,
     Capacity,
+    gpu_free_memory,
     machine_capacity,
     usable_cores,
 )
@@ -39,6 +41,28 @@ def test_capacity_takes_the_smaller_of_cores_and_memory() -> None:
     assert Capacity(cores=16, memory=WORKER_MEMORY // 3).workers == 1  # at least one, in this process
     assert Capacity(cores=4096, memory=None).workers == MAX_WORKERS
     assert Capacity(cores=4, memory=2 * WORKER_MEMORY).describe().startswith("2 worker(s): 4 usable core(s), 3.0 GiB")
+
+
+def test_workers_sharing_a_gpu_are_as_many_as_its_free_memory_holds() -> None:
+    """16 cores and a 24 GiB GPU: 16 workers would need ~28 GB there (measured on an H200), so 11 of them; the
+    GPU's memory does not count for CPU workers."""
+    big = 64 * WORKER_MEMORY
+    assert Capacity(cores=16, memory=big, gpu_memory=None).workers == 16
+    assert Capacity(cores=16, memory=big, gpu_memory=24 * 2**30 - 2**29).workers == 11
+    assert Capacity(cores=16, memory=big, gpu_memory=140 * 2**30).workers == 16  # the cores bound an H200
+    assert Capacity(cores=16, memory=big, gpu_memory=GPU_WORKER_MEMORY // 2).workers == 1
+    assert Capacity(cores=4, memory=big, gpu_memory=4 * 2**30).describe().endswith("4.0 GiB free on the shared GPU")
+
+
+def test_cpu_devices_read_no_gpu_memory() -> None:
+    assert gpu_free_memory("cpu") is None
+    import torch
+
+    if not torch.cuda.is_available():  # CI: asking for a GPU this machine lacks leaves the count to the cores
+        assert gpu_free_memory("cuda") is None and gpu_free_memory("cuda:3") is None
+    else:
+        free = gpu_free_memory("cuda")
+        assert free is not None and 0 < free <= torch.cuda.mem_get_info(0)[1]
 
 
 @pytest.mark.skipif(shutil.which("taskset") is None or not hasattr(os, "sched_getaffinity"), reason="needs taskset")

@@ -19,12 +19,13 @@ log = logging.getLogger("histoseg")
 
 def worker_count(args: argparse.Namespace) -> int:
     """``--workers``: the given count; ``auto`` (or not given) on a plain local cluster: one worker per usable
-    core that the memory holds (``histoseg.distributed.capacity``); otherwise 1 (GPU workers, a running
-    scheduler and job queues size themselves)."""
+    core that the memory (and, with ``--device cuda``, the shared GPU's free memory) holds
+    (``histoseg.distributed.capacity``); otherwise 1 (``--gpus`` workers, a running scheduler and job queues size
+    themselves)."""
     if args.workers not in (None, AUTO_WORKERS):
         return int(args.workers)
     if args.cluster == LOCAL_CLUSTER and args.gpus is None and args.scheduler is None:
-        return auto_workers()
+        return auto_workers(args.device or "cpu")
     return 1
 
 

@@ -5,7 +5,9 @@ One single-threaded worker per usable core (Dask's count: the CPU affinity mask,
 job's cpuset, and a cgroup CPU quota, e.g. a container's ``--cpus``), as many as the available memory holds at
 ``WORKER_MEMORY`` each. One worker runs in this process (no cluster to start); more are a local Dask cluster.
 Measured on a 2-core AMD EPYC (AVX2 only), 10000² real-tissue slide, region size 1024: 1 worker 0.29 MP/s, 2
-workers 0.42-0.46 MP/s (``benchmarks/throughput.py``).
+workers 0.42-0.46 MP/s (``benchmarks/throughput.py``). Workers that share one GPU (``--device cuda`` without
+``--gpus``) each hold a CUDA context and the network's buffers there: as many as its free memory holds at
+``GPU_WORKER_MEMORY`` each.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ WORKER_MEMORY = 1536 * 2**20
 ~1.1 GB (1024-px regions, the default int8 engine; 2 workers and their client peaked at 2.7 GB on the 10000²
 slide), plus room for the client, which holds the slide's stitched outputs."""
 
+GPU_WORKER_MEMORY = 2 * 2**30
+"""Bytes of GPU memory set aside per worker process that shares a GPU: measured 28.4 GB for 16 workers (1.8 GB
+each: the CUDA context and bf16 PyTorch at the default 1024-px regions) on an NVIDIA H200, 20000² slide."""
+
 SMALL_SLIDE_REGIONS = 12
 """Under ``--workers auto``, a batch of one slide with fewer regions to compute runs them in this process: starting
 worker processes (each imports the runtime and loads the network) costs about what a second core saves there.
@@ -36,16 +42,20 @@ class Capacity:
 
     cores: int  # usable cores
     memory: int | None  # bytes available now (None: unknown)
+    gpu_memory: int | None = None  # free bytes of the GPU the workers share (None: they run on the CPU)
 
     @property
     def workers(self) -> int:
-        """One per core, at most as many as the memory holds (at least one, at most ``MAX_WORKERS``)."""
+        """One per core, at most as many as the memory (and a shared GPU's memory) holds (at least one, at most
+        ``MAX_WORKERS``)."""
         by_memory = self.cores if self.memory is None else self.memory // WORKER_MEMORY
-        return max(1, min(self.cores, by_memory, MAX_WORKERS))
+        by_gpu = self.cores if self.gpu_memory is None else self.gpu_memory // GPU_WORKER_MEMORY
+        return max(1, min(self.cores, by_memory, by_gpu, MAX_WORKERS))
 
     def describe(self) -> str:
         mem = "memory unknown" if self.memory is None else f"{self.memory / 2**30:.1f} GiB available"
-        return f"{self.workers} worker(s): {self.cores} usable core(s), {mem}"
+        gpu = "" if self.gpu_memory is None else f", {self.gpu_memory / 2**30:.1f} GiB free on the shared GPU"
+        return f"{self.workers} worker(s): {self.cores} usable core(s), {mem}{gpu}"
 
 
 def usable_cores() -> int:
@@ -66,24 +76,41 @@ def available_memory() -> int | None:
     return int(min(psutil.virtual_memory().available, MEMORY_LIMIT))
 
 
-def machine_capacity() -> Capacity:
-    """This machine's capacity, read now."""
-    return Capacity(usable_cores(), available_memory())
+def gpu_free_memory(device: str) -> int | None:
+    """Free bytes of ``device`` when it is a CUDA device this machine has (``cuda`` or ``cuda:N``), else None."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None  # the segment run refuses the device with its own message
+    index = int(device.partition(":")[2] or torch.cuda.current_device())
+    if index >= torch.cuda.device_count():
+        return None
+    free, _total = torch.cuda.mem_get_info(index)
+    return int(free)
 
 
-def auto_workers() -> int:
-    """The ``--workers auto`` count on this machine (logged with its reasons)."""
-    cap = machine_capacity()
+def machine_capacity(device: str = "cpu") -> Capacity:
+    """This machine's capacity for workers that run the network on ``device``, read now."""
+    return Capacity(usable_cores(), available_memory(), gpu_free_memory(device))
+
+
+def auto_workers(device: str = "cpu") -> int:
+    """The ``--workers auto`` count on this machine for workers on ``device`` (logged with its reasons)."""
+    cap = machine_capacity(device)
     log.info("--workers auto: %s", cap.describe())
     return cap.workers
 
 
 __all__ = [
+    "GPU_WORKER_MEMORY",
     "SMALL_SLIDE_REGIONS",
     "WORKER_MEMORY",
     "Capacity",
     "auto_workers",
     "available_memory",
+    "gpu_free_memory",
     "machine_capacity",
     "usable_cores",
 ]
