@@ -166,3 +166,22 @@ class SegmentConfig:
         if d["views"] == 1:  # the default is left out, so outputs written before --views existed stay valid
             d.pop("views")
         return d
+
+
+@dataclass(frozen=True)
+class WatershedParams:
+    """The watershed's thresholds (``histoseg.postprocess.watershed``), in physical units so one setting serves every
+    processing resolution; a model card carries the ones its network was tuned with."""
+
+    np_threshold: float = 0.5
+    marker_threshold: float = 0.35  # HV Jacobian norm, as a fraction of a sharp border, above which a pixel is a border
+    min_marker_um2: float = 2.0
+    min_nucleus_um2: float = 3.0
+    sobel_um: float = 0.5  # Sobel kernel extent in µm (3 px minimum)
+    open_um: float = 0.5  # radius of the opening that cleans markers
+
+    def ksize(self, mpp: float) -> int:
+        """The Sobel kernel's side in pixels at ``mpp``: odd, 3 to 31."""
+        k = int(round(self.sobel_um / mpp))
+        k = max(3, k + (1 - k % 2))
+        return min(k, 31)

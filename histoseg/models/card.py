@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from histoseg.atomic import atomic_file
+from histoseg.config import WatershedParams
 from histoseg.errors import ModelError
 from histoseg.models.arch import STRIDE, SWITCH_DEFAULTS, NetConfig
-from histoseg.postprocess.watershed import WatershedParams
 
 CARD_FORMAT = 1
 # (low, high) of every size a card sets: beyond them the network or the planned regions cannot be allocated

@@ -8,29 +8,12 @@ same nucleus gives the same mask whichever region it is computed in).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-
-@dataclass(frozen=True)
-class WatershedParams:
-    """Thresholds in physical units so one setting serves every processing resolution."""
-
-    np_threshold: float = 0.5
-    marker_threshold: float = 0.35  # HV Jacobian norm, as a fraction of a sharp border, above which a pixel is a border
-    min_marker_um2: float = 2.0
-    min_nucleus_um2: float = 3.0
-    sobel_um: float = 0.5  # Sobel kernel extent in µm (3 px minimum)
-    open_um: float = 0.5  # radius of the opening that cleans markers
-
-    def ksize(self, mpp: float) -> int:
-        k = int(round(self.sobel_um / mpp))
-        k = max(3, k + (1 - k % 2))
-        return min(k, 31)
+from histoseg.config import WatershedParams
 
 
 def _deriv(img: np.ndarray, dx: int, dy: int, ksize: int) -> np.ndarray:
