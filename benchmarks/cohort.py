@@ -148,6 +148,9 @@ def main() -> None:
     g2p = TTASettings(method="g2p", regions=args.g2p_regions, steps=args.g2p_steps, crop=args.g2p_crop)
     net0, card0 = load_model(resolve_model("default"))
     source = source_data(card0, args.crop, args.seed)
+    unknown = set(args.variants.split(",")) - {row.split()[0] for row, _ in VARIANTS}
+    if unknown:
+        ap.error(f"unknown --variants {', '.join(sorted(unknown))}; choose from alignment, output-space, patch")
     train_only = bool(args.train_only)
     if train_only and not args.keep_models:
         ap.error("--train-only needs --keep-models (the folder the trained models go to)")
@@ -174,12 +177,12 @@ def main() -> None:
                     continue
                 path = keep / f"{name}-{tag}-seed{args.seed}.safetensors"
                 settings = replace(st, **changes)
-                seconds = _trained_seconds(path, settings)
+                seconds = _trained_seconds(path, settings, slides)
                 if seconds is None:
                     adapt_cohort(crops, path, settings=settings, slides=slides, source=source)
                     seconds = time.perf_counter() - t0
                 if train_only:
-                    print(f"  {row:<18} trained on {args.device} in {seconds:.0f} s: {path.name}", flush=True)
+                    print(f"  {row:<18} ready ({seconds:.0f} s of training): {path.name}", flush=True)
                     continue
                 net, card = load_model(resolve_model(str(path)))
                 table[row][name] = {**score(scored, net, card, None, ds), "adapt_s": seconds}
@@ -218,16 +221,16 @@ def _cohorts(args: Any, scored: bool) -> dict[str, tuple[list[Path], float, list
     return cohorts
 
 
-def _trained_seconds(path: Path, settings: CohortSettings) -> float | None:
+def _trained_seconds(path: Path, settings: CohortSettings, slides: list[dict[str, Any]]) -> float | None:
     """The training time its card records when ``path`` holds a cohort model of these settings (the device and
-    threads aside), else None: the model must be trained."""
+    threads aside) and these slides (their fingerprints), else None: the model must be trained."""
     if not path.is_file():
         return None
     cohort = resolve_model(str(path)).card().training.get("cohort", {})
     ignore = ("device", "threads")
     have = {k: v for k, v in cohort.get("settings", {}).items() if k not in ignore}
     want = {k: v for k, v in asdict(settings).items() if k not in ignore}
-    if have != want:
+    if have != want or cohort.get("slides") != json.loads(json.dumps(slides)):
         return None
     print(f"  reusing {path.name} (trained on {cohort['settings'].get('device', 'cpu')})", flush=True)
     return float(cohort.get("seconds", float("nan")))
