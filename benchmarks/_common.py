@@ -1,7 +1,9 @@
-"""Shared helpers of the benchmark scripts: real-tissue test slides and whole-process memory sampling."""
+"""Shared helpers of the benchmark scripts: real-tissue test slides, whole-process memory and GPU sampling."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -83,3 +85,45 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._t.join()
+
+
+GPU_QUERY = ["--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"]
+
+
+def gpu_figures(lines: list[str]) -> dict[str, float]:
+    """Mean and highest utilisation (%) and the highest memory in use (GB) of ``nvidia-smi`` samples, one
+    ``"util, MiB"`` line per GPU and sample (:data:`GPU_QUERY`); empty without a sample."""
+    util, mem = [], []
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            util.append(float(parts[0]))
+            mem.append(float(parts[1]) * 2**20 / 1e9)
+    if not util:
+        return {}
+    return {"gpu_util_mean": sum(util) / len(util), "gpu_util_max": max(util), "gpu_mem_peak_gb": max(mem)}
+
+
+class GpuSampler:
+    """Samples every GPU's utilisation and memory in use with ``nvidia-smi`` every ``interval_ms`` while the block
+    runs; :attr:`figures` holds :func:`gpu_figures` of the samples afterwards (empty where there is no
+    ``nvidia-smi``: a machine without an NVIDIA GPU)."""
+
+    def __init__(self, interval_ms: int = 500) -> None:
+        self.interval_ms = interval_ms
+        self.figures: dict[str, float] = {}
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> GpuSampler:
+        exe = shutil.which("nvidia-smi")
+        if exe is not None:
+            cmd = [exe, *GPU_QUERY, f"--loop-ms={self.interval_ms}"]
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        out, _ = self._proc.communicate(timeout=10)
+        self.figures = gpu_figures(out.splitlines())

@@ -12,7 +12,7 @@ and not a comparison of two days' machine loads. Printed per run: tissue megapix
 processing resolution (tissue cells of the plane: the same area for both settings, whatever their region
 size), wall time, CPU time of the whole process tree (user and system), peak RSS summed over all processes,
 and the time split (summed over region tasks: read, network, post-processing; then adaptation, stitch,
-export). Then the ratio current/previous and the speed-up from 1 worker.
+export); where ``nvidia-smi`` answers, the GPU's mean and highest utilisation and its highest memory in use. Then the ratio current/previous and the speed-up from 1 worker.
 
 Targets (issue 13): >= 1 MP/s on 2 cores with the default network; peak memory < 3 GB, flat in slide size;
 >= 1.7x from 1 to 2 workers. On a machine shared with other jobs, wall time includes waiting for a core:
@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 try:  # python -m benchmarks.throughput, or imported from the package
-    from benchmarks._common import PeakRSS, build_tissue_slide
+    from benchmarks._common import GpuSampler, PeakRSS, build_tissue_slide
     from benchmarks.precision import cpu_line
 except ModuleNotFoundError:  # python benchmarks/throughput.py: this folder is sys.path[0]
-    from _common import PeakRSS, build_tissue_slide  # type: ignore[no-redef]
+    from _common import GpuSampler, PeakRSS, build_tissue_slide  # type: ignore[no-redef]
     from precision import cpu_line  # type: ignore[no-redef]
 
 PREVIOUS = "--region-size 1024 --runtime torch"
@@ -70,7 +70,7 @@ def run_once(
     cmd = [sys.executable, "-m", "histoseg.cli.main", "segment", str(slide), "-o", str(out)]
     cmd += ["--workers", str(workers), "--no-report", *options]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with PeakRSS(children_only=True) as mem:
+    with PeakRSS(children_only=True) as mem, GpuSampler() as gpu:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -90,6 +90,7 @@ def run_once(
         "nuclei": prov["nuclei"],
         "peak_rss_gb": mem.peak / 1e9,
         "load": os.getloadavg()[0],
+        **gpu.figures,
         **{f"t_{k}": v for k, v in t.items()},
     }
 
@@ -97,11 +98,19 @@ def run_once(
 def _row(label: str, r: dict[str, Any]) -> str:
     split = {k: r.get(f"t_{k}", 0.0) for k in SPLIT}
     busy = sum(split.values()) or 1.0
+    gpu = (
+        f"           GPU: utilisation {r['gpu_util_mean']:.1f}% on average, at most {r['gpu_util_max']:.0f}%; "
+        f"memory in use at most {r['gpu_mem_peak_gb']:.1f} GB\n"
+        if "gpu_util_mean" in r
+        else ""
+    )
     return (
         f"  {label:<8} {r['mp_per_s']:.3f} MP/s, wall {r['wall_s']:.1f} s, CPU {r['cpu_user_s']:.1f} user + "
         f"{r['cpu_sys_s']:.1f} sys s, peak RSS {r['peak_rss_gb']:.2f} GB, {r['regions']} regions of "
         f"{r['region_size']}, {r['nuclei']} nuclei, load {r['load']:.1f}\n"
-        "           split: " + ", ".join(f"{k} {v:.1f} s ({100 * v / busy:.0f}%)" for k, v in split.items())
+        + gpu
+        + "           split: "
+        + ", ".join(f"{k} {v:.1f} s ({100 * v / busy:.0f}%)" for k, v in split.items())
     )
 
 
