@@ -12,7 +12,8 @@ and not a comparison of two days' machine loads. Printed per run: tissue megapix
 processing resolution (tissue cells of the plane: the same area for both settings, whatever their region
 size), wall time, CPU time of the whole process tree (user and system), peak RSS summed over all processes,
 and the time split (summed over region tasks: read, network, post-processing; then adaptation, stitch,
-export); where ``nvidia-smi`` answers, the GPU's mean and highest utilisation and its highest memory in use. Then the ratio current/previous and the speed-up from 1 worker.
+export); where ``nvidia-smi`` answers, the GPU's mean and highest utilisation and its highest memory in use.
+Then the ratio current/previous and the speed-up from 1 worker.
 
 Targets (issue 13): >= 1 MP/s on 2 cores with the default network; peak memory < 3 GB, flat in slide size;
 >= 1.7x from 1 to 2 workers. On a machine shared with other jobs, wall time includes waiting for a core:
