@@ -72,6 +72,20 @@ def _not_writable(target: Path, e: OSError) -> OutputError:
     return OutputError(f"cannot write {target}: folder {target.parent} is not writable ({e.strerror or e})")
 
 
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, target: Path) -> Iterator[None]:
+    """Remove the temporary ``tmp`` when the block fails; an ``OSError`` becomes an ``OutputError`` naming
+    ``target``, anything else propagates unchanged."""
+    try:
+        yield
+    except OSError as e:
+        _remove(tmp)
+        raise OutputError(f"cannot write {target}: {e.strerror or e}") from e
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
 def check_writable_target(path: str | os.PathLike[str]) -> None:
     """Fail early (OutputError) when ``path`` could not be written atomically later: its folder cannot be
     created, or a temporary cannot be made in it. Probes by creating and removing one; ``path`` is untouched.
@@ -101,15 +115,9 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.touch(exist_ok=False)  # probe: fails early when the folder is not writable
     except OSError as e:
         raise _not_writable(target, e) from e
-    try:
+    with _removed_on_failure(tmp, target):
         yield tmp
         os.replace(tmp, target)
-    except OSError as e:
-        _remove(tmp)
-        raise OutputError(f"cannot write {target}: {e.strerror or e}") from e
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 @contextlib.contextmanager
@@ -126,7 +134,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.mkdir()
     except OSError as e:
         raise _not_writable(target, e) from e
-    try:
+    with _removed_on_failure(tmp, target):
         yield tmp
         old: Path | None = None
         if target.exists() or target.is_symlink():
@@ -140,9 +148,3 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             raise
         if old is not None:
             _remove(old)
-    except OSError as e:
-        _remove(tmp)
-        raise OutputError(f"cannot write {target}: {e.strerror or e}") from e
-    except BaseException:
-        _remove(tmp)
-        raise

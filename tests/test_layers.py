@@ -1,6 +1,6 @@
 """The module layers of docs/design.md section 2 hold in the code: every ``histoseg`` import points to the same
-layer or below, and nothing imports the command line. Read from the source (``ast``), so a lazy import inside a
-function counts as much as one at the top."""
+layer or below, nothing imports the command line, and only layer 6 imports ``pipeline`` and ``training``. Read
+from the source (``ast``), so a lazy import inside a function counts as much as one at the top."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def test_imports_point_downward() -> None:
         for target, line in imports_of(path):
             if target == own:
                 continue
-            if LAYERS[target] > LAYERS[own] or (target == "cli" and own != "cli"):
+            beside = target in ("pipeline", "training") and LAYERS[own] < 6  # only layer 6 may import them
+            if LAYERS[target] > LAYERS[own] or (target == "cli" and own != "cli") or beside:
                 bad.append(f"{rel}:{line} (layer {LAYERS[own]}) imports histoseg.{target} (layer {LAYERS[target]})")
     assert not bad, "\n".join(bad)
 
