@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -62,6 +63,28 @@ def check_views(views: object, option: str = "--views") -> None:
     """ConfigError unless ``views`` is one of ``VIEW_CHOICES`` (1 but not True: ``True == 1`` in Python)."""
     if isinstance(views, bool) or views not in VIEW_CHOICES:
         raise ConfigError(f"{option} must be one of {', '.join(map(str, VIEW_CHOICES))}, got {views!r}")
+
+
+_DEVICE = re.compile(r"cpu|cuda(?::(\d+))?")
+
+
+def check_device(device: str, option: str = "--device", here: bool = False) -> None:
+    """ConfigError unless ``device`` is ``cpu``, ``cuda`` or ``cuda:N``; with ``here``, also unless this machine
+    has it (a CUDA build of torch that sees device N). Checked before a slide is read or a step is trained: a
+    missing GPU otherwise surfaced as torch's "Torch not compiled with CUDA enabled" inside every slide's task.
+    ``here`` is for work that runs in this process or on this machine's workers, not on a job queue's nodes."""
+    m = _DEVICE.fullmatch(device) if isinstance(device, str) else None
+    if m is None:
+        raise ConfigError(f"{option} must be cpu, cuda or cuda:N, got {device!r}")
+    if here and device != "cpu":
+        import torch
+
+        index = int(m.group(1) or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"{option} {device}: no such CUDA device on this machine (torch sees {torch.cuda.device_count()}; "
+                "a CPU build of torch, no driver, or CUDA_VISIBLE_DEVICES hides it); use --device cpu"
+            )
 
 
 Backend = Literal["auto", "tiffslide", "openslide", "image", "omezarr"]
@@ -128,8 +151,7 @@ class SegmentConfig:
             raise ConfigError(f"--workers must be between 1 and {MAX_WORKERS}, got {self.workers}")
         if self.slide_mpp is not None and not (0.01 <= self.slide_mpp <= 100):
             raise ConfigError(f"--slide-mpp must be between 0.01 and 100 µm/px, got {self.slide_mpp}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        check_device(self.device)
         if self.precision not in PRECISION_CHOICES:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
         if self.runtime not in RUNTIME_CHOICES:

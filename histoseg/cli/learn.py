@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from histoseg.atomic import atomic_file, check_writable_target
+from histoseg.config import check_device
 from histoseg.errors import ConfigError
 from histoseg.models.registry import check_not_a_model_source
 
@@ -26,6 +27,9 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.load(args.config)
     if args.iterations is not None:
         cfg.iterations = args.iterations
+    if args.device is not None:  # the same recipe on a GPU (or back on the CPU) without editing its YAML
+        check_device(args.device, here=True)
+        cfg.device = args.device
     artifact = train(cfg)
     print(f"model written: {artifact} (card: {Path(artifact).with_suffix('.json')})")
     return 0

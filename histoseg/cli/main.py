@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model from a YAML config")
     tr.add_argument("--config", required=True)
     tr.add_argument("--iterations", type=int, default=None, help="override the config's iterations")
+    tr.add_argument("--device", default=None, help="override the config's device: cpu, cuda or cuda:N")
 
     ft = sub.add_parser("finetune", help="fine-tune a model from point clicks exported by QuPath (GeoJSON)")
     ft.add_argument("slides", nargs="+", help="the slides the points were clicked on (one points file each)")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
+from histoseg.config import check_device
 from histoseg.errors import ConfigError
 
 FEATURE_SETS = ("fraction", "size", "size+density")
@@ -70,7 +70,7 @@ class CohortSettings:
             bad.append(f"ramp={self.ramp}")
         if bad:
             raise ConfigError("invalid cohort settings: " + ", ".join(bad))
-        _check_device(self.device)
+        check_device(self.device, here=True)  # checked before minutes of crop sampling
 
     @property
     def uses_patch(self) -> bool:
@@ -79,19 +79,6 @@ class CohortSettings:
     @property
     def uses_output(self) -> bool:
         return "output" in self.method
-
-
-def _check_device(device: str) -> None:
-    """``cpu``, ``cuda`` or ``cuda:N`` that this machine has: checked before minutes of crop sampling."""
-    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
-    if m is None:
-        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda"):
-        import torch
-
-        index = int(m.group(1) or 0)
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: no such CUDA device on this machine (use --device cpu)")
 
 
 __all__ = ["FEATURE_SETS", "METHODS", "CohortSettings"]

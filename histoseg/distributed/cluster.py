@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from histoseg.config import CLUSTER_KINDS, LOCAL_CLUSTER, ClusterKind
+from histoseg.config import check_device as check_device_setting
 from histoseg.distributed.runner import DaskRunner, LazyRunner, TaskRunner, log_dashboard, make_runner
 from histoseg.errors import ConfigError, HistosegError
 
@@ -109,13 +110,18 @@ class ClusterSpec:
     def uses_gpus(self) -> bool:
         return self.gpus is not None
 
-    def check_device(self, device: str) -> None:
-        """``--gpus`` pins each worker to one device, which it sees as ``cuda``: other devices are errors."""
+    def check_device(self, device: str, runs_here: bool = True) -> None:
+        """``--gpus`` pins each worker to one device, which it sees as ``cuda``: other devices are errors. Where
+        this spec's workers run on this machine (a local cluster, no ``--scheduler``; ``runs_here``: the caller
+        did not bring its own runner), the device must exist here too; a job queue's or a scheduler's workers
+        may have GPUs that this machine lacks."""
         if self.uses_gpus and device != "cuda":
             raise ConfigError(
                 f"--gpus runs one worker per GPU, each seeing its own GPU as 'cuda'; got --device {device} "
                 "(leave --device out or pass --device cuda)"
             )
+        local = self.kind == LOCAL_CLUSTER and self.scheduler is None and not self.uses_gpus
+        check_device_setting(device, here=runs_here and local)
 
 
 def parse_gpu_request(request: str) -> list[int] | None:

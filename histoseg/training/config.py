@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from histoseg.config import PRECISION_CHOICES
+from histoseg.config import PRECISION_CHOICES, check_device
 from histoseg.errors import ConfigError
 from histoseg.models.arch import NetConfig
 
@@ -84,6 +84,7 @@ class TrainConfig:
         cfg = TrainConfig(**data)
         if cfg.precision not in PRECISION_CHOICES:
             raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {cfg.precision!r}")
+        check_device(cfg.device, option="device")
         if cfg.crop % 32 or cfg.crop < 64:
             raise ConfigError("crop must be a multiple of 32 and >= 64")
         if not isinstance(cfg.datasets, list) or not cfg.datasets or not all(isinstance(d, dict) for d in cfg.datasets):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from histoseg.config import check_device
 from histoseg.datasets import Sample
 from histoseg.errors import ConfigError
 from histoseg.inference.precision import resolve_precision
@@ -107,6 +108,7 @@ def lr_at(cfg: TrainConfig, it: int) -> float:
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     """Train to ``cfg.iterations`` (resuming from a checkpoint in ``cfg.output``); returns the artifact."""
+    check_device(cfg.device, option="device", here=True)  # before the datasets are read
     _seed_all(cfg.seed)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.output)
@@ -132,7 +134,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     relations_measured = False
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
+        # on the CPU first: a checkpoint written on a GPU resumes on a CPU-only machine, and the other way round
+        # (load_state_dict copies into the network's device; the optimiser moves its state to its parameters')
+        state = torch.load(ckpt, weights_only=True, map_location="cpu")
         net.load_state_dict(state["model"])
         points.load_state_dict(state.get("points", points.state_dict()))
         opt.load_state_dict(state["optim"])
