@@ -135,7 +135,7 @@ def segment_batch(
         predictor.check()
     own_runner = runner is None
     spec = cluster if cluster is not None else ClusterSpec(workers=config.workers)
-    spec.check_device(config.device, runs_here=runner is None)
+    spec.check_device(config.device, runs_here=own_runner)
     if lookahead is None:
         # a caller's runner: pipeline only onto Dask workers (anything else may run tasks in this process)
         in_process = not isinstance(runner, DaskRunner) if runner is not None else _in_process(spec)
