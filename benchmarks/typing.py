@@ -1,7 +1,7 @@
 """Typed nuclei and point supervision, one table, one run.
 
     python -m benchmarks.typing [--model typed] [--runtime ENGINE] [--ablation-iterations N] [--skip-ablation]
-                                [--json out.json]
+                                [--device cpu|cuda|cuda:N] [--json out.json]
 
 (Run it as a module: as a plain script its folder would come first on ``sys.path`` and its name would hide
 the standard library's ``typing``.)
@@ -13,7 +13,8 @@ the standard library's ``typing``.)
    trained from scratch with the same schedule by (a) random-walk propagation with a learned affinity,
    (b) the Voronoi + k-means pseudo-labels of Qu et al. (MIDL 2019), (c) the full instance masks; each
    scored on MoNuSeg test. The runs are seeded and resumable (``--workdir``), so an interrupted benchmark
-   continues where it stopped. Short CPU schedules are indicative: compare rows within one run.
+   continues where it stopped. Short CPU schedules are indicative: compare rows within one run. ``--device cuda``
+   trains them on a GPU (the runs of ``--jobs`` share it); every score is computed on the CPU.
 
 Every figure names the CPU it ran on.
 """
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.precision import cpu_line
-from histoseg.config import ENGINE_CHOICES
+from histoseg.config import ENGINE_CHOICES, check_device
 from histoseg.datasets import load_crchisto
 from histoseg.inference import NetworkPredictor
 from histoseg.inference.quantize import CALIBRATION_SUFFIX
@@ -101,14 +102,17 @@ def _train_one(cfg: TrainConfig) -> tuple[str, float]:
     return str(artifact), time.perf_counter() - t0
 
 
-def ablation_rows(workdir: Path, iterations: int, limit: int | None, seed: int, jobs: int) -> list[dict[str, Any]]:
-    """Train the three supervision variants (``jobs`` at a time, one thread each), score each on MoNuSeg test."""
+def ablation_rows(
+    workdir: Path, iterations: int, limit: int | None, seed: int, jobs: int, device: str = "cpu"
+) -> list[dict[str, Any]]:
+    """Train the three supervision variants (``jobs`` at a time, one thread each, on ``device``), score each on
+    MoNuSeg test (on the CPU)."""
     cfgs = []
     for ds in ABLATION.values():
         name = ds["labels"] + ("-" + ds["propagation"] if "propagation" in ds else "")
         cfgs.append(TrainConfig(name=name, output=str(workdir / name), seed=seed, iterations=iterations,
                                 datasets=[ds], semantic_fraction=0.0, val_every=max(1, iterations // 4),
-                                warmup=max(1, iterations // 30), threads=1))  # fmt: skip
+                                warmup=max(1, iterations // 30), threads=1, device=device))  # fmt: skip
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         done = list(pool.map(_train_one, cfgs))
     rows = []
@@ -140,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="runs/typing-ablation", help="ablation runs (resumable)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2, help="ablation runs trained at once (one thread each)")
+    ap.add_argument("--device", default="cpu", help="the ablation's training device: cpu, cuda or cuda:N (scores: CPU)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if not args.skip_ablation:
+        check_device(args.device, option="--device", here=True)  # before the typed rows' minutes, not after
     print(cpu_line(), flush=True)
     typed = typed_rows(args.model, args.limit, args.runtime)
     c = typed["crchisto"]
@@ -171,13 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"cpu": cpu_line(), "typed": typed}
     if not args.skip_ablation:
         print(
-            f"\nPoint-supervision ablation: MoNuSeg train, {args.ablation_iterations} iterations from scratch, "
-            "scored on MoNuSeg test",
+            f"\nPoint-supervision ablation: MoNuSeg train, {args.ablation_iterations} iterations from scratch "
+            f"(trained on {args.device}), scored on MoNuSeg test",
             flush=True,
         )
-        rows = ablation_rows(Path(args.workdir), args.ablation_iterations, args.limit, args.seed, args.jobs)
+        rows = ablation_rows(
+            Path(args.workdir), args.ablation_iterations, args.limit, args.seed, args.jobs, args.device
+        )
         result["ablation"] = rows
         result["ablation_iterations"] = args.ablation_iterations
+        result["ablation_device"] = args.device
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=float) + "\n")
     return 0

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from histoseg.config import SegmentConfig
-from histoseg.distributed.runner import InProcessRunner, LazyRunner
+from histoseg.distributed.lazy import LazyRunner
+from histoseg.distributed.runner import InProcessRunner
 from histoseg.errors import HistosegError
 from histoseg.pipeline import segment_batch
 

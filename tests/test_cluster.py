@@ -17,7 +17,7 @@ from histoseg.cli.main import main
 from histoseg.distributed import ClusterSpec, open_runner
 from histoseg.distributed.gpu import gpu_runner, resolve_gpus
 from histoseg.distributed.jobqueue import cluster_kwargs, make_jobqueue_cluster
-from histoseg.distributed.runner import LazyRunner
+from histoseg.distributed.lazy import LazyRunner
 from histoseg.errors import ConfigError, HistosegError
 from histoseg.inference.eager import run_network
 from histoseg.io import open_slide, write_pyramidal_tiff

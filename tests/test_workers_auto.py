@@ -30,7 +30,8 @@ from histoseg.distributed.capacity import (
     machine_capacity,
     usable_cores,
 )
-from histoseg.distributed.runner import InProcessRunner, LazyRunner
+from histoseg.distributed.lazy import LazyRunner
+from histoseg.distributed.runner import InProcessRunner
 from histoseg.pipeline import segment_batch
 
 

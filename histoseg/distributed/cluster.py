@@ -23,7 +23,8 @@ from typing import Any
 
 from histoseg.config import CLUSTER_KINDS, LOCAL_CLUSTER, ClusterKind
 from histoseg.config import check_device as check_device_setting
-from histoseg.distributed.runner import DaskRunner, LazyRunner, TaskRunner, log_dashboard, make_runner
+from histoseg.distributed.lazy import LazyRunner
+from histoseg.distributed.runner import DaskRunner, TaskRunner, log_dashboard, make_runner
 from histoseg.errors import ConfigError, HistosegError
 
 log = logging.getLogger(__name__)

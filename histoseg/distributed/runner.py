@@ -19,11 +19,10 @@ import logging
 import os
 import platform
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
-from histoseg.errors import ConfigError, HistosegError
+from histoseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -267,68 +266,6 @@ class DaskRunner:
                 os.environ[key] = value
 
     def __enter__(self) -> DaskRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class LazyRunner:
-    """Starts the wrapped runner at the first task, so work that turns out to be done starts no cluster.
-
-    A start that fails is remembered and raised again for every later use, without a second attempt. Once
-    closed it stays closed: a task asked for afterwards (a pipelined batch's look-ahead slide after an
-    interrupt) raises instead of starting a second cluster. ``small`` (with ``small_below``) is the runner
-    started instead when the first request holds fewer than ``small_below`` tasks: for a lone small slide,
-    starting worker processes costs more than they save.
-    """
-
-    def __init__(
-        self, start: Callable[[], TaskRunner], *, small: Callable[[], TaskRunner] | None = None, small_below: int = 0
-    ) -> None:
-        self._start = start
-        self._small = small
-        self._small_below = small_below
-        self._runner: TaskRunner | None = None
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()  # a pipelined batch asks from two threads: start one runner, not two
-        self._closed = False
-
-    @property
-    def started(self) -> bool:
-        return self._runner is not None
-
-    def runner(self, tasks: int | None = None) -> TaskRunner:
-        """The started runner; the first call starts it (``tasks``: the size of the request that needs it)."""
-        with self._lock:
-            if self._closed:
-                raise HistosegError("the task runner was closed (the batch ended or was interrupted)")
-            if self._error is not None:
-                raise self._error
-            if self._runner is None:
-                few = self._small is not None and tasks is not None and tasks < self._small_below
-                try:
-                    self._runner = self._small() if few and self._small is not None else self._start()
-                except Exception as exc:
-                    self._error = exc
-                    raise
-            return self._runner
-
-    @property
-    def n_workers(self) -> int:
-        return self.runner().n_workers
-
-    def imap_unordered(self, fn: Callable[..., Any], items: Sequence[Any], *args: Any) -> Iterator[tuple[int, Any]]:
-        return self.runner(len(items)).imap_unordered(fn, items, *args)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            if self._runner is not None:
-                self._runner.close()
-                self._runner = None
-
-    def __enter__(self) -> LazyRunner:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,7 +25,8 @@ import numpy as np
 from histoseg.atomic import atomic_file, remove_stale_temporaries
 from histoseg.config import SegmentConfig, SlideStatus
 from histoseg.distributed import TaskRunner
-from histoseg.distributed.runner import LazyRunner, release_freed_memory
+from histoseg.distributed.lazy import LazyRunner
+from histoseg.distributed.runner import release_freed_memory
 from histoseg.errors import OutputError
 from histoseg.export import write_provenance, write_success
 from histoseg.inference import DensePredictor, NetworkPredictor
@@ -36,7 +37,7 @@ from histoseg.pipeline.calibrate import calibrate_slide
 from histoseg.pipeline.identity import slide_fingerprint
 from histoseg.pipeline.plan import PlanOutcome, SlidePlan, default_predictor, plan_slide
 from histoseg.pipeline.record import provenance_record
-from histoseg.pipeline.resume import RegionStore, resume_settings
+from histoseg.pipeline.resume import STORE_DIR, RegionStore, resume_settings
 from histoseg.pipeline.stitched import BandExport, RegionTables, stitch_all
 from histoseg.pipeline.tasks import run_region
 from histoseg.report import report_after_slide
@@ -205,6 +206,9 @@ def _segment_locked(
         return done
     (out_dir / SUCCESS).unlink(missing_ok=True)
     remove_stale_temporaries(out_dir)  # only the atomic writers' own temporaries, by their exact names
+    if isinstance(runner, LazyRunner) and (config.overwrite or not (out_dir / STORE_DIR).exists()):
+        # regions will run (no interrupted run's regions to reuse): the workers start during adaptation
+        runner.prestart(len(plan.regions))
     if on_stage is not None:
         on_stage(adapt_stage_text(plan, predictor, config))
     with _ADAPT_LOCK:
