@@ -97,3 +97,14 @@ def test_train_device_override(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["train", "--config", str(run)]) == 1
     assert "device cuda: no such CUDA device" in _err_lines(capsys)[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_typing_benchmark_checks_the_ablation_device_before_scoring(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m benchmarks.typing --device`` trains the ablation there: a device this machine lacks is refused at
+    once, not after the minutes of the typed rows (nothing is printed before the error)."""
+    from benchmarks.typing import main as typing_main
+
+    n = torch.cuda.device_count()
+    with pytest.raises(ConfigError, match=f"cuda:{n}"):
+        typing_main(["--device", f"cuda:{n}", "--ablation-iterations", "1"])
+    assert capsys.readouterr().out == ""
