@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from histoseg.config import SegmentConfig
+from histoseg.distributed import ClusterSpec
+from histoseg.distributed.cluster import open_runner
 from histoseg.distributed.lazy import LazyRunner
 from histoseg.distributed.runner import InProcessRunner
 from histoseg.errors import ConfigError, HistosegError
@@ -97,12 +99,22 @@ def test_close_waits_for_a_start_under_way_and_closes_what_it_started() -> None:
     assert rec.threads == ["histoseg-prestart"]
 
 
-def test_prestart_picks_the_small_runner_for_few_tasks() -> None:
+def test_prestart_leaves_in_process_runners_to_the_thread_that_runs_their_tasks() -> None:
+    """An in-process runner sets torch's and OpenCV's thread counts as it starts, and OpenMP keeps them per thread:
+    started in the background, ``--workers 1`` ran on two threads (1.5 cores of CPU time on the 10000² slide). So
+    neither ``--workers 1`` nor the small runner of a few tasks starts ahead; worker processes do."""
     big, small = _Recorder(), _Recorder()
     lazy = LazyRunner(big, small=small, small_below=4)
-    lazy.prestart(3)
-    lazy.runner(100)  # the background start chose already, for its 3 tasks
-    assert small.threads == ["histoseg-prestart"] and big.threads == []
+    lazy.prestart(3)  # the small runner would be chosen: left to the first request
+    assert not lazy.started and small.threads == [] and big.threads == []
+    lazy.runner(3)
+    assert small.threads == [threading.current_thread().name] and big.threads == []
+    one = open_runner(ClusterSpec(workers=1), lazy=True)
+    assert isinstance(one, LazyRunner)
+    one.prestart(100)
+    assert not one.started and "histoseg-prestart" not in [t.name for t in threading.enumerate()]
+    assert isinstance(one.runner(100), InProcessRunner)
+    one.close()
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,7 @@ def open_runner(
         return start()
     if small_below > 0 and is_local_processes(spec) and spec.workers > 1:
         return LazyRunner(start, small=lambda: make_runner(1), small_below=small_below)
-    return LazyRunner(start)
+    return LazyRunner(start, ahead=not (is_local_processes(spec) and spec.workers <= 1))  # in-process: no prestart
 
 
 def is_local_processes(spec: ClusterSpec) -> bool:

@@ -26,13 +26,20 @@ class LazyRunner:
     closed it stays closed: a task asked for afterwards (a pipelined batch's look-ahead slide after an
     interrupt) raises instead of starting a second cluster. ``small`` (with ``small_below``) is the runner
     started instead when the first request holds fewer than ``small_below`` tasks: for a lone small slide,
-    starting worker processes costs more than they save.
+    starting worker processes costs more than they save. ``ahead=False``: :meth:`prestart` does nothing (the
+    runner runs tasks in this process).
     """
 
     def __init__(
-        self, start: Callable[[], TaskRunner], *, small: Callable[[], TaskRunner] | None = None, small_below: int = 0
+        self,
+        start: Callable[[], TaskRunner],
+        *,
+        small: Callable[[], TaskRunner] | None = None,
+        small_below: int = 0,
+        ahead: bool = True,
     ) -> None:
         self._start = start
+        self._may_prestart = ahead  # False for a runner that runs tasks in the asking thread (see prestart)
         self._small = small
         self._small_below = small_below
         self._runner: TaskRunner | None = None
@@ -67,9 +74,14 @@ class LazyRunner:
 
         For the client's own work before its first tasks (a slide's adaptation and engine calibration): the
         workers start meanwhile on the idle cores. The first :meth:`runner` call waits for that start and raises
-        its error, if any, as a lazy start would have. No effect when started, starting, closed or failed.
+        its error, if any, as a lazy start would have. No effect when started, starting, closed or failed, and for
+        a runner that works in this process (``ahead=False``, or the ``small`` one for so few tasks): it sets its
+        math libraries' thread counts when it starts, and OpenMP keeps those per thread, so it must start in the
+        thread that runs its tasks (started in the background, ``--workers 1`` ran on two threads).
         Measured on the 2-core AMD EPYC (AVX2), 10000² slide, ``--workers 2``, default settings, whole process, 3
         runs each in turn: wall 90.6 -> 86.9 s (median; each pair 0.95-1.00), CPU 163.8 -> 158.4 s."""
+        if not self._may_prestart or (self._small is not None and tasks < self._small_below):
+            return  # in-process runners start at once, and their thread settings hold in the thread that starts them
         with self._ahead_lock:  # not the start's lock: a start under way must not hold this call up
             if self._ahead is not None or self._closed or self._runner is not None or self._error is not None:
                 return
