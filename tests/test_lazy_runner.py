@@ -124,17 +124,30 @@ def slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, OraclePredict
     return path, OraclePredictor(labels, 0.5)
 
 
+class _Asked(LazyRunner):
+    """A lazy runner that records the slide's requests to start ahead (the start itself may come from either thread:
+    which one first takes the lock is the scheduler's choice, not the pipeline's)."""
+
+    def __init__(self, start: _Recorder) -> None:
+        super().__init__(start)
+        self.asked: list[int] = []
+
+    def prestart(self, tasks: int) -> None:
+        self.asked.append(tasks)
+        super().prestart(tasks)
+
+
 @pytest.mark.parametrize("interrupted", [False, True])
 def test_segment_starts_the_workers_ahead_unless_stored_regions_may_be_reused(
     slide: tuple[Path, OraclePredictor], tmp_path: Path, interrupted: bool
 ) -> None:
-    """A fresh slide starts its runner in the background before adaptation; a slide folder holding an interrupted
-    run's regions starts it only when a region must run (they may all be stored: then no cluster starts)."""
+    """A fresh slide asks for its runner ahead, before adaptation, for all its regions; a slide folder holding an
+    interrupted run's regions does not (they may all be stored: then no cluster starts). One start either way."""
     path, oracle = slide
     if interrupted:
         (tmp_path / "s" / STORE_DIR).mkdir(parents=True)
     rec = _Recorder()
-    with LazyRunner(rec) as lazy:
+    with _Asked(rec) as lazy:
         rep = segment_slide(
             path,
             tmp_path,
@@ -143,4 +156,5 @@ def test_segment_starts_the_workers_ahead_unless_stored_regions_may_be_reused(
             predictor=oracle,  # type: ignore[arg-type]
         )
     assert rep.status == "ok" and rep.nuclei > 20
-    assert rec.threads == [threading.current_thread().name if interrupted else "histoseg-prestart"]
+    assert lazy.asked == ([] if interrupted else [rep.regions]) and rep.regions > 1
+    assert len(rec.threads) == 1 and len(rec.closed) == 1
