@@ -109,6 +109,7 @@ def test_prestart_leaves_in_process_runners_to_the_thread_that_runs_their_tasks(
     assert not lazy.started and small.threads == [] and big.threads == []
     lazy.runner(3)
     assert small.threads == [threading.current_thread().name] and big.threads == []
+    lazy.close()
     one = open_runner(ClusterSpec(workers=1), lazy=True)
     assert isinstance(one, LazyRunner)
     one.prestart(100)
