@@ -121,8 +121,7 @@ class ClusterSpec:
                 f"--gpus runs one worker per GPU, each seeing its own GPU as 'cuda'; got --device {device} "
                 "(leave --device out or pass --device cuda)"
             )
-        local = self.kind == LOCAL_CLUSTER and self.scheduler is None and not self.uses_gpus
-        check_device_setting(device, here=runs_here and local)
+        check_device_setting(device, here=runs_here and is_local_processes(self))
 
 
 def parse_gpu_request(request: str) -> list[int] | None:
