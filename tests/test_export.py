@@ -350,19 +350,24 @@ def test_atomic_writers_leave_nothing_on_failure(
     assert list(tmp_path.iterdir()) == []
 
     import histoseg.export.geojson as gj_mod
+    from histoseg.export import GeoJSONWriter
 
     calls = {"n": 0}
-    real = gj_mod.feature_uuid
+    real = gj_mod.feature_ids
 
-    def failing(slide_key: str, nid: int) -> str:
+    def failing(*args: object) -> list[str]:
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 2:  # the second band: the first one's features are in the file by now
             raise RuntimeError("writer died mid-way")
-        return real(slide_key, nid)
+        return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(gj_mod, "feature_uuid", failing)
+    monkeypatch.setattr(gj_mod, "feature_ids", failing)
+    half = len(table) // 2
     with pytest.raises(RuntimeError, match="mid-way"):
-        write_geojson(table, tmp_path / "s.geojson", slide_key="k")
+        with GeoJSONWriter(tmp_path / "s.geojson", slide_key="k") as writer:
+            writer.write(table.take(np.arange(half)))
+            assert writer.written == half > 0
+            writer.write(table.take(np.arange(half, len(table))))
     assert list(tmp_path.iterdir()) == []
 
 

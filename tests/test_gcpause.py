@@ -7,10 +7,9 @@ import gc
 import threading
 
 import numpy as np
-from shapely.geometry import box
+from shapely.geometry import Polygon, box
 
 from histoseg.export.gcpause import gc_paused
-from histoseg.export.geojson import _geometries
 
 
 def test_paused_in_the_block_and_restored_after_nested_blocks_and_errors() -> None:
@@ -60,6 +59,11 @@ def test_two_threads_resume_only_when_the_last_block_ends() -> None:
     assert gc.isenabled()
 
 
+def _vertex_lists(polys: list[Polygon]) -> list[list[list[float]]]:
+    """A band's outlines as a list per vertex, the way a band's objects used to be built for ``json.dumps``."""
+    return [[list(xy) for xy in p.exterior.coords] for p in polys]
+
+
 def test_building_a_bands_geometries_sets_off_no_full_collection() -> None:
     """20,000 nuclei of 40 vertices: ~800,000 lists. Unpaused they count towards the thresholds and set off full
     collections (counted with gc.callbacks); paused, none."""
@@ -76,11 +80,11 @@ def test_building_a_bands_geometries_sets_off_no_full_collection() -> None:
     try:
         gc.collect()
         full.clear()
-        plain = _geometries(polys)
+        plain = _vertex_lists(polys)
         unpaused = len(full)
         full.clear()
         with gc_paused():
-            paused = _geometries(polys)
+            paused = _vertex_lists(polys)
         assert len(full) == 0 and unpaused >= 1
     finally:
         gc.callbacks.remove(count)

@@ -1,7 +1,7 @@
 """The export's bulk geometry paths give exactly what the one-polygon-at-a-time paths give.
 
 ``geometry.clean_polygons`` takes the common case (a ring valid once rounded) for all nuclei at once, and the
-GeoJSON writer reads every polygon's rings in one pass (``geojson._geometries``). Both exist for speed only
+GeoJSON writer formats every polygon's rings in one pass (``geojson_text.coordinate_texts``). Both exist for speed only
 (issue 13: the client exports beside the workers), so they must not change a vertex: checked here on real
 nucleus outlines (separated from a synthetic label image by the project's own measuring code) with noise below
 the export grid, plus the rings that need the slow path (bow-tie, too few points, NaN, collapse on rounding).
@@ -15,7 +15,7 @@ import numpy as np
 import shapely
 from skimage import draw, measure
 
-from histoseg.export.geojson import _geometries
+from histoseg.export.geojson_text import coordinate_texts
 from histoseg.export.geometry import RepairStats, clean_polygon, clean_polygons
 
 
@@ -78,8 +78,8 @@ def test_bulk_geojson_rings_equal_one_by_one() -> None:
         rings = [poly.exterior, *poly.interiors]
         return {"type": "Polygon", "coordinates": [np.round(np.asarray(r.coords), 2).tolist() for r in rings]}
 
-    want = [one(p) for p in polys]
-    got = _geometries(polys)
-    assert json.dumps(got) == json.dumps(want)
-    assert len(got[1]["coordinates"]) == 3  # the exterior and both holes, in order
-    assert _geometries([]) == []
+    want = [json.dumps(one(p)["coordinates"], separators=(",", ":")) for p in polys]
+    got = coordinate_texts(polys)
+    assert got == want
+    assert len(json.loads(got[1])) == 3  # the exterior and both holes, in order
+    assert coordinate_texts([]) == []

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import shapely
 from shapely.geometry import Polygon
 
 from histoseg.atomic import atomic_file
 from histoseg.export.gcpause import gc_paused
+from histoseg.export.geojson_text import coordinate_texts, feature_ids
 from histoseg.export.geometry import RepairStats, clean_polygons
 from histoseg.types import InstanceTable
 
@@ -59,32 +59,14 @@ QUPATH_MEASUREMENT_NAMES: dict[str, str] = {
 
 
 def feature_uuid(slide_key: str, nucleus_id: int) -> str:
-    """Deterministic UUID string of a nucleus: ``uuid5(NUCLEUS_NAMESPACE, f"{slide_key}/{id}")``."""
-    return str(uuid.uuid5(NUCLEUS_NAMESPACE, f"{slide_key}/{int(nucleus_id)}"))
+    """Deterministic UUID string of a nucleus: ``uuid5(NUCLEUS_NAMESPACE, f"{slide_key}/{id}")`` (the writer makes
+    a band's at once: :func:`histoseg.export.geojson_text.feature_ids`)."""
+    return feature_ids(NUCLEUS_NAMESPACE, f"{slide_key}/", [int(nucleus_id)])[0]
 
 
 def qupath_name(column: str) -> str:
     """QuPath measurement name of a table column; a column missing from the table keeps its name."""
     return QUPATH_MEASUREMENT_NAMES.get(column, column)
-
-
-def _geometries(polygons: Sequence[Polygon]) -> list[dict[str, Any]]:
-    """GeoJSON ``Polygon`` geometry of every polygon: its rings (exterior first), coordinates rounded to 2 decimals.
-
-    Read and rounded for all polygons at once with shapely's array functions: one polygon at a time (its
-    ``exterior.coords``, then each hole's) cost ~59 µs a nucleus in the client, beside the workers."""
-    geoms = np.empty(len(polygons), dtype=object)
-    geoms[:] = list(polygons)
-    rings, owner = shapely.get_rings(geoms, return_index=True)  # exterior first, then the holes, polygon by polygon
-    coords, ring_of = shapely.get_coordinates(rings, return_index=True)
-    xy: list[list[float]] = np.round(coords, 2).tolist()
-    ring_ends = np.searchsorted(ring_of, np.arange(1, len(rings) + 1)).tolist()
-    out: list[dict[str, Any]] = [{"type": "Polygon", "coordinates": []} for _ in range(len(polygons))]
-    start = 0
-    for poly, end in zip(owner.tolist(), ring_ends, strict=True):
-        out[poly]["coordinates"].append(xy[start:end])
-        start = end
-    return out
 
 
 def _classification(table: InstanceTable, class_id: int) -> dict[str, Any] | None:
@@ -159,7 +141,7 @@ class GeoJSONWriter:
         out = self._out
         if out is None:
             raise RuntimeError("GeoJSONWriter.write outside its with-block")
-        with gc_paused():  # a list per vertex, a dict per nucleus (histoseg.export.gcpause)
+        with gc_paused():  # a list of values per nucleus (histoseg.export.gcpause)
             return self._write(out, table, polygons)
 
     def _write(self, out: TextIO, table: InstanceTable, polygons: Sequence[Polygon] | None) -> int:
@@ -169,35 +151,36 @@ class GeoJSONWriter:
                 raise ValueError(f"measurement {name!r} has {len(col)} values for {n} nuclei")
         names = [k for k in table.measurements if k not in ("probability", "id")]
         columns = [np.asarray(table.measurements[k], dtype=np.float64) for k in names]
-        names = [qupath_name(k) for k in names]
-        names.append(qupath_name("probability"))
         columns.append(np.asarray(table.probabilities, dtype=np.float64))
-        classes = {int(c): _classification(table, int(c)) for c in np.unique(table.class_ids)}
-        geometries = _geometries(_polygons(table, polygons, self.stats))
-        for i, geometry in enumerate(geometries):
-            nid = int(table.ids[i])
-            measurements: dict[str, float] = {}
-            for name, col in zip(names, columns, strict=True):
-                value = float(col[i])
-                if math.isfinite(value):  # omitted, never "NaN": older QuPath rejects the strings
-                    measurements[name] = value
-            measurements[qupath_name("id")] = nid
-            properties: dict[str, Any] = {"objectType": "detection"}
-            cls = classes[int(table.class_ids[i])]
-            if cls is not None:
-                properties["classification"] = cls
-            properties["measurements"] = measurements
-            properties["isLocked"] = False
-            feature = {
-                "type": "Feature",
-                "id": feature_uuid(self.slide_key, nid),
-                "geometry": geometry,
-                "properties": properties,
-            }
-            if self.written:
-                out.write(",\n")
-            out.write(json.dumps(feature, allow_nan=False, separators=(",", ":")))
-            self.written += 1
+        keys = [json.dumps(qupath_name(k)) + ":" for k in [*names, "probability"]]  # as json.dumps writes keys
+        id_key = json.dumps(qupath_name("id")) + ":"
+        classes = {}
+        for c in np.unique(table.class_ids).tolist():
+            cls = _classification(table, int(c))
+            classes[c] = "" if cls is None else '"classification":' + json.dumps(cls, separators=(",", ":")) + ","
+        # the band's text in bulk (histoseg.export.geojson_text): the same bytes as json.dumps of each feature
+        coordinates = coordinate_texts(_polygons(table, polygons, self.stats))
+        ids = [int(i) for i in table.ids]
+        uuids = feature_ids(NUCLEUS_NAMESPACE, f"{self.slide_key}/", ids)
+        values = np.stack(columns, axis=1)
+        finite: list[bool] = np.asarray(np.isfinite(values).all(axis=1)).tolist()
+        rows: list[list[float]] = values.tolist()
+        class_ids: list[int] = table.class_ids.tolist()
+        parts = []
+        for i in range(n):
+            if finite[i]:
+                pairs = [*map(str.__add__, keys, map(float.__repr__, rows[i]))]
+            else:  # omitted, never "NaN": older QuPath rejects the strings
+                pairs = [k + repr(v) for k, v in zip(keys, rows[i], strict=True) if math.isfinite(v)]
+            pairs.append(id_key + str(ids[i]))
+            parts.append(
+                '{"type":"Feature","id":"' + uuids[i] + '","geometry":{"type":"Polygon","coordinates":'
+                + coordinates[i] + '},"properties":{"objectType":"detection",' + classes[class_ids[i]]
+                + '"measurements":{' + ",".join(pairs) + '},"isLocked":false}}'
+            )
+        if parts:
+            out.write((",\n" if self.written else "") + ",\n".join(parts))
+            self.written += n
         return n
 
 

@@ -38,7 +38,7 @@ from histoseg.pipeline.identity import slide_fingerprint
 from histoseg.pipeline.plan import PlanOutcome, SlidePlan, default_predictor, plan_slide
 from histoseg.pipeline.record import provenance_record
 from histoseg.pipeline.resume import STORE_DIR, RegionStore, resume_settings
-from histoseg.pipeline.stitched import BandExport, RegionTables, stitch_all
+from histoseg.pipeline.stitched import BandExport, RegionTables, opening_in_background, stitch_all
 from histoseg.pipeline.tasks import run_region
 from histoseg.report import report_after_slide
 from histoseg.types import InstanceTable, Region
@@ -211,24 +211,31 @@ def _segment_locked(
         runner.prestart(len(plan.regions))
     if on_stage is not None:
         on_stage(adapt_stage_text(plan, predictor, config))
-    with _ADAPT_LOCK:
-        predictor, adaptation = adapt_slide(plan, predictor, config, outdir.adapted_paths(out_dir, stem)[0])
-    predictor, calibration = calibrate_slide(plan, predictor, config, outdir.calibration_path(out_dir, stem))
-    if on_stage is not None:
-        on_stage("regions")
-    ok, png = cv2.imencode(".png", (plan.tissue * 255).astype(np.uint8))
-    if not ok:
-        raise OutputError(f"{path.name}: could not encode the tissue mask as PNG")
-    with atomic_file(out_dir / "tissue_mask.png") as tmp:
-        tmp.write_bytes(png.tobytes())
     fp = slide_fingerprint(path)
-    store = _open_store(out_dir, plan, fp, predictor, config)
-    # the writers are open while the regions run: each finished band is written at once (BandExport)
-    tables = RegionTables(plan, store)
-    with BandExport(plan, tables, out_dir, stem, config, fp["hex"]) as outputs:
-        outcome, _ = run_plan(plan, runner, predictor, on_region, store, on_done=outputs.region_done, tables=tables)
+    # the writers are open while the regions run: each finished band is written at once (BandExport); they open
+    # (the Zarr root image: seconds) beside the adaptation, calibration and quantisation below
+    tables = RegionTables(plan, None)
+    with opening_in_background(BandExport(plan, tables, out_dir, stem, config, fp["hex"])) as opening:
+        with _ADAPT_LOCK:
+            predictor, adaptation = adapt_slide(plan, predictor, config, outdir.adapted_paths(out_dir, stem)[0])
+        predictor, calibration = calibrate_slide(plan, predictor, config, outdir.calibration_path(out_dir, stem))
+        if on_stage is not None:
+            on_stage("regions")
+        ok, png = cv2.imencode(".png", (plan.tissue * 255).astype(np.uint8))
+        if not ok:
+            raise OutputError(f"{path.name}: could not encode the tissue mask as PNG")
+        with atomic_file(out_dir / "tissue_mask.png") as tmp:
+            tmp.write_bytes(png.tobytes())
+        store = _open_store(out_dir, plan, fp, predictor, config)
+        tables.use_store(store)
+
+        def region_done(region: Region) -> None:
+            opening.result().region_done(region)  # waits for the writers the first time (opened long before)
+
+        outcome, _ = run_plan(plan, runner, predictor, on_region, store, on_done=region_done, tables=tables)
         if on_stage is not None:
             on_stage("writing " + ", ".join(config.formats))
+    outputs = opening.result()
     outputs.fill(outcome)
     timings = outcome.timings
     if outcome.edge_touching:
