@@ -15,6 +15,9 @@ and the time split (summed over region tasks: read, network, post-processing; th
 export); where ``nvidia-smi`` answers, the GPU's mean and highest utilisation and its highest memory in use.
 Then the ratio current/previous and the speed-up from 1 worker.
 
+Before the slides, where more than one worker is measured: this machine's own ceiling for that scaling, the
+network alone in one process and in N at once (:mod:`benchmarks._ceiling`; ``--no-ceiling`` skips it).
+
 Targets (issue 13): >= 1 MP/s on 2 cores with the default network; peak memory < 3 GB, flat in slide size;
 >= 1.7x from 1 to 2 workers. On a machine shared with other jobs, wall time includes waiting for a core:
 compare the CPU seconds (and the load average printed with each row) before trusting a wall-time ratio.
@@ -35,9 +38,11 @@ from pathlib import Path
 from typing import Any
 
 try:  # python -m benchmarks.throughput, or imported from the package
+    from benchmarks._ceiling import ceiling, ceiling_line
     from benchmarks._common import GpuSampler, PeakRSS, build_tissue_slide
     from benchmarks.precision import cpu_line
 except ModuleNotFoundError:  # python benchmarks/throughput.py: this folder is sys.path[0]
+    from _ceiling import ceiling, ceiling_line  # type: ignore[no-redef]
     from _common import GpuSampler, PeakRSS, build_tissue_slide  # type: ignore[no-redef]
     from precision import cpu_line  # type: ignore[no-redef]
 
@@ -124,6 +129,7 @@ def main() -> None:
     ap.add_argument("--previous", default=PREVIOUS, help="options of the previous default")
     ap.add_argument("--previous-env", default=PREVIOUS_ENV, help="environment (K=V ...) of the previous default")
     ap.add_argument("--no-previous", action="store_true", help="measure the current default only")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the scaling ceiling (benchmarks._ceiling)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -134,6 +140,11 @@ def main() -> None:
         configs.append(("previous", [*shlex.split(args.previous), *extra], env))
     print(cpu_line())
     print(f"load average before: {os.getloadavg()}; previous default: {args.previous} [{args.previous_env}]")
+    counts = [len(os.sched_getaffinity(0)) if w.strip() == "auto" else int(w) for w in args.workers.split(",")]
+    limit = None
+    if max(counts) > 1 and not args.no_ceiling and "cuda" not in args.extra:
+        limit = ceiling(max(counts))  # what the pipeline's speed-up from 1 worker is to be read against
+        print(ceiling_line(limit))
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
         t0 = time.perf_counter()
@@ -164,6 +175,8 @@ def main() -> None:
                     f"{cpu_ratio:.2f}x less CPU time, peak RSS {cur['peak_rss_gb'] / prev['peak_rss_gb']:.2f}x; "
                     f"nuclei {same}"
                 )
+    if limit is not None:
+        rows.append({"ceiling": limit})
     print(json.dumps(rows, indent=1))
 
 
