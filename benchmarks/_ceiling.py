@@ -41,13 +41,14 @@ def _child(start_at: float, seconds: float) -> dict[str, float]:
     predictor = default_predictor(SegmentConfig())
     for _ in range(2):
         predictor.predict(crop)
+    late = max(0.0, time.time() - start_at)  # a warm-up that overran the window's start
     time.sleep(max(0.0, start_at - time.time()))
     passes, t0 = 0, time.perf_counter()
     while time.time() < start_at + seconds or passes == 0:
         predictor.predict(crop)
         passes += 1
     spent = time.perf_counter() - t0
-    return {"passes": passes, "seconds": spent, "s_per_pass": spent / passes}
+    return {"passes": passes, "seconds": spent, "s_per_pass": spent / passes, "late_s": late}
 
 
 def _at_once(n: int, seconds: float) -> list[dict[str, float]]:
@@ -64,9 +65,9 @@ def _at_once(n: int, seconds: float) -> list[dict[str, float]]:
         if p.returncode != 0:
             raise SystemExit(f"the ceiling's child process failed ({p.returncode})")
         out.append(json.loads(stdout.strip().splitlines()[-1]))
-    late = [r for r in out if r["seconds"] > 1.5 * seconds + 5]
-    if late:
-        raise SystemExit(f"a child ran {late[0]['seconds']:.0f} s instead of ~{seconds:.0f} s: warm-up too short?")
+    late = max(r["late_s"] for r in out)
+    if late > 1.0:  # its passes did not all overlap the others': the figure would flatter the machine
+        raise SystemExit(f"a child's warm-up ran {late:.1f} s past the {WARM_S:.0f} s it had; rerun (engines cached)")
     return out
 
 
