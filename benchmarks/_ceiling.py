@@ -30,14 +30,11 @@ WARM_S = 25.0  # seconds the children get to start, build the engine and run it 
 
 def _child(start_at: float, seconds: float) -> dict[str, float]:
     """Run the default network on one crop from ``start_at`` for ``seconds``; its passes and seconds a pass."""
-    from benchmarks._common import cmu1_pixels
+    from benchmarks._common import cmu1_region
     from histoseg.config import SegmentConfig
     from histoseg.pipeline.plan import default_predictor
 
-    tissue, _ = cmu1_pixels()
-    h, w = tissue.shape[:2]
-    y, x = max(0, (h - CROP) // 2), max(0, (w - CROP) // 2)
-    crop = tissue[y : y + CROP, x : x + CROP].copy()
+    crop = cmu1_region(CROP)
     predictor = default_predictor(SegmentConfig())
     for _ in range(2):
         predictor.predict(crop)

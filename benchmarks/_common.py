@@ -24,6 +24,14 @@ def cmu1_pixels() -> tuple[np.ndarray, float]:
         return r.read_level(0, Box(0, 0, w, h)), float(r.meta.mpp or 0.499)
 
 
+def cmu1_region(size: int) -> np.ndarray:
+    """The centre ``size``² of CMU-1-Small-Region's level 0 (real tissue), contiguous: the network benchmarks'
+    one input region."""
+    pixels, _ = cmu1_pixels()
+    y0, x0 = max(0, (pixels.shape[0] - size) // 2), max(0, (pixels.shape[1] - size) // 2)
+    return np.ascontiguousarray(pixels[y0 : y0 + size, x0 : x0 + size])
+
+
 def build_tissue_slide(path: Path, size: int) -> Path:
     """A ``size`` x ``size`` multi-level slide tiled from real tissue (CMU-1, mirrored copies), 0.5 µm/px.
 

@@ -27,11 +27,11 @@ from histoseg.models import NucleiNet, load_model, resolve_model
 from histoseg.training.evaluate import evaluate
 
 try:  # python -m benchmarks.tradeoff, or imported from the package
-    from benchmarks._common import cmu1_pixels
+    from benchmarks._common import cmu1_region
     from benchmarks.limit import count_macs
     from benchmarks.precision import cpu_line
 except ModuleNotFoundError:  # python benchmarks/tradeoff.py: this folder is sys.path[0]
-    from _common import cmu1_pixels  # type: ignore[no-redef]
+    from _common import cmu1_region  # type: ignore[no-redef]
     from limit import count_macs  # type: ignore[no-redef]
     from precision import cpu_line  # type: ignore[no-redef]
 
@@ -65,9 +65,7 @@ def main() -> None:
     torch.set_num_threads(1)
     print(cpu_line(), flush=True)
     native_bf16 = resolve_precision("auto").bf16
-    pixels, _ = cmu1_pixels()
-    y0, x0 = (pixels.shape[0] - args.size) // 2, (pixels.shape[1] - args.size) // 2
-    region = np.ascontiguousarray(pixels[y0 : y0 + args.size, x0 : x0 + args.size])
+    region = cmu1_region(args.size)
     settings = [(rt, False) for rt in args.runtimes.split(",") if available(rt)]
     if native_bf16:
         settings.insert(1, ("torch", True))
