@@ -1,14 +1,15 @@
 """Typed nuclei and point supervision, one table, one run.
 
-    python -m benchmarks.typing [--model typed] [--runtime ENGINE] [--ablation-iterations N] [--skip-ablation]
-                                [--device cpu|cuda|cuda:N] [--json out.json]
+    python -m benchmarks.typing [--model default|typed|PATH] [--runtime ENGINE] [--ablation-iterations N]
+                                [--skip-ablation] [--device cpu|cuda|cuda:N] [--json out.json]
 
 (Run it as a module: as a plain script its folder would come first on ``sys.path`` and its name would hide
 the standard library's ``typing``.)
 
-1. The typed model on CRCHisto validation (10 images, never trained on): detection F1 and per-class and
-   weighted classification F1 (Sirinukunwattana et al. 2016: centroids matched within 6 px at 20x, i.e.
-   3.3 µm; classes scored on the detected nuclei), plus HoVer-Net's F_c; and MoNuSeg-test PQ/AJI.
+1. A typed model (the shipped default unless ``--model``) on CRCHisto validation (10 images, never trained
+   on): detection F1 and per-class and weighted classification F1 (Sirinukunwattana et al. 2016: centroids
+   matched within 6 px at 20x, i.e. 3.3 µm; classes scored on the detected nuclei), plus HoVer-Net's F_c;
+   and MoNuSeg-test PQ/AJI.
 2. The point-supervision ablation: the MoNuSeg training images reduced to their nuclei's centre points,
    trained from scratch with the same schedule by (a) random-walk propagation with a learned affinity,
    (b) the Voronoi + k-means pseudo-labels of Qu et al. (MIDL 2019), (c) the full instance masks; each
@@ -130,7 +131,7 @@ def ablation_rows(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="typed")
+    ap.add_argument("--model", default="default", help="a typed model: default (the shipped default), typed, a path")
     ap.add_argument("--limit", type=int, default=None, help="first N evaluation images only")
     ap.add_argument(
         "--runtime",

@@ -211,7 +211,7 @@ def test_int8_graph_keeps_the_output_convolutions_in_fp32(int8_cache: Path) -> N
     fp32 = next(p for p in (int8_cache / "onnx").glob("*.onnx") if "-int8-" not in p.name)
     int8 = next((int8_cache / "onnx").glob("*-int8-*.onnx"))
     heads = q._output_convs(onnx.load(str(fp32)).graph)
-    assert sorted(h.split("/")[2] for h in heads) == ["hv_head", "np_head"]
+    assert sorted(h.split("/")[2] for h in heads) == ["hv_head", "np_head", "tp_head"]  # the default is typed
     graph = onnx.load(str(int8)).graph
     producer = {out: n.op_type for n in graph.node for out in n.output}
     convs = {n.name: n for n in graph.node if n.op_type == "Conv"}

@@ -28,8 +28,9 @@ def test_default_is_registered_with_a_complete_card() -> None:
 
 
 @pytest.mark.parametrize("name", ["default", "lite"])
-def test_shipped_untyped_models_reach_card_figures_on_two_monuseg_test_images(name: str, shared_data: Path) -> None:
-    """``default`` and the opt-in ``lite`` (the cheaper architecture, issue 13) reproduce their cards' figures."""
+def test_shipped_models_reach_card_segmentation_on_two_monuseg_test_images(name: str, shared_data: Path) -> None:
+    """``default`` and the opt-in ``lite`` (the cheaper architecture, issue 13) reproduce their cards' figures
+    (``default``'s are its untyped trunk's: the type head cannot change the segmentation)."""
     net, card = load_model(resolve_model(name))
     per_image = card.metrics["monuseg_test"]["per_image"]
     samples = load_monuseg("test", None, root=shared_data / "nuclei" / "monuseg2018")[:2]
@@ -42,17 +43,23 @@ def test_shipped_untyped_models_reach_card_figures_on_two_monuseg_test_images(na
         assert got["dice"] == pytest.approx(want["dice"], abs=0.02), s.name
 
 
-def test_typed_model_reaches_its_card_typing_on_crchisto_validation(shared_data: Path) -> None:
-    """The shipped typed model (issue 14, ``--model typed``): its card lists the types, the datasets and their
-    licences, and the file reproduces the card's CRCHisto-validation figures (all 10 images, never trained on)."""
+@pytest.mark.parametrize("name", ["default", "typed"])
+def test_typed_models_reach_their_card_typing_on_crchisto_validation(name: str, shared_data: Path) -> None:
+    """The shipped typed models (issue 14): ``default`` (a type head on the untyped trunk, frozen) and the opt-in
+    ``typed`` (trained end to end). Each card lists the types, the datasets and their licences, and the file
+    reproduces the card's CRCHisto-validation figures (all 10 images, never trained on)."""
     from histoseg.training.evaluate import score_typing
 
-    assert "typed" in registered_models()
-    net, card = load_model(resolve_model("typed"))
-    assert card.net.n_types == len(card.class_names) >= 2
-    assert "research use" in card.license and "CRCHisto" in card.training["data"]
-    datasets = {d["name"]: d for d in card.training["config"]["datasets"]}
-    assert set(datasets) == {"monuseg", "crchisto"} and datasets["crchisto"]["labels"] == "points"
+    assert name in registered_models()
+    net, card = load_model(resolve_model(name))
+    assert card.class_names == ("Epithelial", "Fibroblast", "Inflammatory", "Other") and card.net.n_types == 4
+    assert "research use" in card.license and card.type_weights is not None
+    if name == "typed":
+        assert "CRCHisto" in card.training["data"]
+        datasets = {d["name"]: d for d in card.training["config"]["datasets"]}
+        assert set(datasets) == {"monuseg", "crchisto"} and datasets["crchisto"]["labels"] == "points"
+    else:
+        assert card.net.type_head == "context" and "CRCHisto" in card.training["type_head"]["data"]
     want = card.metrics["crchisto_typing"]
     got = score_typing(net, card)
     assert got["det_f1"] == pytest.approx(want["det_f1"], abs=0.01)

@@ -118,6 +118,14 @@ def test_evaluate_command_writes_table_and_json(
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")))
 def test_shipped_training_configs_are_valid(path: Path) -> None:
+    from histoseg.training.typehead import load_type_head_config
+
+    head = load_type_head_config(path)
+    if head is not None:  # a type head on a frozen trunk: the default model's second step, from its first's output
+        assert path.stem == "default-types" and head.name == "default"
+        assert head.trunk == TrainConfig.load(path.with_name("default.yaml")).output + "/default.safetensors"
+        assert head.types == ["Epithelial", "Fibroblast", "Inflammatory", "Other"] and head.views == 8
+        return
     cfg = TrainConfig.load(path)
     typed = path.stem == "typed" or path.stem.startswith("typed-")  # the typed model's recipe: 3 configs
     lite = path.stem.startswith("lite")  # the lite model's recipe: 2 configs

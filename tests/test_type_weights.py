@@ -44,7 +44,7 @@ def test_card_type_weights_round_trip_and_are_validated() -> None:
     ):
         with pytest.raises(ModelError, match=why):
             ModelCard.from_dict({**d, "type_weights": bad})
-    untyped = load_model(resolve_model("default"))[1].to_dict()
+    untyped = load_model(resolve_model("lite"))[1].to_dict()
     with pytest.raises(ModelError, match="only for a typed model"):
         ModelCard.from_dict({**untyped, "type_weights": [1.0]})
 
@@ -141,6 +141,6 @@ def test_typecal_cli_writes_the_fit_into_a_copy_and_refuses_an_untyped_model(
         "weighted_f1_plain"
     ]
     capsys.readouterr()
-    assert main(["default"]) == 2
+    assert main(["lite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no type head" in err[0]

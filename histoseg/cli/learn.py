@@ -23,7 +23,17 @@ def model_output(arg: str) -> Path:
 def run_train(args: argparse.Namespace) -> int:
     from histoseg.training.config import TrainConfig
     from histoseg.training.train import train
+    from histoseg.training.typehead import load_type_head_config, train_type_head
 
+    head_cfg = load_type_head_config(args.config)  # a config naming a `trunk`: a type head on that frozen model
+    if head_cfg is not None:
+        if args.iterations is not None:
+            head_cfg.iterations = args.iterations
+        if args.device not in (None, "cpu"):
+            raise ConfigError("a type head on a frozen trunk trains on the CPU (minutes); --device cuda is not needed")
+        artifact = train_type_head(head_cfg)
+        print(f"model written: {artifact} (card: {Path(artifact).with_suffix('.json')})")
+        return 0
     cfg = TrainConfig.load(args.config)
     if args.iterations is not None:
         cfg.iterations = args.iterations

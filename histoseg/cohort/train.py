@@ -190,6 +190,9 @@ def _run(
             on_step(it + 1)
     net.eval()
     stats = feature_statistics(net, card0, data.train_images(), st.device)
+    # the base's layers only: a type head trained on a frozen trunk has none, and per-slide adaptation leaves a
+    # head without statistics out (tta.g2p), as it does for the base
+    stats = {k: v for k, v in stats.items() if k in card0.source_stats or not card0.source_stats}
     seconds = time.perf_counter() - t0
     card = _card(card0, base.name, base_sha, st, modes, slides, len(target), stats, seconds, log, warmup)
     save_model(net, card, out)

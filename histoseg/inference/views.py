@@ -38,10 +38,15 @@ _VIEWS = {  # (transpose, mirror left-right, mirror top-bottom), in summation or
 Maps = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 
-def _to_view(image: np.ndarray, t: bool, fx: bool, fy: bool) -> np.ndarray:
-    """(H, W, 3) image -> the view: transposed (``t``), then mirrored left-right (``fx``), then top-bottom."""
+DIHEDRAL = _VIEWS[8]
+"""The eight dihedral views (transpose, mirror left-right, mirror top-bottom), in :func:`to_view`'s terms."""
+
+
+def to_view(image: np.ndarray, t: bool, fx: bool, fy: bool) -> np.ndarray:
+    """(H, W, ...) array (an image, a label map) -> the view: transposed (``t``), then mirrored left-right
+    (``fx``), then top-bottom."""
     if t:
-        image = image.transpose(1, 0, 2)
+        image = np.swapaxes(image, 0, 1)
     if fx:
         image = image[:, ::-1]
     if fy:
@@ -50,7 +55,7 @@ def _to_view(image: np.ndarray, t: bool, fx: bool, fy: bool) -> np.ndarray:
 
 
 def _from_view(maps: Maps, t: bool, fx: bool, fy: bool) -> Maps:
-    """A view's maps -> the image's frame: :func:`_to_view`'s steps undone in reverse order; undoing a mirror
+    """A view's maps -> the image's frame: :func:`to_view`'s steps undone in reverse order; undoing a mirror
     also negates the HV channel along it (0 = x, 1 = y), undoing the transpose swaps the two channels."""
     np_prob, hv, tp = maps
     hv = hv.copy()
@@ -73,7 +78,7 @@ def view_maps(run: Callable[[np.ndarray], Maps], image: np.ndarray, views: int) 
     h, w = image.shape[:2]
     padded = pad_to_stride(image)
     for t, fx, fy in _VIEWS[views]:
-        np_prob, hv, tp = _from_view(run(_to_view(padded, t, fx, fy)), t, fx, fy)
+        np_prob, hv, tp = _from_view(run(to_view(padded, t, fx, fy)), t, fx, fy)
         yield np_prob[:h, :w], hv[:, :h, :w], None if tp is None else tp[:, :h, :w]
 
 

@@ -13,6 +13,7 @@ STRIDE = 16  # total downsampling: input sides must be multiples of this
 BLOCK_CHOICES = ("basic", "bottleneck")
 DECODER_CHOICES = ("plain", "bottleneck")
 HEADS_CHOICES = ("separate", "shared")
+TYPE_HEAD_CHOICES = ("stride2", "context")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class NetConfig:
     block: str = "basic"  # residual block of the encoder stages: one of BLOCK_CHOICES
     decoder: str = "plain"  # decoder fusion: one of DECODER_CHOICES
     heads: str = "separate"  # NP and HV branches: one of HEADS_CHOICES
+    type_head: str = "stride2"  # the TP head (when n_types > 0): one of TYPE_HEAD_CHOICES
 
     def to_dict(self) -> dict[str, object]:
         """The card's architecture record; a switch at its default is left out, so older cards stay byte-identical."""
@@ -57,6 +59,7 @@ class NetConfig:
             ("block", self.block, BLOCK_CHOICES),
             ("decoder", self.decoder, DECODER_CHOICES),
             ("heads", self.heads, HEADS_CHOICES),
+            ("type_head", self.type_head, TYPE_HEAD_CHOICES),
         ):
             if value not in choices:
                 raise ValueError(f"invalid architecture: {name} must be one of {', '.join(choices)}, got {value!r}")

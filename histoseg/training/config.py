@@ -16,6 +16,19 @@ THRESHOLD_CHOICES = ("tune", "teacher")
 """Where a trained model's watershed thresholds come from (``TrainConfig.thresholds``)."""
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A training YAML file's mapping (ConfigError when it is missing, not YAML, or not a mapping)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"training config not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"training config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"training config {path} must be a mapping of keys to values")
+    return data
+
+
 @dataclass
 class TrainConfig:
     """Every knob of ``histoseg train``; see ``configs/default.yaml`` for a commented example."""
@@ -67,13 +80,7 @@ class TrainConfig:
 
     @staticmethod
     def load(path: str | Path) -> TrainConfig:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"training config not found: {path}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"training config {path} is not valid YAML: {exc}") from exc
-        return TrainConfig.from_dict(data)
+        return TrainConfig.from_dict(read_config(path))
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> TrainConfig:

@@ -62,7 +62,7 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
         "DSB 2018, CRCHisto validation and the MoNuSeg test images were never trained on (kept for evaluation).",
         "",
         *_label_space_lines(card),
-        _recipe(card)
+        recipe_text(card)
         + " (seeded, resumable; AdamW, cosine schedule, bfloat16 autocast where native). "
         + str(card.training.get("recipe_note", "")),
         "",
@@ -122,7 +122,7 @@ def _type_weight_lines(card: ModelCard) -> list[str]:
     ]
 
 
-def _recipe(card: ModelCard) -> str:
+def recipe_text(card: ModelCard) -> str:
     """How the model was trained, from the training configuration its card records."""
     if card.training.get("recipe"):  # a model trained in several steps states them itself
         return str(card.training["recipe"])

@@ -99,11 +99,17 @@ def build_card(cfg: TrainConfig, mean: tuple[float, ...], std: tuple[float, ...]
 
 
 def lr_at(cfg: TrainConfig, it: int) -> float:
-    """Learning rate at iteration ``it``: linear warm-up to ``cfg.lr``, then cosine decay to 0 at ``cfg.iterations``."""
-    if it < cfg.warmup:
-        return cfg.lr * (it + 1) / cfg.warmup
-    p = (it - cfg.warmup) / max(1, cfg.iterations - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    """Learning rate at iteration ``it``: :func:`warmup_cosine` of the config's ``lr``, ``warmup``, ``iterations``."""
+    return warmup_cosine(cfg.lr, cfg.warmup, cfg.iterations, it)
+
+
+def warmup_cosine(lr: float, warmup: int, iterations: int, it: int) -> float:
+    """Learning rate at step ``it``: linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to 0 at
+    ``iterations`` (every training loop of the project)."""
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    p = (it - warmup) / max(1, iterations - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> Path:

@@ -90,17 +90,24 @@ class AlignmentLoss:
         return total, shift
 
 
-def _param_groups(net: nn.Module, which: str) -> dict[str, list[nn.Parameter]]:
-    """Layers as parameter groups: BN affine pairs, or every conv and BN module's parameters."""
+def _param_groups(net: nn.Module, which: str, card: ModelCard) -> dict[str, list[nn.Parameter]]:
+    """Layers as parameter groups: BN affine pairs, or every conv and BN module's parameters.
+
+    A type head without source statistics of its own (one trained on a frozen trunk,
+    :mod:`histoseg.training.typehead`) is left out: no alignment term reaches it, and counting its layers would
+    change which trunk layers move and by how much, so the typed model's trunk adapts exactly as the untyped
+    model it was built on."""
+    skip = "tp_head." if not any(k.startswith("tp_head.") for k in card.source_stats) else None
     if which == "bn":
-        return affine_params(net)
-    out: dict[str, list[nn.Parameter]] = {}
-    for name, m in net.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
-            ps = [p for p in m.parameters(recurse=False)]
-            if ps:
-                out[name] = ps
-    return out
+        groups = affine_params(net)
+    else:
+        groups = {}
+        for name, m in net.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                ps = [p for p in m.parameters(recurse=False)]
+                if ps:
+                    groups[name] = ps
+    return {k: v for k, v in groups.items() if skip is None or not k.startswith(skip)}
 
 
 def _norm(ts: Sequence[torch.Tensor | None]) -> float:
@@ -128,7 +135,7 @@ def g2p(net: NucleiNet, x: torch.Tensor, card: ModelCard, s: TTASettings) -> dic
     slide already within the tolerance costs one forward pass and keeps the source weights.
     """
     loss_fn = AlignmentLoss(card.source_stats, s.loss, s.tolerance, s.layers)
-    groups = _param_groups(net, s.params)
+    groups = _param_groups(net, s.params, card)
     for p in net.parameters():
         p.requires_grad_(False)
     for ps in groups.values():
