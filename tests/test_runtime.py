@@ -279,3 +279,18 @@ def test_monuseg_calibration_data_keys_the_cache(tmp_path: Path, monkeypatch: py
     (images / "img2.jpg").unlink()
     assert q.CalibrationSettings().key() != full
     assert resolve_runtime("onnxruntime-int8").runtime == "onnxruntime-int8"
+
+
+def test_engine_sigmoid_is_the_plain_formula_to_the_bit() -> None:
+    """The in-place sigmoid of the engines' type maps equals ``1 / (1 + exp(-clip(x)))`` in float32 to the bit,
+    saturated values included, and leaves its input alone."""
+    from histoseg.inference.predict import _sigmoid
+
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(0, 8, 100_000), [-1e4, -60.0, -0.0, 0.0, 1e-8, 60.0, 1e4]]).astype(np.float32)
+    z = z.reshape(1, -1)
+    before = z.copy()
+    want = (1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))).astype(np.float32)
+    got = _sigmoid(z)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, want)
+    assert np.array_equal(z, before)

@@ -160,9 +160,16 @@ def _softmax0(logits: np.ndarray) -> np.ndarray:
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Per-class probabilities of the type head (independent sigmoids), float32, contiguous."""
-    out: np.ndarray = (1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))).astype(np.float32)
-    return np.ascontiguousarray(out)
+    """Per-class probabilities of the type head (independent sigmoids), float32, contiguous: ``1 / (1 + exp(-x))``
+    computed in place in one float32 copy of ``logits``, not a temporary per operation (a region's four
+    full-resolution type maps are ~32 MB)."""
+    x = np.array(logits, dtype=np.float32, order="C")
+    np.clip(x, -60.0, 60.0, out=x)
+    np.negative(x, out=x)
+    np.exp(x, out=x)
+    x += np.float32(1.0)
+    np.reciprocal(x, out=x)
+    return x
 
 
 def run_engine(
