@@ -113,7 +113,7 @@ class TypeHead(nn.Module):
 class ContextTypeHead(nn.Module):
     """Type branch on the encoder's context: stride-16 features reduced (1x1) and brought to stride 8, fused
     with the stride-8 features and refined, brought to stride 4 and fused with the decoder's stride-4 map,
-    per-class logits, nearest upsampling to the input grid. About 5% of the default network's MACs (most of
+    per-class logits, nearest upsampling to the input grid. About 7% of the default network's MACs (most of
     it at stride 4); its receptive field lies within the NP/HV heads' (108 px at width 32), so the halo is the
     same."""
 
