@@ -245,7 +245,7 @@ def _samples(net: Any, card: Any, s: Any, lut: np.ndarray, views: int) -> list[_
     return out_views
 
 
-def _nucleus_means(head: Any, x: _Sample, logits: bool) -> Any:
+def _pixel_outputs(head: Any, x: _Sample, logits: bool) -> Any:
     """Per pixel of the classified nuclei (pixels, C): the head's logits (``logits``) or its probabilities."""
     import torch
 
@@ -259,7 +259,7 @@ def _loss(head: Any, x: _Sample, n_types: int) -> Any:
     import torch
     import torch.nn.functional as F
 
-    z = _nucleus_means(head, x, logits=True)
+    z = _pixel_outputs(head, x, logits=True)
     tgt = F.one_hot(x.target[x.inv], n_types).to(z.dtype)
     per_px = F.binary_cross_entropy_with_logits(z, tgt, reduction="none").sum(1)
     n = len(x.target)
@@ -298,7 +298,7 @@ def _score(head: Any, held: list[_Sample], n_types: int) -> float:
         for x in held:
             if not len(x.target):
                 continue
-            p = _nucleus_means(head, x, logits=False)
+            p = _pixel_outputs(head, x, logits=False)
             n = len(x.target)
             means = torch.zeros(n, n_types).index_add_(0, x.inv, p) / torch.bincount(x.inv, minlength=n)[:, None]
             truth.append(x.target.numpy())
