@@ -26,20 +26,32 @@ from histoseg.models import load_model, resolve_model
 
 
 def cpu_line() -> str:
+    """The CPU the figures were measured on: model, family/model numbers and clock (a virtual machine may name
+    every generation "AMD EPYC": family 23 model 1 is Zen 1, whose 128-bit vector units run the same AVX2 code
+    about half as fast as Zen 2/3's), cores, vector flags and PyTorch's kernels."""
     model = platform.processor() or platform.machine()
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if not key and info:
+                    break  # the first processor's block is enough
+                info.setdefault(key, value.strip())
     except OSError:
         pass
+    model = info.get("model name", model)
+    ident = ", ".join(
+        f"{label} {info[key]}" for key, label in (("cpu family", "family"), ("model", "model"), ("cpu mhz", "MHz"))
+        if key in info
+    )
     flags = sorted(f for f in _cpuinfo_flags() if f.startswith(("avx", "amx", "bf16", "sve")))
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
     return (
-        f"CPU: {model} ({platform.machine()}), {os.cpu_count()} cores; flags: {' '.join(flags) or '-'}; "
-        f"torch capability {torch.backends.cpu.get_cpu_capability()}" + (f"; ONEDNN_MAX_CPU_ISA={isa}" if isa else "")
+        f"CPU: {model} ({platform.machine()}{'; ' + ident if ident else ''}), {os.cpu_count()} cores; "
+        f"flags: {' '.join(flags) or '-'}; torch capability {torch.backends.cpu.get_cpu_capability()}"
+        + (f"; ONEDNN_MAX_CPU_ISA={isa}" if isa else "")
     )
 
 

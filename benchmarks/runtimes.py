@@ -37,6 +37,7 @@ from histoseg.inference.precision import cpu_native_bf16
 from histoseg.inference.predict import DensePredictor
 from histoseg.inference.quantize import CALIBRATION_SUFFIX
 from histoseg.inference.runtime import CACHE_ENV, available
+from histoseg.inference.views import Maps
 from histoseg.models import ModelArtifact, ModelCard, NucleiNet, load_model, resolve_model
 from histoseg.pipeline.calibrate import calibrate_image
 from histoseg.postprocess import WatershedParams, separate_instances
@@ -63,7 +64,7 @@ class CompiledPredictor:
     def card(self) -> ModelCard:
         return self._card
 
-    def predict(self, image: np.ndarray, region: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def predict(self, image: np.ndarray, region: Any = None) -> Maps:
         return run_network(self._net, self._card, image)
 
 

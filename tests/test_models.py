@@ -15,6 +15,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -97,6 +98,27 @@ def _rich_card() -> ModelCard:
 
 # ---------------------------------------------------------------------------------------------------
 # network
+
+
+@pytest.mark.parametrize("type_head", ["stride2", "context"])
+def test_type_logits_on_the_head_grid_are_the_upsampled_ones(type_head: str) -> None:
+    """``native_types``: the TP logits on the head's own grid (what inference keeps, ``models.typemap``); the
+    training output is exactly their nearest upsampling to every pixel, and NP and HV do not change."""
+    from histoseg.models.typemap import TypeMap
+
+    cfg = NetConfig(width=8, n_types=3, type_head=type_head)
+    net = _random_net(cfg, dtype=torch.float32)
+    h, w = 3 * STRIDE, 5 * STRIDE
+    x = torch.rand(1, 3, h, w)
+    with torch.no_grad():
+        full, native = net(x), net(x, native_types=True)
+    s = cfg.type_stride
+    assert s == {"stride2": 2, "context": 4}[type_head] and native["tp"].shape == (1, 3, h // s, w // s)
+    assert torch.equal(full["np"], native["np"]) and torch.equal(full["hv"], native["hv"])
+    cells = TypeMap(native["tp"][0].numpy(), s)
+    assert np.array_equal(cells.full(h, w), full["tp"][0].numpy())
+    ys, xs = np.array([0, h - 1, 17]), np.array([w - 1, 0, 33])
+    assert np.array_equal(cells.take(ys, xs), full["tp"][0].numpy()[:, ys, xs])
 
 
 @pytest.mark.parametrize("n_types", [0, 3])

@@ -13,7 +13,8 @@ from scipy import ndimage as ndi
 from skimage.measure import perimeter as sk_perimeter
 from skimage.measure import regionprops
 
-from histoseg.postprocess.instances import pixel_outline
+from histoseg.models.typemap import TypeMap
+from histoseg.postprocess.instances import pixel_outline, solid_mask
 from histoseg.postprocess.outlines import label_outlines
 from histoseg.postprocess.pixelsums import LabelledPixels
 from histoseg.postprocess.watershed import _drop_small, _remove_small, binary_open
@@ -168,8 +169,9 @@ def test_measured_table_does_not_depend_on_the_region_origin() -> None:
         ids, cyx, slices = instance_centroids(big, origin_yx=(oy, ox))
         tables.append(
             measure_instances(
-                big, ids, cyx, slices, origin_yx=(oy, ox), image=big_img, np_prob=big_np, tp_prob=big_tp, plane=plane
-            )
+                big, ids, cyx, slices, origin_yx=(oy, ox), image=big_img, np_prob=big_np,
+                tp_prob=TypeMap(big_tp, 1), plane=plane,
+            )  # fmt: skip
         )
     a, b = tables
     assert len(a) == len(b) > 20
@@ -177,3 +179,32 @@ def test_measured_table_does_not_depend_on_the_region_origin() -> None:
     assert np.array_equal(a.class_ids, b.class_ids) and np.array_equal(a.probabilities, b.probabilities)
     for k in a.measurements:
         assert np.array_equal(a.measurements[k], b.measurements[k]), k
+
+
+@pytest.mark.parametrize("stride", [2, 4])
+def test_types_from_the_head_grid_equal_types_from_the_upsampled_map(stride: int) -> None:
+    """Inference keeps the type map on the head's grid (models.typemap); a nucleus's means are then the means of
+    the cells under its pixels. The same table, to the last bit, as from the map upsampled to every pixel (what the
+    network's training output is), non-solid nuclei (measured from a crop of the region) included."""
+    from histoseg.postprocess import instance_centroids, measure_instances
+    from histoseg.types import PlaneInfo
+
+    rng = np.random.default_rng(11)
+    lab = _random_labels(rng, (61, 70))  # sides off the grid: the last cells are partly outside the image
+    img = rng.integers(0, 256, (*lab.shape, 3), dtype=np.uint8)
+    npp = rng.random(lab.shape).astype(np.float32)
+    cells = TypeMap(rng.random((3, -(-61 // stride), -(-70 // stride))).astype(np.float32), stride)
+    full = cells.full(*lab.shape)
+    assert full.shape == (3, 61, 70) and full[1, 60, 69] == cells.prob[1, 60 // stride, 69 // stride]
+    plane = PlaneInfo(("a", "b", "c"), ((1, 2, 3), (4, 5, 6), (7, 8, 9)), mpp0=0.25, scale=2.0, plane_shape=(900, 900))
+    ids, cyx, slices = instance_centroids(lab, origin_yx=(64, 128))
+    a, b = (
+        measure_instances(
+            lab, ids, cyx, slices, origin_yx=(64, 128), image=img, np_prob=npp, tp_prob=t, plane=plane
+        )
+        for t in (cells, TypeMap(full, 1))
+    )
+    assert len(a) > 20 and len(set(a.class_ids.tolist())) == 3
+    assert any(not np.array_equal(m, solid_mask(m)) for m in (lab[sl] == i for i, sl in zip(ids, slices, strict=True)
+                                                               if sl is not None))  # fmt: skip
+    assert np.array_equal(a.class_ids, b.class_ids) and np.array_equal(a.probabilities, b.probabilities)

@@ -54,6 +54,9 @@ def test_engine_matches_torch_on_real_tissue(engine: str, cache: Path, shared_da
     assert got[0].shape == ref[0].shape == image.shape[:2] and got[1].shape == ref[1].shape
     np.testing.assert_allclose(got[0], ref[0], atol=1e-4)
     np.testing.assert_allclose(got[1], ref[1], atol=1e-4)
+    assert got[2] is not None and ref[2] is not None  # the default is typed: its map on the head's grid
+    assert got[2].stride == ref[2].stride == 4 and got[2].prob.shape == ref[2].prob.shape == (4, 58, 50)
+    np.testing.assert_allclose(got[2].prob, ref[2].prob, atol=1e-4)
     exported = list((cache / "onnx").glob("*.onnx"))
     assert len(exported) == 1  # exported once, named by content
     NetworkPredictor(art, runtime=engine).predict(image[:64, :64])

@@ -99,7 +99,8 @@ def test_typed_training_from_masks_and_points_with_relations(tmp_path: Path, sha
     assert any("relations" in r for r in log) and all("tp" in r for r in log if "pq" in r)
     image = np.full((64, 64, 3), 220, np.uint8)
     _, _, tp = run_network(net, card, image)
-    assert tp is not None and tp.shape == (4, 64, 64) and 0.0 <= tp.min() and tp.max() <= 1.0
+    assert tp is not None and tp.stride == card.net.type_stride and tp.full(64, 64).shape == (4, 64, 64)
+    assert 0.0 <= tp.prob.min() and tp.prob.max() <= 1.0
 
 
 def test_evaluate_command_writes_table_and_json(

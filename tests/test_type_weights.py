@@ -15,6 +15,7 @@ from histoseg.errors import ConfigError, ModelError
 from histoseg.metrics import ClassificationTally
 from histoseg.metrics.detection import match_points
 from histoseg.models import ModelCard, load_model, resolve_model
+from histoseg.models.typemap import TypeMap
 from histoseg.postprocess import decide_types, instance_centroids, measure_instances
 from histoseg.training.evaluate import TypedImage, classify
 from histoseg.training.typecal import fit_type_weights, main
@@ -61,7 +62,8 @@ def test_measure_instances_types_nuclei_with_the_card_weights() -> None:
     ids, cyx, slices = instance_centroids(labels)
     plane = PlaneInfo(("A", "B", "C", "D"), ((1, 1, 1),) * 4, 0.5, 1.0, labels.shape)
     image = np.full((20, 40, 3), 128, np.uint8)
-    args = dict(origin_yx=(0, 0), image=image, np_prob=np.ones((20, 40), np.float32), tp_prob=tp, plane=plane)
+    cells = TypeMap(tp, 1)  # one cell a pixel
+    args = dict(origin_yx=(0, 0), image=image, np_prob=np.ones((20, 40), np.float32), tp_prob=cells, plane=plane)
     plain = measure_instances(labels, ids, cyx, slices, **args)  # type: ignore[arg-type]
     weighted = measure_instances(labels, ids, cyx, slices, type_weights=(1.0, 1.0, 1.0, 2.0), **args)  # type: ignore[arg-type]
     assert plain.class_ids.tolist() == [1, 1] and weighted.class_ids.tolist() == [4, 1]

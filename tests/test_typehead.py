@@ -140,9 +140,9 @@ def test_trained_head_keeps_the_trunk_maps_to_the_bit(shared_data: Path, tmp_pat
     img = model_grid(load_crchisto("validation", None)[0], card)
     np0, hv0, tp0 = run_network(trunk_net, trunk_card, img)
     np1, hv1, tp1 = run_network(net, card, img)
-    assert tp0 is None and tp1 is not None and tp1.shape == (4, *np1.shape)
+    assert tp0 is None and tp1 is not None and tp1.stride == 4 and tp1.full(*np1.shape).shape == (4, *np1.shape)
     assert np.array_equal(np0, np1) and np.array_equal(hv0, hv1)
-    assert 0.0 < float(tp1.min()) and float(tp1.max()) < 1.0
+    assert 0.0 < float(tp1.prob.min()) and float(tp1.prob.max()) < 1.0
 
 
 def test_train_command_reads_a_trunk_config_as_a_type_head(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,17 +15,21 @@ from histoseg.errors import ConfigError
 from histoseg.inference import NetworkPredictor
 from histoseg.inference.views import run_views
 from histoseg.models import resolve_model
+from histoseg.models.typemap import TypeMap
 
 from .conftest import make_demo_slide
 
 
-def _equivariant(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _equivariant(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, TypeMap]:
     """A stand-in network that is exactly equivariant to mirrors and transposes: NP is the red channel, HV its
-    x and y central differences (a mirror negates one, a transpose swaps them), types two channels."""
+    x and y central differences (a mirror negates one, a transpose swaps them), types two channels on a stride-4
+    grid as the context type head gives them (each cell the mean of its 4 x 4 pixels)."""
     r = image[..., 0].astype(np.float32) / 255
     hv = np.stack([np.gradient(r, axis=1), np.gradient(r, axis=0)]).astype(np.float32)
     tp = np.stack([r, 1 - r]).astype(np.float32)
-    return r, hv, tp
+    h, w = r.shape
+    cells = tp.reshape(2, h // 4, 4, w // 4, 4).mean(axis=(2, 4), dtype=np.float64).astype(np.float32)
+    return r, hv, TypeMap(cells, 4)
 
 
 def _skewed(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
@@ -43,9 +47,13 @@ def test_views_bring_every_map_back_to_the_image_frame() -> None:
     one = _equivariant(image)
     for views in (4, 8):
         got = run_views(_equivariant, image, views)
-        for a, b in zip(got, one, strict=True):
-            assert a is not None and b is not None
+        assert got[2] is not None and got[2].stride == 4 and got[2].prob.shape == (2, 8, 12)
+        for a, b in zip((*got[:2], got[2].prob), (*one[:2], one[2].prob), strict=True):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    odd = image[:30, :45]  # sides off the type grid: the cells that cover them, ceil(30 / 4) x ceil(45 / 4)
+    for views in (4, 8):
+        got = run_views(_equivariant, odd, views)
+        assert got[0].shape == (30, 45) and got[2] is not None and got[2].prob.shape == (2, 8, 12)
 
 
 def test_views_average_what_is_not_equivariant_and_keep_the_shape() -> None:

@@ -18,10 +18,11 @@ from typing import Protocol
 import numpy as np
 
 from histoseg.config import Views, check_views
-from histoseg.inference.runtime import Engine, compile_engine, engine_graph, math_threads
+from histoseg.inference.runtime import GRAPH_VERSION, Engine, compile_engine, engine_graph, math_threads
 from histoseg.inference.views import Maps, run_views
 from histoseg.models import ModelArtifact, ModelCard, load_model
 from histoseg.models.inputs import input_array, pad_to_stride
+from histoseg.models.typemap import TypeMap
 from histoseg.types import Region
 
 CACHE_SIZE = 3  # models kept per process: a batch adapts a new model per slide, the cache must not grow with it
@@ -33,9 +34,7 @@ class DensePredictor(Protocol):
 
     def card(self) -> ModelCard: ...
 
-    def predict(
-        self, image: np.ndarray, region: Region | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def predict(self, image: np.ndarray, region: Region | None = None) -> Maps:
         """Dense maps of ``image``; ``region`` (where the image lies in the plane) is optional context."""
         ...
 
@@ -44,7 +43,8 @@ _DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def _content_key(artifact: ModelArtifact) -> str:
-    """SHA-256 of the weights and card bytes, memoised on their (path, size, mtime).
+    """SHA-256 of the weights and card bytes and the export's ``GRAPH_VERSION``, memoised on their (path, size,
+    mtime).
 
     The model cache is keyed by content, not path: a long-lived worker must never serve old weights after a
     new artifact (e.g. a slide's adapted weights on a rerun) was written to the same path."""
@@ -57,6 +57,7 @@ def _content_key(artifact: ModelArtifact) -> str:
     if digest is None:
         h = hashlib.sha256(artifact.sha256().encode())
         h.update(artifact.card_path.read_bytes())
+        h.update(f"graph {GRAPH_VERSION}".encode())
         digest = _DIGESTS[stamp] = h.hexdigest()
     return digest
 
@@ -140,9 +141,7 @@ class NetworkPredictor:
         submit host without a GPU must work)."""
         return _cached_card(_content_key(self.artifact), self.artifact)
 
-    def predict(
-        self, image: np.ndarray, region: Region | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def predict(self, image: np.ndarray, region: Region | None = None) -> Maps:
         if self.runtime != "torch":
             engine, card = _cached_engine(self.artifact, self.runtime, self.bf16, self.calibration)
             return run_engine(engine, card, image, self.views)
@@ -161,8 +160,7 @@ def _softmax0(logits: np.ndarray) -> np.ndarray:
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
     """Per-class probabilities of the type head (independent sigmoids), float32, contiguous: ``1 / (1 + exp(-x))``
-    computed in place in one float32 copy of ``logits``, not a temporary per operation (a region's four
-    full-resolution type maps are ~32 MB)."""
+    computed in place in one float32 copy of ``logits``, not a temporary per operation."""
     x = np.array(logits, dtype=np.float32, order="C")
     np.clip(x, -60.0, 60.0, out=x)
     np.negative(x, out=x)
@@ -172,9 +170,7 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return x
 
 
-def run_engine(
-    engine: Engine, card: ModelCard, image: np.ndarray, views: int = 1
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def run_engine(engine: Engine, card: ModelCard, image: np.ndarray, views: int = 1) -> Maps:
     """``run_network`` through a compiled engine (OpenVINO, ONNX Runtime): same padding, inputs, outputs and
     view averaging."""
     return run_views(lambda im: _run_engine_once(engine, card, im), image, views)
@@ -185,5 +181,8 @@ def _run_engine_once(engine: Engine, card: ModelCard, image: np.ndarray) -> Maps
     out = engine(input_array(pad_to_stride(image), card))
     np_prob = _softmax0(out["np"][0].astype(np.float32))[1, :h, :w]
     hv = out["hv"][0, :, :h, :w]  # the network applies tanh itself
-    tp = _sigmoid(out["tp"][0, :, :h, :w].astype(np.float32)) if "tp" in out else None
+    tp = None
+    if "tp" in out:  # on the type head's grid (models.typemap): 1/16 of a full-resolution map at stride 4
+        cells = TypeMap(out["tp"][0], card.net.type_stride).crop(h, w)
+        tp = TypeMap(_sigmoid(cells.prob), cells.stride)
     return np.ascontiguousarray(np_prob), np.ascontiguousarray(hv, dtype=np.float32), tp

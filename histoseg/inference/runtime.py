@@ -49,6 +49,10 @@ from histoseg.models import ModelArtifact, load_model
 
 CACHE_ENV = "HISTOSEG_CACHE"
 ONNX_OPSET = 17
+GRAPH_VERSION = 2
+"""What the exported graph computes besides the weights; part of every engine's content key
+(``predict._content_key``), so a graph cached by an older version is never reused. Bump when the outputs change.
+2: the type map on the type head's own grid (``models.typemap``), no longer upsampled to every pixel."""
 INT8_SUFFIX = "-int8"
 _MODULES: dict[str, tuple[str, ...]] = {
     "openvino": ("openvino",),
@@ -176,7 +180,7 @@ def export_onnx(artifact: ModelArtifact, key: str) -> Path:
             self.net = net
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            out = self.net(x)
+            out = self.net(x, native_types=True)
             return tuple(out[n] for n in names)
 
     try:  # atomic: concurrent exporters write the same bytes, the last rename wins; a killed one leaves a
@@ -189,7 +193,7 @@ def export_onnx(artifact: ModelArtifact, key: str) -> Path:
                 str(tmp),
                 input_names=["x"],
                 output_names=list(names),
-                dynamic_axes={"x": {2: "h", 3: "w"}, **{n: {2: "h", 3: "w"} for n in names}},
+                dynamic_axes={"x": {2: "h", 3: "w"}, **{n: {2: f"{n}_h", 3: f"{n}_w"} for n in names}},
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )

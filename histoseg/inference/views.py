@@ -28,6 +28,7 @@ import numpy as np
 from histoseg.config import check_views
 from histoseg.errors import ModelError
 from histoseg.models.inputs import pad_to_stride
+from histoseg.models.typemap import TypeMap
 
 _VIEWS = {  # (transpose, mirror left-right, mirror top-bottom), in summation order; keys: VIEW_CHOICES
     1: ((False, False, False),),
@@ -35,7 +36,8 @@ _VIEWS = {  # (transpose, mirror left-right, mirror top-bottom), in summation or
     8: tuple((t, fx, fy) for t in (False, True) for fx in (False, True) for fy in (False, True)),
 }
 
-Maps = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+Maps = tuple[np.ndarray, np.ndarray, TypeMap | None]
+"""NP probability (H, W), HV (2, H, W), and the type probabilities on the type head's grid (or None)."""
 
 
 DIHEDRAL = _VIEWS[8]
@@ -60,13 +62,13 @@ def _from_view(maps: Maps, t: bool, fx: bool, fy: bool) -> Maps:
     np_prob, hv, tp = maps
     hv = hv.copy()
     if fy:
-        np_prob, hv, tp = np_prob[::-1], hv[:, ::-1], None if tp is None else tp[:, ::-1]
+        np_prob, hv, tp = np_prob[::-1], hv[:, ::-1], None if tp is None else tp.mirrored(0)
         hv[1] = -hv[1]
     if fx:
-        np_prob, hv, tp = np_prob[:, ::-1], hv[:, :, ::-1], None if tp is None else tp[:, :, ::-1]
+        np_prob, hv, tp = np_prob[:, ::-1], hv[:, :, ::-1], None if tp is None else tp.mirrored(1)
         hv[0] = -hv[0]
     if t:
-        np_prob, hv, tp = np_prob.T, hv[::-1].transpose(0, 2, 1), None if tp is None else tp.transpose(0, 2, 1)
+        np_prob, hv, tp = np_prob.T, hv[::-1].transpose(0, 2, 1), None if tp is None else tp.transposed()
     return np_prob, hv, tp
 
 
@@ -79,19 +81,22 @@ def view_maps(run: Callable[[np.ndarray], Maps], image: np.ndarray, views: int) 
     padded = pad_to_stride(image)
     for t, fx, fy in _VIEWS[views]:
         np_prob, hv, tp = _from_view(run(to_view(padded, t, fx, fy)), t, fx, fy)
-        yield np_prob[:h, :w], hv[:, :h, :w], None if tp is None else tp[:, :h, :w]
+        yield np_prob[:h, :w], hv[:, :h, :w], None if tp is None else tp.crop(h, w)
 
 
 def run_views(run: Callable[[np.ndarray], Maps], image: np.ndarray, views: int = 1) -> Maps:
     """The maps of ``image`` ((H, W, 3) RGB) averaged over ``views`` views; ``run`` maps an RGB array to (NP
     probability, HV, type probabilities or None) of its size (with 1 view it gets ``image`` itself, with more
-    the stride-padded image's views)."""
+    the stride-padded image's views). The type maps are averaged on their own grid (``models.typemap``)."""
     check_views(views, "views")
     if views == 1:
         return run(image)
     sums: list[np.ndarray | None] = [None, None, None]
-    for maps in view_maps(run, image, views):  # one view at a time: a region's maps are large
-        for i, m in enumerate(maps):
+    stride = 1
+    for np_view, hv_view, tp_view in view_maps(run, image, views):  # one view at a time: a region's maps are large
+        if tp_view is not None:
+            stride = tp_view.stride
+        for i, m in enumerate((np_view, hv_view, None if tp_view is None else tp_view.prob)):
             if m is not None:
                 s = sums[i]
                 if s is None:
@@ -104,5 +109,5 @@ def run_views(run: Callable[[np.ndarray], Maps], image: np.ndarray, views: int =
     scale = np.float32(1.0 / views)
     np_prob = np.ascontiguousarray(np_sum * scale)
     hv = np.ascontiguousarray(hv_sum * scale)
-    tp = None if tp_sum is None else np.ascontiguousarray(tp_sum * scale)
+    tp = None if tp_sum is None else TypeMap(np.ascontiguousarray(tp_sum * scale), stride)
     return np_prob, hv, tp

@@ -13,7 +13,10 @@ STRIDE = 16  # total downsampling: input sides must be multiples of this
 BLOCK_CHOICES = ("basic", "bottleneck")
 DECODER_CHOICES = ("plain", "bottleneck")
 HEADS_CHOICES = ("separate", "shared")
-TYPE_HEAD_CHOICES = ("stride2", "context")
+TYPE_STRIDES = {"stride2": 2, "context": 4}
+"""The TP head choices and the stride of each one's own output grid: the network computes the type logits on it,
+and inference keeps them there (:class:`histoseg.models.typemap.TypeMap`)."""
+TYPE_HEAD_CHOICES = tuple(TYPE_STRIDES)
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,11 @@ class NetConfig:
     decoder: str = "plain"  # decoder fusion: one of DECODER_CHOICES
     heads: str = "separate"  # NP and HV branches: one of HEADS_CHOICES
     type_head: str = "stride2"  # the TP head (when n_types > 0): one of TYPE_HEAD_CHOICES
+
+    @property
+    def type_stride(self) -> int:
+        """Input pixels per cell of the type head's own output grid (:data:`TYPE_STRIDES`)."""
+        return TYPE_STRIDES[self.type_head]
 
     def to_dict(self) -> dict[str, object]:
         """The card's architecture record; a switch at its default is left out, so older cards stay byte-identical."""

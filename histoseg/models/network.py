@@ -98,22 +98,22 @@ class Head(nn.Module):
 
 
 class TypeHead(nn.Module):
-    """Type branch: refine at stride 2, per-class logits, nearest upsampling to the input grid."""
+    """Type branch: refine at stride 2, per-class logits at stride 2."""
 
     def __init__(self, c_half: int, c_mid: int, out: int) -> None:
         super().__init__()
         self.refine = conv_bn(c_half, c_mid)
         self.out = nn.Conv2d(c_mid, out, 1)
 
-    def forward(self, d2: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def forward(self, d2: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.out(self.refine(d2))
-        return F.interpolate(logits, size=skip.shape[-2:], mode="nearest")
+        return logits
 
 
 class ContextTypeHead(nn.Module):
     """Type branch on the encoder's context: stride-16 features reduced (1x1) and brought to stride 8, fused
     with the stride-8 features and refined, brought to stride 4 and fused with the decoder's stride-4 map,
-    per-class logits, nearest upsampling to the input grid. About 7% of the default network's MACs (most of
+    per-class logits at stride 4. About 7% of the default network's MACs (most of
     it at stride 4); its receptive field lies within the NP/HV heads' (108 px at width 32), so the halo is the
     same."""
 
@@ -126,12 +126,12 @@ class ContextTypeHead(nn.Module):
         self.fuse4 = conv_bn(c8 + 2 * width, c4)
         self.out = nn.Conv2d(c4, out, 1)
 
-    def forward(self, f16: torch.Tensor, f8: torch.Tensor, d4: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    def forward(self, f16: torch.Tensor, f8: torch.Tensor, d4: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(self.refine16(f16), size=f8.shape[-2:], mode="nearest")
         x = self.refine8(self.fuse8(torch.cat([x, f8], dim=1)))
         x = F.interpolate(x, size=d4.shape[-2:], mode="nearest")
         logits: torch.Tensor = self.out(self.fuse4(torch.cat([x, d4], dim=1)))
-        return F.interpolate(logits, size=size, mode="nearest")
+        return logits
 
 
 class NucleiNet(nn.Module):
@@ -139,7 +139,8 @@ class NucleiNet(nn.Module):
 
     ``forward`` returns a dict: ``np`` (B, 2, H, W) logits, ``hv`` (B, 2, H, W) in [-1, 1] (tanh),
     and ``tp`` (B, n_types, H, W) per-class logits (independent sigmoids, no background channel) when the
-    model has a type head.
+    model has a type head: upsampled from the head's grid to every pixel (nearest), or with ``native_types``
+    on the head's own grid (``cfg.type_stride`` pixels a cell; what inference keeps, ``models.typemap``).
     """
 
     def __init__(self, cfg: NetConfig) -> None:
@@ -191,7 +192,7 @@ class NucleiNet(nn.Module):
         d4 = self.dec4(self._up_cat(d, feats[1]))
         return s0, feats, d4, self.dec2(self._up_cat(d4, feats[0]))
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, native_types: bool = False) -> dict[str, torch.Tensor]:
         s0, feats, d4, d = self.trunk(x)
         if self.head is not None:
             y = self.head(d, s0)
@@ -200,10 +201,12 @@ class NucleiNet(nn.Module):
             out = {"np": self.np_head(d, s0), "hv": torch.tanh(self.hv_head(d, s0))}
         else:  # unreachable: __init__ builds either the shared trunk or both branches
             raise RuntimeError("network built without NP/HV heads")
-        if isinstance(self.tp_head, ContextTypeHead):
-            out["tp"] = self.tp_head(feats[3], feats[2], d4, s0.shape[-2:])
-        elif self.tp_head is not None:
-            out["tp"] = self.tp_head(d, s0)
+        if self.tp_head is not None:
+            if isinstance(self.tp_head, ContextTypeHead):
+                tp = self.tp_head(feats[3], feats[2], d4)
+            else:
+                tp = self.tp_head(d)
+            out["tp"] = tp if native_types else F.interpolate(tp, size=s0.shape[-2:], mode="nearest")
         return out
 
 

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+from histoseg.models.typemap import TypeMap
 from histoseg.postprocess.outlines import PIXEL_EDGES, label_outlines
 from histoseg.postprocess.pixelsums import LabelledPixels
 from histoseg.types import InstanceTable, PlaneInfo
@@ -187,14 +188,19 @@ def decide_types(mean_tp: np.ndarray, weights: np.ndarray | tuple[float, ...] | 
 
 
 def _pixel_values(
-    px: LabelledPixels, image: np.ndarray, np_prob: np.ndarray, tp_prob: np.ndarray | None
+    px: LabelledPixels,
+    image: np.ndarray,
+    np_prob: np.ndarray,
+    tp_prob: TypeMap | None,
+    origin: tuple[int, int] = (0, 0),
 ) -> tuple[np.ndarray, ...]:
     """Per-pixel values summed per nucleus: hematoxylin, then each class's probability (typed) or the
-    nucleus probability (untyped), at the labelled pixels of ``px`` (images cropped alike)."""
+    nucleus probability (untyped), at the labelled pixels of ``px`` (image and NP map cropped alike; the type
+    map is the whole region's, ``origin`` is where ``px``'s pixel (0, 0) lies in it)."""
     hem = hematoxylin(px.take(image))
     if tp_prob is None:
         return hem, px.take(np_prob)
-    return (hem, *(px.take(tp_prob[c]) for c in range(tp_prob.shape[0])))
+    return (hem, *tp_prob.take(px.y + origin[0], px.x + origin[1]))
 
 
 def measure_instances(
@@ -206,17 +212,17 @@ def measure_instances(
     origin_yx: tuple[int, int],
     image: np.ndarray,
     np_prob: np.ndarray,
-    tp_prob: np.ndarray | None,
+    tp_prob: TypeMap | None,
     plane: PlaneInfo,
     type_weights: tuple[float, ...] | None = None,
 ) -> InstanceTable:
     """Measure the instances ``keep`` (label ids) of ``labels`` whose pixel [0, 0] is plane ``origin_yx``.
 
     ``centroids_yx`` are plane centroids aligned with ``keep`` (``instance_centroids`` with the same origin).
-    With a type map ``tp_prob`` ((C, H, W) independent per-class probabilities, no background channel) a
-    nucleus gets the class :func:`decide_types` picks from its mean probabilities over its mask (the highest,
-    after the card's ``type_weights``), and that class's mean as its probability; without one it is class 1
-    with its mean nucleus probability.
+    With a type map ``tp_prob`` (independent per-class probabilities, no background channel, on the type head's
+    grid: a pixel reads its cell) a nucleus gets the class :func:`decide_types` picks from its mean
+    probabilities over its mask (the highest, after the card's ``type_weights``), and that class's mean as its
+    probability; without one it is class 1 with its mean nucleus probability.
 
     Counts, moments, perimeter codes and means come from one pass over the label image
     (:mod:`histoseg.postprocess.pixelsums`) and the outlines from one trace of all of them
@@ -255,8 +261,7 @@ def measure_instances(
         else:  # not solid: made solid, and its figures are those of the solid crop
             mask, poly = _solid_outline(mask)
             crop = LabelledPixels(mask.astype(np.int32))
-            tp_crop = None if tp_prob is None else tp_prob[:, sl[0], sl[1]]
-            one = crop.sums(_pixel_values(crop, image[sl], np_prob[sl], tp_crop))
+            one = crop.sums(_pixel_values(crop, image[sl], np_prob[sl], tp_prob, (y0, x0)))
             first = np.array([1])
             area_px[i] = float(one.count[1])
             perim[i] = one.perimeter_px(first)[0]

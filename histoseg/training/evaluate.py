@@ -19,6 +19,7 @@ import numpy as np
 from histoseg.datasets import CRCHISTO_CLASSES, Sample, load_crchisto, load_dsb, load_monuseg
 from histoseg.errors import ConfigError
 from histoseg.inference import run_network
+from histoseg.inference.views import Maps
 from histoseg.metrics import (
     ClassificationTally,
     DetectionTally,
@@ -129,7 +130,7 @@ def evaluate(
     return {**res, "model": card.name, "model_mpp": card.mpp, "views": views}
 
 
-MapsFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+MapsFn = Callable[[np.ndarray], Maps]
 """RGB at the card's mpp -> (NP, HV, TP) maps: another engine in place of the PyTorch network (benchmarks)."""
 
 
@@ -146,8 +147,8 @@ def typed_nuclei_native(
     np_prob, hv, tp = maps(img) if maps is not None else run_network(net, card, img, bf16=bf16, views=views)
     params = WatershedParams(**card.postprocess) if card.postprocess else WatershedParams()
     px = LabelledPixels(separate_instances(np_prob, hv, card.mpp, params))
-    n_types = 0 if tp is None else tp.shape[0]
-    sums = px.sums(() if tp is None else tuple(px.take(tp[c]) for c in range(n_types)))
+    n_types = 0 if tp is None else tp.n_types
+    sums = px.sums(() if tp is None else tuple(tp.take(px.y, px.x)))
     ids = np.flatnonzero(sums.count[1:]) + 1
     if not len(ids):
         return np.zeros((0, 2)), np.zeros((0, n_types))

@@ -42,9 +42,10 @@ def measure_relations(
         counts: dict[str, int] = {}
         step = max(1, len(src.samples) // MAX_IMAGES)
         for s in list(src.samples)[::step][:MAX_IMAGES]:
-            _, _, tp = run_network(net, card, s.image, device=device)
-            if tp is None:
+            _, _, cells = run_network(net, card, s.image, device=device)
+            if cells is None:
                 continue
+            tp = cells.full(*s.image.shape[:2])
             for label, sel in _label_pixels(s, src, card.mpp):
                 if sel.any():
                     sums[label] = sums.get(label, np.zeros(len(types))) + tp[:, sel].sum(axis=1)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from histoseg.errors import ConfigError
+from histoseg.models.arch import TYPE_STRIDES
 from histoseg.training.labels import CRCHISTO_TO_TYPES, DEFAULT_TYPES
 
 VIEWS = 8  # dihedral views (inference.views.DIHEDRAL): the image mirrored 4 ways, and its transpose too
@@ -41,8 +42,7 @@ VIEWS = 8  # dihedral views (inference.views.DIHEDRAL): the image mirrored 4 way
 
 @dataclass
 class TypeHeadConfig:
-    """Every knob of a frozen-trunk type head (a training config with a ``trunk`` key); see
-    ``configs/default-types.yaml``."""
+    """Every knob of a frozen-trunk type head (a config with a ``trunk`` key); see ``configs/default-types.yaml``."""
 
     name: str = "default"  # artifact name: OUTPUT/NAME.safetensors + NAME.json
     output: str = "runs/default-types"
@@ -250,8 +250,8 @@ def _pixel_outputs(head: Any, x: _Sample, logits: bool) -> Any:
     """Per pixel of the classified nuclei (pixels, C): the head's logits (``logits``) or its probabilities."""
     import torch
 
-    z = head(x.f16.float(), x.f8.float(), x.d4.float(), x.d4.shape[-2:])
-    z = torch.nn.functional.interpolate(z, scale_factor=4, mode="nearest")[0][:, x.ys, x.xs].T  # (pixels, C)
+    s = TYPE_STRIDES["context"]  # the head's logits are on its own grid: a pixel reads its cell
+    z = head(x.f16.float(), x.f8.float(), x.d4.float())[0][:, x.ys // s, x.xs // s].T  # (pixels, C)
     return z if logits else torch.sigmoid(z)
 
 
@@ -283,7 +283,7 @@ def _precise_bn(head: Any, views: list[_Sample]) -> None:
     head.train()
     with torch.no_grad():
         for x in views:
-            head(x.f16.float(), x.f8.float(), x.d4.float(), x.d4.shape[-2:])
+            head(x.f16.float(), x.f8.float(), x.d4.float())
     for m in bns:
         m.momentum = 0.1
     head.eval()
