@@ -71,14 +71,24 @@ def tissue_mp(slide: Path) -> tuple[float, float, float]:
 def run_once(
     slide: Path, out: Path, workers: str, options: list[str], env: dict[str, str], mp: float
 ) -> dict[str, Any]:
-    """One ``histoseg segment`` in a child process; its figures (see the module docstring)."""
+    """One ``histoseg segment`` in a child process; its figures (see the module docstring).
+
+    The child runs in the work folder: ``python -m`` puts its working folder first on ``sys.path``, so run from
+    a source tree it would import that tree's ``histoseg`` whatever ``env``'s ``PYTHONPATH`` says, and an A/B of
+    two packages would measure one twice. ``package`` names the one it imported."""
     shutil.rmtree(out, ignore_errors=True)
+    slide, out = slide.resolve(), out.resolve()
+    child_env = {**os.environ, **env}
+    package = subprocess.run(
+        [sys.executable, "-c", "import histoseg; print(histoseg.__file__)"],
+        env=child_env, cwd=out.parent, capture_output=True, text=True, check=True,
+    ).stdout.strip()
     cmd = [sys.executable, "-m", "histoseg.cli.main", "segment", str(slide), "-o", str(out)]
     cmd += ["--workers", str(workers), "--no-report", *options]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with PeakRSS(children_only=True) as mem, GpuSampler() as gpu:
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=child_env, cwd=out.parent, capture_output=True, text=True)
         wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
@@ -87,6 +97,7 @@ def run_once(
     p, t = prov["processing"], {k: float(v) for k, v in prov["timings_s"].items()}
     t["adapt"] = float((prov.get("adaptation") or {}).get("seconds_total", 0.0) or 0.0)
     return {
+        "package": str(Path(package).parent),
         "wall_s": wall,
         "mp_per_s": mp / wall,
         "cpu_user_s": after.ru_utime - before.ru_utime,
@@ -114,6 +125,7 @@ def _row(label: str, r: dict[str, Any]) -> str:
         f"  {label:<8} {r['mp_per_s']:.3f} MP/s, wall {r['wall_s']:.1f} s, CPU {r['cpu_user_s']:.1f} user + "
         f"{r['cpu_sys_s']:.1f} sys s, peak RSS {r['peak_rss_gb']:.2f} GB, {r['regions']} regions of "
         f"{r['region_size']}, {r['nuclei']} nuclei, load {r['load']:.1f}\n"
+        f"           package: {r['package']}\n"
         + gpu
         + "           split: "
         + ", ".join(f"{k} {v:.1f} s ({100 * v / busy:.0f}%)" for k, v in split.items())

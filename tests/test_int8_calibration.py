@@ -51,7 +51,13 @@ def test_without_a_slide_int8_calibrates_on_monuseg_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The runtime is accepted without any dataset (``segment`` calibrates on the slide); a predictor given no
-    calibration file (library use, the benchmarks) needs the MoNuSeg training images and names them."""
+    calibration file (library use, the benchmarks) needs the MoNuSeg training images and names them. The
+    in-process engine cache starts empty: an engine compiled by an earlier test would skip the calibration."""
+    from collections import OrderedDict
+
+    from histoseg.inference import predict
+
+    monkeypatch.setattr(predict, "_ENGINES", OrderedDict())
     monkeypatch.setenv("HISTOSEG_DATA", str(tmp_path / "nowhere"))
     monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path / "cache"))
     assert rt.resolve_runtime("onnxruntime-int8").runtime == "onnxruntime-int8"

@@ -224,6 +224,31 @@ def test_int8_graph_keeps_the_output_convolutions_in_fp32(int8_cache: Path) -> N
     assert len(convs) > 10
 
 
+@pytest.mark.skipif(not rt.available("openvino-int8"), reason="openvino or onnxruntime not installed")
+@pytest.mark.parametrize("per_shape", [False, True], ids=["dynamic", "per-shape"])
+def test_openvino_int8_pixel_outputs_do_not_depend_on_the_input_shape(per_shape: bool, int8_cache: Path) -> None:
+    """What ``auto`` runs on AVX2-only x86 CPUs: the same pixels, seen in inputs of three shapes, get the same
+    outputs to the bit once they lie 192 px (the halo) inside every cut, so a slide's results cannot depend on
+    the region size. Both compilations (one per shape, int8's default for the memory budget, and one dynamic):
+    their static and dynamic kernels round some requantisations differently, so they are not compared with each
+    other; random inputs, on which they were seen to differ by up to 0.12 of a logit."""
+    from histoseg.inference.openvino_engine import OpenVinoEngine
+    from histoseg.inference.predict import _cached_engine
+
+    cached, _ = _cached_engine(resolve_model("default"), "openvino-int8", False)
+    assert isinstance(cached, OpenVinoEngine) and cached.per_shape  # int8 compiles per shape, as fp32 does
+    engine = OpenVinoEngine(cached._core, cached._model, cached._config, per_shape=per_shape, shapes_kept=4)
+    x = np.random.default_rng(0).standard_normal((1, 3, 640, 640), dtype=np.float32)
+    whole = engine(x)
+    narrow = engine(np.ascontiguousarray(x[..., :448]))  # cut at column 448: columns < 256 are 192 px inside
+    lower = engine(np.ascontiguousarray(x[..., 192:, :]))  # cut at row 192: rows >= 384 are 192 px inside
+    assert engine.compilations == (3 if per_shape else 1)
+    for name, out in whole.items():
+        f = x.shape[2] // out.shape[2]  # 1, or the type map's stride
+        np.testing.assert_array_equal(out[..., : 608 // f, : 256 // f], narrow[name][..., : 608 // f, : 256 // f])
+        np.testing.assert_array_equal(out[..., 384 // f :, :], lower[name][..., 192 // f :, :])
+
+
 def test_int8_cache_key_follows_weights_and_calibration_settings() -> None:
     base = q.CalibrationSettings()
     path = q.int8_path(Path("c"), "w1", base)

@@ -127,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "CPUs, Arm BF16, CUDA with bf16), fp32 elsewhere; provenance.json records the choice and why")
     seg.add_argument("--runtime", default=SegmentConfig.runtime, choices=list(RUNTIME_CHOICES),
                      help="engine of the network: auto = OpenVINO on the CPU where installed (1.5-1.6x PyTorch, same "
-                     "accuracy), in int8 calibrated on the slide on x86 CPUs without native bf16 (1.4x fp32, "
-                     "MoNuSeg-test PQ within 0.002, other nuclei at the margin), PyTorch elsewhere; torch is the "
-                     "reference; provenance.json records the engine and why")
+                     "accuracy), in int8 calibrated on the slide on x86 CPUs without native bf16 (1.0-1.4x fp32 "
+                     "by CPU, MoNuSeg-test PQ within 0.002, other nuclei at the margin), PyTorch elsewhere; torch is "
+                     "the reference; provenance.json records the engine and why")
     seg.add_argument("--views", type=int, default=SegmentConfig.views, choices=list(VIEW_CHOICES),
                      help="average the network's maps over 1, 4 (mirrored) or 8 (mirrored and transposed) views of "
                      "each region: better nuclei and types (typed model, MoNuSeg test: PQ 0.588 -> 0.603 with 4) at "

@@ -12,7 +12,17 @@ pages (:func:`histoseg.distributed.runner.worker_tunables`), which took the extr
 from ~17 s to ~2 s on a 10000² slide. Net cost there: ~2% of the wall time (2-core Intel
 Xeon, AVX-512 and AMX, fp32, 2 workers). In bf16 the buffers are half as large, two workers stay within the
 budget with one dynamic compilation (2.71 GB), and the compilations cost more than they save (network time
-+23% there), so :func:`histoseg.inference.runtime.compile_engine` compiles per shape in fp32 only.
++23% there), so :func:`histoseg.inference.runtime.compile_engine` compiles per shape in fp32 and int8 only.
+
+int8 (what ``auto`` runs on x86 CPUs without native bf16) gains the same way. Alone, a process held ~0.72 GB
+after 1408² and 1152x1408 regions against ~0.99 GB with one dynamic compilation, at the same seconds per region;
+end to end (``benchmarks.throughput``, 10000² slide, 2 workers, both in one run; first-generation AMD EPYC, AVX2
+only) the peak fell from 2.86 to 2.15 GB for 8% more wall time (network +10%: the compilations and fresh buffers
+of shape changes), and with one dynamic compilation the 20000² slide had exceeded 3 GB (3.20 GB). Its outputs
+are not always bit-identical to the dynamic compilation's: the static int8 kernels round some requantisations
+differently (on real tissue the maps were equal to the bit and the slides' nuclei the same; on random inputs up
+to 0.12 of a logit). What the pipeline needs holds and is tested: a pixel's outputs do not depend on the input's
+shape, so the results do not depend on the region size.
 
 Why the hand-back: OpenVINO keeps the buffers of its last inference for as long as the compiled model
 lives, so that the next region does not pay to fault them in again (~0.45 s a time). That is right while

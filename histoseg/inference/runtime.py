@@ -109,7 +109,7 @@ def auto_int8(precision: str = "auto") -> tuple[bool, str]:
         return False, f"native bf16 ({why}): bf16 OpenVINO"
     if not available(AUTO_INT8_ENGINE):
         return False, "int8 needs onnxruntime (its quantiser), not installed here"
-    return True, "x86 CPU without native bf16: int8 calibrated on the slide, 1.4x fp32 at the same PQ"
+    return True, "x86 CPU without native bf16: int8 calibrated on the slide, 1.0-1.4x fp32 by CPU at the same PQ"
 
 
 def resolve_runtime(requested: str, device: str = "cpu", precision: str = "auto") -> RuntimeChoice:
@@ -241,8 +241,9 @@ def compile_engine(
             "ENABLE_CPU_PINNING": False,
         }
         core = ov.Core()
-        # fp32: compiled per input shape, for the memory budget; hands its buffers back when idle (see there)
-        per_shape = runtime == "openvino" and not bf16
+        # fp32 and int8: compiled per input shape, for the memory budget; hands its buffers back when idle (see
+        # there); bf16 keeps one dynamic compilation
+        per_shape = not bf16
         return OpenVinoEngine(core, core.read_model(str(path)), config, per_shape=per_shape)
     if engine == "onnxruntime":
         import onnxruntime as ort
