@@ -17,7 +17,8 @@ tissue, ``pipeline.calibrate``): on that VNNI CPU ONNX Runtime 2.52x and OpenVIN
 run (MoNuSeg calibration), MoNuSeg-test PQ -0.0004 / +0.0016 (the issue allows -0.005). On an AVX2-only AMD EPYC
 (7-bit weights): OpenVINO int8 1.42x OpenVINO fp32 on the network alone, MoNuSeg-test PQ 0.5762 against 0.5764
 and DSB (30) 0.3224 against 0.3242 with each image calibrated on itself, and 1.57x end to end with two workers on
-a 10000² real-tissue slide (0.305 against 0.194 MP/s). So ``auto`` runs **OpenVINO int8** on an x86-64 CPU
+a 10000² real-tissue slide (0.305 against 0.194 MP/s); on a first-generation EPYC (Zen 1, family 23 model 1) only
+1.0-1.1x fp32 on the network alone, at the same PQ. So ``auto`` runs **OpenVINO int8** on an x86-64 CPU
 without native bf16 (where fp32 would run otherwise) when the quantiser (``onnxruntime``) is installed and
 ``--precision`` is ``auto``; where the CPU has native bf16, OpenVINO bf16 as before (int8 there was not measured
 end to end); on Arm, OpenVINO fp32/bf16 (int8 accuracy was not measured on Arm).
