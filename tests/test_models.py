@@ -183,12 +183,13 @@ def test_receptive_radius_matches_hand_derivation(small_radius: int) -> None:
     assert receptive_radius(NetConfig(width=8, blocks=(0, 0, 0, 0))) == 48
 
 
-def test_receptive_field_numerically_all_phases(small_radius: int) -> None:
+def _measured_field(cfg: NetConfig) -> tuple[int, int, dict[int, tuple[int, int]]]:
     """Perturb one whole input row at a time in a random float64 network and see which output rows
     change. Sixteen consecutive perturbed rows cover every phase modulo STRIDE, and one forward pass
     shows the effect on every output row, so this measures the receptive field of every output phase
-    with no knowledge of the architecture."""
-    net = _random_net(SMALL, seed=1)
+    with no knowledge of the architecture. Returns how far above and below an output row an input row still
+    influences it, and those extents per output phase."""
+    net = _random_net(cfg, seed=1)
     h, w = 20 * STRIDE, STRIDE
     x0 = torch.rand(1, 3, h, w, dtype=torch.float64)
     rows = list(range(10 * STRIDE, 11 * STRIDE))  # 160..175: every residue mod 16, fields inside the image
@@ -211,9 +212,25 @@ def test_receptive_field_numerically_all_phases(small_radius: int) -> None:
         for p in affected:
             a, b = per_phase.get(p % STRIDE, (0, 0))
             per_phase[p % STRIDE] = (max(a, p - r), max(b, r - p))
+    return above, below, per_phase
+
+
+def test_receptive_field_numerically_all_phases(small_radius: int) -> None:
+    above, below, per_phase = _measured_field(SMALL)
     assert (above, below) == (108, 93)
     assert per_phase[0] == (108, 92)  # the hand-derived extents at phase 0
     assert small_radius == max(above, below)
+
+
+def test_receptive_radius_covers_every_phase_of_a_context_type_head() -> None:
+    """The context type head reads stride-16 features: at phase 3 of 16 its field reaches 3 px farther than at
+    phase 0 (measured by perturbation, as above). The radius is the largest over all phases, so a halo derived
+    from it covers every output pixel (one phase alone said 108 for the shipped typed default, whose field
+    reaches 111)."""
+    cfg = NetConfig(width=8, n_types=2, type_head="context")
+    above, below, per_phase = _measured_field(cfg)
+    assert max(above, below) > max(per_phase[0])  # phase 0 alone would underestimate this network
+    assert receptive_radius(cfg) == max(above, below) == 111
 
 
 def test_translation_equivariance_by_stride() -> None:

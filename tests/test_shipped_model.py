@@ -27,6 +27,17 @@ def test_default_is_registered_with_a_complete_card() -> None:
     assert "monuseg_test" in card.metrics
 
 
+@pytest.mark.parametrize("name", sorted(registered_models()))
+def test_shipped_cards_give_each_network_its_whole_receptive_field(name: str) -> None:
+    """The halo is derived from the card's radius, so the radius must be the network's whole field, every
+    output phase included (``receptive_radius``): a smaller one would let region borders change outputs."""
+    from histoseg.models import receptive_radius
+
+    card = resolve_model(name).card()
+    assert card.context_radius_px == receptive_radius(card.net)
+    assert card.halo_px() >= card.context_radius_px + card.max_nucleus_um / card.mpp
+
+
 @pytest.mark.parametrize("name", ["default", "lite"])
 def test_shipped_models_reach_card_segmentation_on_two_monuseg_test_images(name: str, shared_data: Path) -> None:
     """``default`` and the opt-in ``lite`` (the cheaper architecture, issue 13) reproduce their cards' figures

@@ -17,18 +17,32 @@ from histoseg.inference import run_network
 from histoseg.models import ModelCard, NetConfig, NucleiNet, load_model, resolve_model
 from histoseg.models.network import receptive_radius
 from histoseg.training.stats import feature_statistics
-from histoseg.training.typehead import TypeHeadConfig, instance_classes, train_type_head, view, weighted_f1
+from histoseg.training.typehead import (
+    TypeHeadConfig,
+    instance_classes,
+    train_type_head,
+    view,
+    weighted_f1,
+    with_types,
+)
 from histoseg.tta import TTASettings, adapt
 
 from .synthetic import random_nuclei, render
 
 
-def test_context_head_reads_no_farther_than_the_trunk() -> None:
-    """The context head's receptive field lies within the NP/HV heads': the halo, and so the exactness at
-    region borders, is unchanged by adding it."""
+def test_context_head_reaches_farther_and_its_card_and_halo_cover_it() -> None:
+    """The context head reads stride-16 features, so at some output phases its field reaches 3 px beyond the
+    NP/HV heads' (111 against 108 px, every phase measured: ``receptive_radius``). The typed card records the
+    larger radius, and the halo derived from it is still the untyped model's 192 px: adding the head leaves
+    the regions, and so the exactness at their borders, as they were."""
     for width in (8, 32):
         plain = receptive_radius(NetConfig(width=width))
-        assert receptive_radius(NetConfig(width=width, n_types=4, type_head="context")) == plain
+        assert (plain, receptive_radius(NetConfig(width=width, n_types=4, type_head="context"))) == (108, 111)
+    shipped = resolve_model("default").card()
+    trunk = replace(shipped, net=replace(shipped.net, n_types=0), context_radius_px=108, class_names=("Nucleus",))
+    typed = with_types(TypeHeadConfig(), trunk)
+    assert typed.net.type_head == "context" and typed.context_radius_px == 111
+    assert typed.halo_px() == trunk.halo_px() == 192
     with pytest.raises(ValueError, match="type_head"):
         NetConfig(n_types=4, type_head="wide")
 
