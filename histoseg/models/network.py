@@ -114,8 +114,8 @@ class ContextTypeHead(nn.Module):
     """Type branch on the encoder's context: stride-16 features reduced (1x1) and brought to stride 8, fused
     with the stride-8 features and refined, brought to stride 4 and fused with the decoder's stride-4 map,
     per-class logits at stride 4. About 7% of the default network's MACs (most of
-    it at stride 4); its receptive field lies within the NP/HV heads' (108 px at width 32), so the halo is the
-    same."""
+    it at stride 4); at some output phases its receptive field reaches 3 px beyond the NP/HV heads' (111
+    against 108 px at widths 8 and 32), which the halo's rounding to the stride absorbs for the shipped default."""
 
     def __init__(self, width: int, out: int) -> None:
         super().__init__()
