@@ -140,7 +140,7 @@ def test_default_adaptation_does_not_depend_on_region_size(
             pytest.skip("bf16 is emulated on this CPU (about 100x slower)")
     slide = shared_data / "slides" / "aperio-cmu1-small" / "CMU-1-Small-Region.svs"
     runs = []
-    for size in (512, 1024):
+    for size in (768, 2048):  # region borders at 768 and 1536 in one run, at 2048 in the other
         out = tmp_path / str(size)
         args = ["segment", str(slide), "-o", str(out), "--region-size", str(size), "--precision", precision,
                 "--no-report"]
