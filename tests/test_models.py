@@ -1,8 +1,8 @@
-"""Tests of ``histoseg.models``: the network, the model card, the safetensors registry.
+"""Tests of ``histoseg.models``: the network's outputs, the model card, the safetensors registry (the receptive
+field: ``test_receptive_field.py``).
 
-Every expected number here is derived independently of the code under test: the receptive radius by
-hand from the layer list (see ``test_receptive_radius_matches_hand_derivation``) and numerically by
-perturbing input rows of a random float64 network; the halo by the formula of design section 4.
+Every expected number here is derived independently of the code under test; the halo by the formula of design
+section 4.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from histoseg.errors import ModelError
 from histoseg.models import (
@@ -26,41 +25,16 @@ from histoseg.models import (
     NetConfig,
     NucleiNet,
     load_model,
-    receptive_radius,
     registered_models,
     resolve_model,
     save_model,
 )
 from histoseg.models.network import STRIDE
 
-SMALL = NetConfig(width=8)  # blocks (1, 1, 1, 1), no type head
+from .nets import SMALL, random_net
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _random_net(cfg: NetConfig, seed: int = 0, dtype: torch.dtype = torch.float64) -> NucleiNet:
-    """A network in eval mode whose every weight, bias and BatchNorm buffer is random.
-
-    Convolutions get He-normal weights so that a signal keeps its magnitude through the ~25 layers
-    (the default init shrinks it by orders of magnitude, which would make far-away influence hard to
-    tell from rounding). BatchNorm statistics are random so that a lost buffer changes the outputs.
-    """
-    torch.manual_seed(seed)
-    net = NucleiNet(cfg).to(dtype)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                if m.bias is not None:
-                    m.bias.uniform_(-0.1, 0.1)
-            elif isinstance(m, nn.BatchNorm2d):
-                assert m.running_mean is not None and m.running_var is not None
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-    return net.eval()
 
 
 def _card(net: NetConfig = SMALL, **kw: Any) -> ModelCard:
@@ -107,7 +81,7 @@ def test_type_logits_on_the_head_grid_are_the_upsampled_ones(type_head: str) -> 
     from histoseg.models.typemap import TypeMap
 
     cfg = NetConfig(width=8, n_types=3, type_head=type_head)
-    net = _random_net(cfg, dtype=torch.float32)
+    net = random_net(cfg, dtype=torch.float32)
     h, w = 3 * STRIDE, 5 * STRIDE
     x = torch.rand(1, 3, h, w)
     with torch.no_grad():
@@ -124,7 +98,7 @@ def test_type_logits_on_the_head_grid_are_the_upsampled_ones(type_head: str) -> 
 @pytest.mark.parametrize("n_types", [0, 3])
 def test_output_shapes_and_ranges(n_types: int) -> None:
     cfg = NetConfig(width=8, n_types=n_types)
-    net = _random_net(cfg, dtype=torch.float32)
+    net = random_net(cfg, dtype=torch.float32)
     # make the HV pre-activations huge so that the bound is reached: without the tanh they would be >> 1
     with torch.no_grad():
         net.hv_head.out.weight.mul_(1000.0)
@@ -145,116 +119,6 @@ def test_output_shapes_and_ranges(n_types: int) -> None:
     assert bool((hv > 0.5).any()) and bool((hv < -0.5).any())  # both signs are produced
     # np is logits, not probabilities: a random net produces values outside [0, 1]
     assert float(out["np"].max() - out["np"].min()) > 1.0
-
-
-@pytest.fixture(scope="module")
-def small_radius() -> int:
-    """``receptive_radius(SMALL)``, computed once (a few seconds of float64 autograd)."""
-    return receptive_radius(SMALL)
-
-
-def test_receptive_radius_matches_hand_derivation(small_radius: int) -> None:
-    """Hand derivation for NetConfig(width=8), blocks (b1, b2, b3, b4) = (1, 1, 1, 1).
-
-    Work in 1-D (every layer is a square 3x3 convolution, a 1x1 convolution or a nearest 2x upsample,
-    so the receptive field is a product of two intervals). Rules, from output interval [lo, hi] back to
-    input: 3x3 conv, stride s, padding 1 -> [s*lo - 1, s*hi + 1]; nearest 2x upsample -> [lo//2, hi//2];
-    ResBlock (two 3x3 convs) -> [lo - 2, hi + 2]. Output pixel p = 0 (a multiple of STRIDE):
-
-        out 1x1                          [0, 0]
-        head.full 3x3 (full res)         [-1, 1]   -> stem skip s0: [-1, 1]
-        upsample to full                 [-1, 0]   (refine output, stride 2)
-        head.refine 3x3                  [-2, 1]   (d2, stride 2)
-        dec2 3x3                         [-3, 2]   -> f1 skip [-3, 2]; upsample -> dec4 [-2, 1]
-        dec4 3x3                         [-3, 2]   -> f2 skip [-3, 2]; upsample -> dec8 [-2, 1]
-        dec8 3x3                         [-3, 2]   -> f3 skip [-3, 2]; upsample -> f4 [-2, 1]
-        stage 4: ResBlock, conv s2       [-4, 3] -> f3 [-9, 7]     (hull with skip [-3, 2])
-        stage 3: ResBlock, conv s2       [-11, 9] -> f2 [-23, 19]
-        stage 2: ResBlock, conv s2       [-25, 21] -> f1 [-51, 43]
-        stage 1: ResBlock, conv s2       [-53, 45] -> s0 [-107, 91]
-        stem 3x3                         x [-108, 92]
-
-    In general the extent above/left is 48 + 4*(b1 + 2*b2 + 4*b3 + 8*b4) and below/right
-    32 + 4*(b1 + 2*b2 + 4*b3 + 8*b4) at this phase; so (1, 1, 1, 1) -> 108 and (0, 0, 0, 0) -> 48.
-    Other phases p mod 16 reach at most 107 on one side and 93 on the other
-    (checked numerically in ``test_receptive_field_numerically_all_phases``), so the radius is 108.
-    """
-    assert small_radius == 108
-    assert receptive_radius(NetConfig(width=8, blocks=(0, 0, 0, 0))) == 48
-
-
-def _measured_field(cfg: NetConfig) -> tuple[int, int, dict[int, tuple[int, int]]]:
-    """Perturb one whole input row at a time in a random float64 network and see which output rows
-    change. Sixteen consecutive perturbed rows cover every phase modulo STRIDE, and one forward pass
-    shows the effect on every output row, so this measures the receptive field of every output phase
-    with no knowledge of the architecture. Returns how far above and below an output row an input row still
-    influences it, and those extents per output phase."""
-    net = _random_net(cfg, seed=1)
-    h, w = 20 * STRIDE, STRIDE
-    x0 = torch.rand(1, 3, h, w, dtype=torch.float64)
-    rows = list(range(10 * STRIDE, 11 * STRIDE))  # 160..175: every residue mod 16, fields inside the image
-    xs = x0.repeat(len(rows) + 1, 1, 1, 1)
-    for k, r in enumerate(rows):
-        xs[k + 1, :, r, :] += 1.0
-    with torch.no_grad():
-        out = net(xs)
-    # largest change per (perturbation, output row) over heads, channels and columns
-    diff = torch.stack([(o[1:] - o[:1]).abs().amax(dim=(1, 3)) for o in out.values()]).amax(0)
-    # inside the field the effect is >= ~1e-6 with this init; outside it is exactly 0 (same inputs,
-    # same arithmetic); 1e-9 separates the two with a wide margin either way
-    above = below = 0  # how far above / below an output row an input row still influences it
-    per_phase: dict[int, tuple[int, int]] = {}
-    for k, r in enumerate(rows):
-        affected = torch.nonzero(diff[k] > 1e-9).flatten().tolist()
-        assert affected == list(range(affected[0], affected[-1] + 1))  # the field is one interval
-        above = max(above, affected[-1] - r)
-        below = max(below, r - affected[0])
-        for p in affected:
-            a, b = per_phase.get(p % STRIDE, (0, 0))
-            per_phase[p % STRIDE] = (max(a, p - r), max(b, r - p))
-    return above, below, per_phase
-
-
-def test_receptive_field_numerically_all_phases(small_radius: int) -> None:
-    above, below, per_phase = _measured_field(SMALL)
-    assert (above, below) == (108, 93)
-    assert per_phase[0] == (108, 92)  # the hand-derived extents at phase 0
-    assert small_radius == max(above, below)
-
-
-def test_receptive_radius_covers_every_phase_of_a_context_type_head() -> None:
-    """The context type head reads stride-16 features: at phase 3 of 16 its field reaches 3 px farther than at
-    phase 0 (measured by perturbation, as above). The radius is the largest over all phases, so a halo derived
-    from it covers every output pixel (one phase alone said 108 for the shipped typed default, whose field
-    reaches 111)."""
-    cfg = NetConfig(width=8, n_types=2, type_head="context")
-    above, below, per_phase = _measured_field(cfg)
-    assert max(above, below) > max(per_phase[0])  # phase 0 alone would underestimate this network
-    assert receptive_radius(cfg) == max(above, below) == 111
-
-
-def test_translation_equivariance_by_stride() -> None:
-    """Shifting the input by multiples of STRIDE shifts every head's output by the same amount, away
-    from the borders (where zero padding differs); a shift of STRIDE / 2 does not."""
-    net = _random_net(NetConfig(width=8, n_types=2), seed=2)
-    radius = 108  # hand-derived above
-    dy, dx = STRIDE, 2 * STRIDE
-    size = 16 * STRIDE  # 256: leaves 256 - 2 * 109 = 38 output pixels whose field is inside the input
-    x = torch.rand(1, 3, size + dy, size + dx, dtype=torch.float64)
-    with torch.no_grad():
-        ref = net(x)
-        shifted = net(x[:, :, dy : dy + size, dx : dx + size])
-        half = net(x[:, :, STRIDE // 2 : STRIDE // 2 + size, dx : dx + size])
-    lo, hi = radius + 1, size - radius - 1  # outputs whose whole field lies inside both inputs
-    assert hi - lo >= 2 * STRIDE
-    for key in ("np", "hv", "tp"):
-        a = shifted[key][..., lo:hi, lo:hi]
-        b = ref[key][..., dy + lo : dy + hi, dx + lo : dx + hi]
-        assert a.std() > 1e-3  # not a constant map
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
-    c = half["np"][..., lo:hi, lo:hi]
-    d = ref["np"][..., STRIDE // 2 + lo : STRIDE // 2 + hi, dx + lo : dx + hi]
-    assert float((c - d).abs().max()) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -353,7 +217,7 @@ def test_card_with_non_positive_mpp_is_malformed(mpp: float) -> None:
 
 
 def test_card_with_wrong_number_of_stages_is_malformed(tmp_path: Path) -> None:
-    art = save_model(_random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
+    art = save_model(random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
     d = json.loads(art.card_path.read_text())
     d["architecture"]["blocks"] = [1, 1, 1]
     art.card_path.write_text(json.dumps(d))
@@ -367,7 +231,7 @@ def test_card_with_wrong_number_of_stages_is_malformed(tmp_path: Path) -> None:
 
 def test_save_resolve_load_round_trip(tmp_path: Path) -> None:
     cfg = NetConfig(width=8, n_types=2)
-    net = _random_net(cfg, seed=3, dtype=torch.float32)
+    net = random_net(cfg, seed=3, dtype=torch.float32)
     card = _rich_card()
     card.net = cfg
     x = torch.rand(2, 3, 4 * STRIDE, 3 * STRIDE)
@@ -410,7 +274,7 @@ def test_resolve_unknown_name(tmp_path: Path) -> None:
 def test_resolve_missing_weights_or_card(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not found"):
         resolve_model(str(tmp_path / "absent.safetensors"))
-    art = save_model(_random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
+    art = save_model(random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
     art.card_path.unlink()
     with pytest.raises(ModelError, match="model card not found"):
         resolve_model(str(art.weights))
@@ -418,7 +282,7 @@ def test_resolve_missing_weights_or_card(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("corruption", ["empty", "truncated", "garbage", "header-only"])
 def test_corrupted_weights_raise_model_error(corruption: str, tmp_path: Path) -> None:
-    art = save_model(_random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
+    art = save_model(random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
     raw = art.weights.read_bytes()
     data = {
         "empty": b"",
@@ -433,21 +297,21 @@ def test_corrupted_weights_raise_model_error(corruption: str, tmp_path: Path) ->
 
 
 def test_weights_of_another_width_raise_model_error(tmp_path: Path) -> None:
-    art = save_model(_random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
+    art = save_model(random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
     _card(net=NetConfig(width=16)).save(art.card_path)
     with pytest.raises(ModelError):
         load_model(resolve_model(str(art.weights)))
 
 
 def test_a_type_head_needs_one_card_class_per_type(tmp_path: Path) -> None:
-    art = save_model(_random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
+    art = save_model(random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
     _card(net=NetConfig(width=8, n_types=3)).save(art.card_path)  # 3 types, 1 class
     with pytest.raises(ModelError, match="n_types is 3 but the card lists 1 classes"):
         load_model(resolve_model(str(art.weights)))
 
 
 def test_weights_without_the_type_head_raise_model_error(tmp_path: Path) -> None:
-    art = save_model(_random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
+    art = save_model(random_net(SMALL, dtype=torch.float32), _card(), tmp_path / "m.safetensors")
     typed = _card(net=NetConfig(width=8, n_types=3), class_names=("A", "B", "C"), class_colors=((1, 2, 3),) * 3)
     typed.save(art.card_path)
     with pytest.raises(ModelError, match="do not match"):
@@ -532,7 +396,7 @@ LITE = NetConfig(width=8, blocks=(1, 2, 2, 2), block="bottleneck", decoder="bott
 
 
 def test_cheaper_architecture_switches_build_and_predict() -> None:
-    net = _random_net(LITE, dtype=torch.float32)
+    net = random_net(LITE, dtype=torch.float32)
     assert net.head is not None and net.np_head is None and net.hv_head is None
     x = torch.rand(1, 3, 2 * STRIDE, 3 * STRIDE)
     with torch.no_grad():
