@@ -5,7 +5,9 @@ nothing left running after close; ``segment`` starts ahead unless an interrupted
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,9 +55,9 @@ class _Recorder:
 def test_prestart_returns_at_once_and_the_first_request_waits_for_that_start() -> None:
     rec = _Recorder(hold=True)
     lazy = LazyRunner(rec)
-    lazy.prestart(10)  # returns while the start is held
+    lazy.prestart(range(10))  # returns while the start is held
     assert rec.entered.wait(10) and not lazy.started
-    lazy.prestart(10)  # already starting: no second start
+    lazy.prestart(range(10))  # already starting: no second start
     got: list[object] = []
     asker = threading.Thread(target=lambda: got.append(lazy.runner()))
     asker.start()
@@ -73,18 +75,18 @@ def test_prestart_returns_at_once_and_the_first_request_waits_for_that_start() -
 def test_a_failed_background_start_is_raised_by_the_first_request_and_never_retried() -> None:
     rec = _Recorder(error=ConfigError("no such queue"))
     lazy = LazyRunner(rec)
-    lazy.prestart(5)
+    lazy.prestart(range(5))
     for _ in range(2):
         with pytest.raises(ConfigError, match="no such queue"):
             lazy.runner()
-    lazy.prestart(5)
+    lazy.prestart(range(5))
     assert rec.threads == ["histoseg-prestart"]
 
 
 def test_close_waits_for_a_start_under_way_and_closes_what_it_started() -> None:
     rec = _Recorder(hold=True)
     lazy = LazyRunner(rec)
-    lazy.prestart(5)
+    lazy.prestart(range(5))
     assert rec.entered.wait(10)
     closer = threading.Thread(target=lazy.close)
     closer.start()
@@ -95,7 +97,7 @@ def test_close_waits_for_a_start_under_way_and_closes_what_it_started() -> None:
     assert len(rec.closed) == 1  # ... then closes the runner it gave: nothing is left running
     with pytest.raises(HistosegError, match="closed"):
         lazy.runner()
-    lazy.prestart(5)  # closed: nothing starts
+    lazy.prestart(range(5))  # closed: nothing starts
     assert rec.threads == ["histoseg-prestart"]
 
 
@@ -105,14 +107,14 @@ def test_prestart_leaves_in_process_runners_to_the_thread_that_runs_their_tasks(
     neither ``--workers 1`` nor the small runner of a few tasks starts ahead; worker processes do."""
     big, small = _Recorder(), _Recorder()
     lazy = LazyRunner(big, small=small, small_below=4)
-    lazy.prestart(3)  # the small runner would be chosen: left to the first request
+    lazy.prestart(range(3))  # the small runner would be chosen: left to the first request
     assert not lazy.started and small.threads == [] and big.threads == []
     lazy.runner(3)
     assert small.threads == [threading.current_thread().name] and big.threads == []
     lazy.close()
     one = open_runner(ClusterSpec(workers=1), lazy=True)
     assert isinstance(one, LazyRunner)
-    one.prestart(100)
+    one.prestart(range(100))
     assert not one.started and "histoseg-prestart" not in [t.name for t in threading.enumerate()]
     assert isinstance(one.runner(100), InProcessRunner)
     one.close()
@@ -133,9 +135,9 @@ class _Asked(LazyRunner):
         super().__init__(start)
         self.asked: list[int] = []
 
-    def prestart(self, tasks: int) -> None:
-        self.asked.append(tasks)
-        super().prestart(tasks)
+    def prestart(self, items: Sequence[Any]) -> None:
+        self.asked.append(len(items))
+        super().prestart(items)
 
 
 @pytest.mark.parametrize("interrupted", [False, True])

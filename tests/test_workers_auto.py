@@ -23,16 +23,18 @@ from histoseg.config import MAX_WORKERS, SegmentConfig
 from histoseg.distributed import ClusterSpec
 from histoseg.distributed.capacity import (
     GPU_WORKER_MEMORY,
-    SMALL_SLIDE_REGIONS,
+    SMALL_SLIDE_INPUT,
     WORKER_MEMORY,
     Capacity,
     gpu_free_memory,
     machine_capacity,
+    network_input,
     usable_cores,
 )
 from histoseg.distributed.lazy import LazyRunner
 from histoseg.distributed.runner import InProcessRunner
 from histoseg.pipeline import segment_batch
+from histoseg.tiling.regions import TISSUE_CELL, plan_regions
 
 
 def test_capacity_takes_the_smaller_of_cores_and_memory() -> None:
@@ -111,13 +113,26 @@ def test_lazy_runner_takes_the_small_runner_for_a_small_first_request() -> None:
     def start(kind: str) -> Callable[[], InProcessRunner]:
         return lambda: started.append(kind) or InProcessRunner()
 
-    for tasks, kind in ((SMALL_SLIDE_REGIONS - 1, "small"), (SMALL_SLIDE_REGIONS, "workers")):
-        lazy = LazyRunner(start("workers"), small=start("small"), small_below=SMALL_SLIDE_REGIONS)
+    for tasks, kind in ((11, "small"), (12, "workers")):
+        lazy = LazyRunner(start("workers"), small=start("small"), small_below=12)  # the default size: the count
         assert sorted(r for _, r in lazy.imap_unordered(lambda x: x + 1, range(tasks))) == list(range(1, tasks + 1))
         assert started[-1] == kind
         list(lazy.imap_unordered(lambda x: x, range(50)))  # later requests keep the runner started first
         assert len(started) == (1 if kind == "small" else 2)
         lazy.close()
+
+
+def test_a_slide_is_small_by_the_pixels_its_regions_give_the_network() -> None:
+    """The work of regions is their read boxes' area (tissue box plus halo; beyond the slide's edge the network still
+    reads padding), not their count: one region of 2048 px is more work than eight slivers."""
+    plane = (4096, 4096)
+    big = plan_regions(plane, 2048, 192)[:1]
+    assert network_input(big) == (2048 + 2 * 192) ** 2 > SMALL_SLIDE_INPUT
+    cells = np.zeros((4096 // TISSUE_CELL, 4096 // TISSUE_CELL), bool)
+    cells[::16, ::16] = True  # one 32-px tissue cell in each 512-px core
+    slivers = plan_regions(plane, 512, 192, cells)[:8]
+    assert len(slivers) == 8 and network_input(slivers) == sum((r.read.w * r.read.h) for r in slivers)
+    assert network_input(slivers) <= 8 * (32 + 2 * 192) ** 2 < SMALL_SLIDE_INPUT
 
 
 def _tissue_png(path: Path, side: int) -> Path:
@@ -132,11 +147,12 @@ def _tissue_png(path: Path, side: int) -> Path:
 def test_auto_runs_a_lone_small_slide_in_this_process_and_starts_workers_for_more(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The Dask dashboard line is logged when a cluster starts: none for 4 regions, one for 16 (real workers),
-    and the nuclei are the same either way."""
+    """The Dask dashboard line is logged when a cluster starts: none for 16 regions whose read boxes give the
+    network 3.9 MP (under ``SMALL_SLIDE_INPUT``), one for 29 regions, 6.1 MP (real workers), and the nuclei are the
+    same either way."""
     png = _tissue_png(tmp_path / "tissue.png", 512)
     tables = {}
-    for region, cluster_started in ((256, False), (128, True)):  # 4 and 16 regions of 512² px
+    for region, cluster_started in ((128, False), (96, True)):  # 16 and 29 regions of 512² px
         cfg = SegmentConfig(slide_mpp=0.5, region_size=region, tta="none", report=False, formats=("parquet",))
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="histoseg"):
@@ -147,4 +163,4 @@ def test_auto_runs_a_lone_small_slide_in_this_process_and_starts_workers_for_mor
         record = json.loads((out / "tissue" / "provenance.json").read_text())
         assert record["processing"]["workers"] == (2 if cluster_started else 1)
         tables[region] = pd.read_parquet(out / "tissue" / "tissue.nuclei.parquet")
-    assert len(tables[256]) == len(tables[128]) > 10
+    assert len(tables[128]) == len(tables[96]) > 10

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,7 +156,8 @@ def open_runner(
     default_log_directory: str | Path | None = None,
     *,
     lazy: bool = False,
-    small_below: int = 0,
+    small_below: float = 0,
+    size: Callable[[Sequence[Any]], float] = len,
 ) -> TaskRunner:
     """Start (or connect to) the cluster described by ``spec``; the caller closes the runner.
 
@@ -164,13 +165,14 @@ def open_runner(
     ``lazy=True`` nothing starts before the first task: a batch whose slides are all done submits no job.
     ``default_log_directory``: where job-queue workers write their logs when neither a flag nor the
     config file says (the batch uses ``OUT/_cluster_logs``). ``small_below`` (lazy, local worker processes
-    only): a first request of fewer tasks runs in this process instead of starting the workers.
+    only): a first request whose work, ``size(items)`` (default: the number of tasks), is below it runs in this
+    process instead of starting the workers.
     """
     start = runner_factory(spec, default_log_directory)
     if not lazy:
         return start()
     if small_below > 0 and is_local_processes(spec) and spec.workers > 1:
-        return LazyRunner(start, small=lambda: make_runner(1), small_below=small_below)
+        return LazyRunner(start, small=lambda: make_runner(1), small_below=small_below, size=size)
     return LazyRunner(start, ahead=not (is_local_processes(spec) and spec.workers <= 1))  # in-process: no prestart
 
 

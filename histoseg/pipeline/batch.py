@@ -24,7 +24,7 @@ from typing import Any
 
 from histoseg.config import SegmentConfig
 from histoseg.distributed import ClusterSpec, TaskRunner, open_runner
-from histoseg.distributed.capacity import SMALL_SLIDE_REGIONS
+from histoseg.distributed.capacity import SMALL_SLIDE_INPUT, network_input
 from histoseg.distributed.cluster import is_local_processes
 from histoseg.distributed.runner import DaskRunner
 from histoseg.errors import HistosegError, SlideNotFoundError
@@ -140,9 +140,12 @@ def segment_batch(
         # a caller's runner: pipeline only onto Dask workers (anything else may run tasks in this process)
         in_process = not isinstance(runner, DaskRunner) if runner is not None else _in_process(spec)
         lookahead = 0 if in_process else LOOKAHEAD
-    # --workers auto and one slide: fewer regions to compute than SMALL_SLIDE_REGIONS run in this process
-    small = SMALL_SLIDE_REGIONS if spec.auto and len(slides) == 1 else 0
-    run = runner or open_runner(spec, default_log_directory=Path(out_root) / CLUSTER_LOGS, lazy=True, small_below=small)
+    # --workers auto and one slide: regions to compute that give the network fewer than SMALL_SLIDE_INPUT pixels
+    # run in this process
+    small = SMALL_SLIDE_INPUT if spec.auto and len(slides) == 1 else 0
+    run = runner or open_runner(
+        spec, default_log_directory=Path(out_root) / CLUSTER_LOGS, lazy=True, small_below=small, size=network_input
+    )
     errors = _input_errors(slides)
     turns = _Turns(slides, on_slide_start, on_region, on_stage, on_slide_done)
 

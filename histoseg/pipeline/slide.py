@@ -208,7 +208,7 @@ def _segment_locked(
     remove_stale_temporaries(out_dir)  # only the atomic writers' own temporaries, by their exact names
     if isinstance(runner, LazyRunner) and (config.overwrite or not (out_dir / STORE_DIR).exists()):
         # regions will run (no interrupted run's regions to reuse): the workers start during adaptation
-        runner.prestart(len(plan.regions))
+        runner.prestart(plan.regions)
     if on_stage is not None:
         on_stage(adapt_stage_text(plan, predictor, config))
     fp = slide_fingerprint(path)
