@@ -59,11 +59,11 @@ def tissue_mp(slide: Path) -> tuple[float, float, float]:
     plus halo would be."""
     from histoseg.config import SegmentConfig
     from histoseg.pipeline.plan import default_predictor, plan_slide
-    from histoseg.tiling import TISSUE_CELL
+    from histoseg.tiling import TISSUE_CELL, network_input
 
     config = SegmentConfig()
     plan = plan_slide(slide, config, default_predictor(config))
-    read = sum(r.read.w * r.read.h for r in plan.regions) / 1e6
+    read = network_input(plan.regions) / 1e6
     whole = sum((r.core.w + 2 * r.halo) * (r.core.h + 2 * r.halo) for r in plan.regions) / 1e6
     return float(plan.cells.sum()) * TISSUE_CELL**2 / 1e6, read, whole
 

@@ -28,13 +28,12 @@ from histoseg.distributed.capacity import (
     Capacity,
     gpu_free_memory,
     machine_capacity,
-    network_input,
     usable_cores,
 )
 from histoseg.distributed.lazy import LazyRunner
 from histoseg.distributed.runner import InProcessRunner
 from histoseg.pipeline import segment_batch
-from histoseg.tiling.regions import TISSUE_CELL, plan_regions
+from histoseg.tiling import TISSUE_CELL, network_input, plan_regions
 
 
 def test_capacity_takes_the_smaller_of_cores_and_memory() -> None:

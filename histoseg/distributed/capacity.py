@@ -13,11 +13,9 @@ workers 0.42-0.46 MP/s (``benchmarks/throughput.py``). Workers that share one GP
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from histoseg.config import MAX_WORKERS
-from histoseg.types import Region
 
 log = logging.getLogger("histoseg")
 
@@ -32,21 +30,16 @@ each: the CUDA context and bf16 PyTorch at the default 1024-px regions) on an NV
 
 SMALL_SLIDE_INPUT = 4_000_000
 """Under ``--workers auto``, a batch of one slide whose regions to compute give the network fewer input pixels than
-this (their read boxes: tissue boxes plus halo, :func:`network_input`) runs them in this process: starting worker
-processes (each imports the runtime and loads the network) costs about what a second core saves there. A pixel
-count, not a region count: regions of 2048 px carry 3x the work of regions of 1024, and the regions of a slide's
-edge or sparse tissue a fraction of it. Measured on a 2-core first-generation AMD EPYC (Zen 1, AVX2 only), default
-settings, in this process against 2 workers, whole command: CMU-1-Small-Region at region size 1024 (8 regions,
-10.9 MP of network input) 60.6 against 44.7 s; at 2048 (4 regions, 8.6 MP) 49.3 against 43.5 s; a 2048² demo slide
-(4 regions, 7.2 MP) 45.2 against 35.9 s; so the break-even lies near 3-4 MP there (about 4.6 s a megapixel in one
-process, ~7.5 s to start the workers). On an earlier 2-core AVX2 EPYC (a faster network) one 500² region ran in
-8.2 s against 11.8 and nine regions broke even (20.8 against 21.0 s), which the previous rule, fewer than 12
-regions, was set from: it kept the 8 regions of 1024 px above in one process, 1.36x slower."""
-
-
-def network_input(regions: Sequence[Region]) -> int:
-    """Pixels the network reads for ``regions``: the sum of their read boxes (what a region's work scales with)."""
-    return sum(r.read.w * r.read.h for r in regions)
+this (their read boxes: tissue boxes plus halo, :func:`histoseg.tiling.network_input`) runs them in this process:
+starting worker processes (each imports the runtime and loads the network) costs about what a second core saves
+there. A pixel count, not a region count: regions of 2048 px carry 3x the work of regions of 1024, and the regions
+of a slide's edge or sparse tissue a fraction of it. Measured on a 2-core first-generation AMD EPYC (Zen 1, AVX2
+only), default settings, in this process against 2 workers, whole command: CMU-1-Small-Region at region size 1024 (8
+regions, 10.9 MP of network input) 60.6 against 44.7 s; at 2048 (4 regions, 8.6 MP) 49.3 against 43.5 s; a 2048²
+demo slide (4 regions, 7.2 MP) 45.2 against 35.9 s; so the break-even lies near 3-4 MP there (about 4.6 s a
+megapixel in one process, ~7.5 s to start the workers). On an earlier 2-core AVX2 EPYC (a faster network) one 500²
+region ran in 8.2 s against 11.8 and nine regions broke even (20.8 against 21.0 s), which the previous rule, fewer
+than 12 regions, was set from: it kept the 8 regions of 1024 px above in one process, 1.36x slower."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +118,5 @@ __all__ = [
     "available_memory",
     "gpu_free_memory",
     "machine_capacity",
-    "network_input",
     "usable_cores",
 ]

@@ -24,7 +24,7 @@ from typing import Any
 
 from histoseg.config import SegmentConfig
 from histoseg.distributed import ClusterSpec, TaskRunner, open_runner
-from histoseg.distributed.capacity import SMALL_SLIDE_INPUT, network_input
+from histoseg.distributed.capacity import SMALL_SLIDE_INPUT
 from histoseg.distributed.cluster import is_local_processes
 from histoseg.distributed.runner import DaskRunner
 from histoseg.errors import HistosegError, SlideNotFoundError
@@ -36,6 +36,7 @@ from histoseg.pipeline.plan import default_predictor
 from histoseg.pipeline.resume import STORE_DIR
 from histoseg.pipeline.slide import SUCCESS, SlideReport, segment_slide
 from histoseg.report import index_after_batch
+from histoseg.tiling import network_input
 
 log = logging.getLogger(__name__)
 

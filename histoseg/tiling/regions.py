@@ -15,6 +15,7 @@ tissue cells (``Region.tissue``), read with the halo around it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -60,6 +61,12 @@ def plan_regions(
                     continue
             out.append(Region(row=r, col=c, core=core, halo=halo, tissue=tissue))
     return out
+
+
+def network_input(regions: Sequence[Region]) -> int:
+    """Pixels the network reads for ``regions``: the sum of their read boxes (tissue box plus halo; beyond the
+    slide's edge it reads padding), which a region's work scales with."""
+    return sum(r.read.w * r.read.h for r in regions)
 
 
 def _tissue_box(cells: np.ndarray, core: Box) -> Box | None:
