@@ -1,11 +1,16 @@
-"""Random float64 networks for tests that measure what the architecture does (receptive field, shapes)."""
+"""Networks for tests: random float64 ones that measure what the architecture does (receptive field, shapes), and
+an untyped copy of a shipped model (every shipped model is typed)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from histoseg.models import NetConfig, NucleiNet
+from histoseg.models import NetConfig, NucleiNet, load_model, resolve_model, save_model
+from histoseg.models.card import ModelCard
 
 SMALL = NetConfig(width=8)  # blocks (1, 1, 1, 1), no type head
 
@@ -32,3 +37,22 @@ def random_net(cfg: NetConfig, seed: int = 0, dtype: torch.dtype = torch.float64
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.1, 0.1)
     return net.eval()
+
+
+def untyped_copy(name: str, out_dir: Path) -> Path:
+    """``OUT_DIR/NAME-untyped.safetensors``: the shipped model ``name`` without its type head (its trunk and NP/HV
+    heads to the bit, one class "Nucleus", no type weights; the typed card's radius, which covers the trunk's field),
+    for tests of the untyped paths."""
+    net, card = load_model(resolve_model(name))
+    plain = NucleiNet(replace(card.net, n_types=0))
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("tp_head.")})
+    defaults = ModelCard(name="", net=plain.cfg, mpp=card.mpp)  # the untyped class: the card's default
+    card = replace(
+        card,
+        name=f"{name}-untyped",
+        net=plain.cfg,
+        class_names=defaults.class_names,
+        class_colors=defaults.class_colors,
+        type_weights=None,
+    )
+    return save_model(plain.eval(), card, out_dir / f"{name}-untyped.safetensors").weights

@@ -54,11 +54,12 @@ def test_shipped_models_reach_card_segmentation_on_two_monuseg_test_images(name:
         assert got["dice"] == pytest.approx(want["dice"], abs=0.02), s.name
 
 
-@pytest.mark.parametrize("name", ["default", "typed"])
+@pytest.mark.parametrize("name", ["default", "lite", "typed"])
 def test_typed_models_reach_their_card_typing_on_crchisto_validation(name: str, shared_data: Path) -> None:
-    """The shipped typed models (issue 14): ``default`` (a type head on the untyped trunk, frozen) and the opt-in
-    ``typed`` (trained end to end). Each card lists the types, the datasets and their licences, and the file
-    reproduces the card's CRCHisto-validation figures (all 10 images, never trained on)."""
+    """The shipped typed models (issue 14): ``default`` and the opt-in ``lite`` (each a type head on its untyped
+    trunk, frozen) and the opt-in ``typed`` (trained end to end). Each card lists the types, the datasets and
+    their licences, and the file reproduces the card's CRCHisto-validation figures (all 10 images, never trained
+    on)."""
     from histoseg.training.evaluate import score_typing
 
     assert name in registered_models()
@@ -80,10 +81,12 @@ def test_typed_models_reach_their_card_typing_on_crchisto_validation(name: str, 
 
 def test_lite_model_is_the_cheaper_architecture_with_its_own_statistics() -> None:
     """``lite`` is the issue-13 architecture (at most half the default's MACs, counted in test_models) and carries
-    source statistics for every one of its BatchNorm layers, so per-slide adaptation works with it."""
+    source statistics for every BatchNorm layer of its trunk, so per-slide adaptation works with it (the type head,
+    trained on the frozen trunk, has none and is left out of adaptation, as the default's)."""
     net, card = load_model(resolve_model("lite"))
     assert (card.net.block, card.net.decoder, card.net.heads) == ("bottleneck", "bottleneck", "shared")
-    bn = [name for name, m in net.named_modules() if type(m).__name__ == "BatchNorm2d"]
+    assert (card.net.n_types, card.net.type_head) == (4, "context")
+    bn = [n for n, m in net.named_modules() if type(m).__name__ == "BatchNorm2d" and not n.startswith("tp_head.")]
     assert set(card.source_stats) >= set(bn) and len(bn) == 34
     assert card.training["config"]["teacher"] == "default"
     assert "CC BY-NC-SA 4.0" in card.license

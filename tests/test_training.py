@@ -122,9 +122,12 @@ def test_shipped_training_configs_are_valid(path: Path) -> None:
     from histoseg.training.typehead import load_type_head_config
 
     head = load_type_head_config(path)
-    if head is not None:  # a type head on a frozen trunk: the default model's second step, from its first's output
-        assert path.stem == "default-types" and head.name == "default"
-        assert head.trunk == TrainConfig.load(path.with_name("default.yaml")).output + "/default.safetensors"
+    if head is not None:  # a type head on a frozen trunk: the last step of the default's and of lite's recipes
+        assert path.stem == f"{head.name}-types" and head.name in {"default", "lite"}
+        if head.name == "default":  # from the first step's output
+            assert head.trunk == TrainConfig.load(path.with_name("default.yaml")).output + "/default.safetensors"
+        else:  # the shipped lite's trunk (its own type head is replaced), as it was run
+            assert head.trunk == "lite"
         assert head.types == ["Epithelial", "Fibroblast", "Inflammatory", "Other"] and head.views == 8
         return
     cfg = TrainConfig.load(path)

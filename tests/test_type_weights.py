@@ -21,6 +21,8 @@ from histoseg.training.evaluate import TypedImage, classify
 from histoseg.training.typecal import fit_type_weights, main
 from histoseg.types import PlaneInfo
 
+from .nets import untyped_copy
+
 LUT = np.array([0, 1, 2, 3, 4])  # model class k is CRCHisto class k
 
 
@@ -45,7 +47,8 @@ def test_card_type_weights_round_trip_and_are_validated() -> None:
     ):
         with pytest.raises(ModelError, match=why):
             ModelCard.from_dict({**d, "type_weights": bad})
-    untyped = load_model(resolve_model("lite"))[1].to_dict()
+    untyped = {**plain, "architecture": {**d["architecture"], "n_types": 0}, "classes": d["classes"][:1]}
+    assert ModelCard.from_dict(untyped).net.n_types == 0
     with pytest.raises(ModelError, match="only for a typed model"):
         ModelCard.from_dict({**untyped, "type_weights": [1.0]})
 
@@ -143,6 +146,6 @@ def test_typecal_cli_writes_the_fit_into_a_copy_and_refuses_an_untyped_model(
         "weighted_f1_plain"
     ]
     capsys.readouterr()
-    assert main(["lite"]) == 2
+    assert main([str(untyped_copy("lite", tmp_path))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no type head" in err[0]

@@ -27,6 +27,7 @@ from histoseg.training.typehead import (
 )
 from histoseg.tta import TTASettings, adapt
 
+from .nets import untyped_copy
 from .synthetic import random_nuclei, render
 
 
@@ -131,20 +132,22 @@ def test_g2p_adapts_the_trunk_of_a_frozen_trunk_typed_model_as_the_untyped_one()
 
 
 def test_trained_head_keeps_the_trunk_maps_to_the_bit(shared_data: Path, tmp_path: Path) -> None:
-    """The recipe end to end on three real CRCHisto training images (a few steps), on the untyped ``lite`` trunk
-    (another architecture than the default's): the artifact's NP/HV maps are the trunk's to the bit, it has four
-    type maps, its card keeps the trunk's statistics, halo and thresholds, and the run is deterministic."""
+    """The recipe end to end on three real CRCHisto training images (a few steps), on an untyped copy of the
+    ``lite`` trunk (another architecture than the default's): the artifact's NP/HV maps are the trunk's to the
+    bit, it has four type maps, its card keeps the trunk's statistics, halo and thresholds, and the run is
+    deterministic."""
     from histoseg.datasets import load_crchisto
     from histoseg.training.evaluate import model_grid
 
+    trunk = untyped_copy("lite", tmp_path)
     cfg = TypeHeadConfig.from_dict(
-        {"trunk": "lite", "name": "t", "output": str(tmp_path / "a"), "iterations": 4, "val_every": 2,
+        {"trunk": str(trunk), "name": "t", "output": str(tmp_path / "a"), "iterations": 4, "val_every": 2,
          "views": 2, "limit": 3, "hold_every": 3}
     )
     path = train_type_head(cfg, progress=False)
     again = train_type_head(replace(cfg, output=str(tmp_path / "b")), progress=False)
     assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(again.read_bytes()).digest()
-    trunk_net, trunk_card = load_model(resolve_model("lite"))
+    trunk_net, trunk_card = load_model(resolve_model(str(trunk)))
     net, card = load_model(resolve_model(str(path)))
     assert card.net.n_types == 4 and card.net.type_head == "context"
     assert card.class_names == ("Epithelial", "Fibroblast", "Inflammatory", "Other")

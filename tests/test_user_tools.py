@@ -178,14 +178,16 @@ def test_geojson_features_pass_qupath_rules_with_card_classes(run: Path) -> None
     assert not any(math.isnan(r) for r in ratios)
 
 
-def test_typed_model_geojson_shows_its_types_in_qupath(shared_data: Path, tmp_path: Path) -> None:
-    """``--model typed`` on the real slide: every feature passes QuPath's rules with the typed card's classes,
-    and the tissue shows at least three of its four types, each in the card's colour."""
+@pytest.mark.parametrize("model", ["typed", "lite"])
+def test_typed_model_geojson_shows_its_types_in_qupath(model: str, shared_data: Path, tmp_path: Path) -> None:
+    """``--model typed`` and ``--model lite`` (the opt-in typed models) on the real slide: every feature passes
+    QuPath's rules with the card's classes, and the tissue shows at least three of its four types, each in the
+    card's colour."""
     slide = shared_data / "slides" / "aperio-cmu1-small" / f"{STEM}.svs"
-    args = ["segment", str(slide), "-o", str(tmp_path), "--model", "typed", "--tta", "none", "--workers", "1",
+    args = ["segment", str(slide), "-o", str(tmp_path), "--model", model, "--tta", "none", "--workers", "1",
             "--no-report", "--formats", "geojson"]  # fmt: skip
     assert main(args) == 0
-    card = resolve_model("typed").card()
+    card = resolve_model(model).card()
     table = _card_table(card)
     table.measurements = {k: np.zeros(0) for k in ("area_um2", "perimeter_um", "eccentricity", "solidity",
                                                     "mean_hematoxylin")}  # fmt: skip

@@ -56,7 +56,7 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
         "## Training data and licence",
         "",
         f"{card.training.get('data', 'MoNuSeg 2018 training set')}; held out for validation: "
-        f"{', '.join(card.training.get('held_out', []))}.",
+        f"{', '.join(card.training.get('held_out', []))}.{_type_head_data(card)}",
         "",
         f"Licence: {card.license}",
         "DSB 2018, CRCHisto validation and the MoNuSeg test images were never trained on (kept for evaluation).",
@@ -122,6 +122,15 @@ def _type_weight_lines(card: ModelCard) -> list[str]:
     ]
 
 
+def _type_head_data(card: ModelCard) -> str:
+    """The data of a type head trained on the frozen trunk (training.typehead), when the card has one."""
+    head = card.training.get("type_head")
+    if not head:
+        return ""
+    held = len(head.get("held_out", []))
+    return f" Type head: {head.get('data')}; {held} of its images held out to choose the step."
+
+
 def recipe_text(card: ModelCard) -> str:
     """How the model was trained, from the training configuration its card records."""
     if card.training.get("recipe"):  # a model trained in several steps states them itself
@@ -168,8 +177,13 @@ def _label_space_lines(card: ModelCard) -> list[str]:
         lines.append(
             f"- {d.get('name')}: {d.get('labels')}"
             + (f" ({d.get('propagation')} propagation)" if d.get("labels") == "points" else "")
-            + f", share {d.get('share')}; classes: {mapping}"
+            + (f", share {d['share']}" if d.get("share") is not None else "")
+            + f"; classes: {mapping}"
         )
+    head = card.training.get("type_head", {}).get("config")
+    if head:  # a type head trained on the frozen trunk (training.typehead): its own data and class mapping
+        mapping = ", ".join(f"{k} -> {v}" for k, v in head.get("classes", {}).items())
+        lines.append(f"- crchisto: classified points, the type head only (trunk frozen); classes: {mapping}")
     rel = card.training.get("relations")
     if rel:
         lines += ["", f"Stage-2 class relations (mean type probabilities per dataset label): {json.dumps(rel)}"]

@@ -170,7 +170,7 @@ def with_types(cfg: TypeHeadConfig, card: Any) -> Any:
     training = {
         **card.training,
         "type_head": {"config": config_json(cfg), "trunk": card.name, "data": DATA_TEXT},
-        "recipe": f"Recipe, two steps: the trunk, {steps}; then its type head on the frozen trunk, `histoseg train "
+        "recipe": f"Recipe: the trunk, {steps}; then its type head on the frozen trunk, `histoseg train "
         f"--config configs/{cfg.name}-types.yaml` ({cfg.iterations} steps of {cfg.batch_size} image views, "
         f"the held-out images' best kept; training.typehead)",
     }
