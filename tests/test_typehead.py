@@ -138,6 +138,7 @@ def test_trained_head_keeps_the_trunk_maps_to_the_bit(shared_data: Path, tmp_pat
     deterministic."""
     from histoseg.datasets import load_crchisto
     from histoseg.training.evaluate import model_grid
+    from histoseg.training.ship import render_card
 
     trunk = untyped_copy("lite", tmp_path)
     cfg = TypeHeadConfig.from_dict(
@@ -154,6 +155,10 @@ def test_trained_head_keeps_the_trunk_maps_to_the_bit(shared_data: Path, tmp_pat
     assert card.source_stats == trunk_card.source_stats and card.postprocess == trunk_card.postprocess
     assert card.halo_px() == trunk_card.halo_px() and card.type_weights is not None and len(card.type_weights) == 4
     assert "CRCHisto" in card.license and len(card.training["type_head"]["held_out"]) == 1
+    text = render_card(card)  # the human-readable card names the head's data and class mapping
+    assert "- crchisto: classified points, the type head only (trunk frozen); classes: epithelial -> Epithelial" in text
+    assert "Type head: CRCHisto training set" in text and "1 of its images held out" in text
+    assert "share None" not in text and "configs/t-types.yaml" in text
     img = model_grid(load_crchisto("validation", None)[0], card)
     np0, hv0, tp0 = run_network(trunk_net, trunk_card, img)
     np1, hv1, tp1 = run_network(net, card, img)

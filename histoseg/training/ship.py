@@ -102,7 +102,7 @@ def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
             "",
         ]
     for k, v in (extra or {}).items():
-        lines += [f"### {k}", "", str(v), ""]
+        lines += [f"### {k}", "", str(v).rstrip(), ""]
     return "\n".join(lines) + "\n"
 
 
