@@ -17,13 +17,13 @@ from histoseg.inference import run_network
 from histoseg.models import ModelCard, NetConfig, NucleiNet, load_model, resolve_model
 from histoseg.models.network import receptive_radius
 from histoseg.training.stats import feature_statistics
+from histoseg.training.typecard import with_types
 from histoseg.training.typehead import (
     TypeHeadConfig,
     instance_classes,
     train_type_head,
     view,
     weighted_f1,
-    with_types,
 )
 from histoseg.tta import TTASettings, adapt
 
@@ -46,6 +46,26 @@ def test_context_head_reaches_farther_and_its_card_and_halo_cover_it() -> None:
     assert typed.halo_px() == trunk.halo_px() == 192
     with pytest.raises(ValueError, match="type_head"):
         NetConfig(n_types=4, type_head="wide")
+
+
+def test_a_typed_trunk_is_typed_as_its_untyped_record() -> None:
+    """Giving a frozen-trunk typed model a new head (the shipped recipe run again on the shipped ``lite``, whose
+    config names it as the trunk) makes the card its untyped trunk gives: the old head's description, recipe
+    step, type weights and typing figures are replaced, not stacked; its segmentation figures stay."""
+    from histoseg.training.typehead import load_type_head_config
+
+    shipped = resolve_model("lite").card()
+    cfg = load_type_head_config(Path(__file__).resolve().parents[1] / "configs" / "lite-types.yaml")
+    assert cfg is not None and cfg.trunk == "lite"
+    again = with_types(cfg, shipped)
+    assert again.description == shipped.description and again.description.count(" Types (") == 1
+    assert again.training["recipe"] == shipped.training["recipe"] and again.training["recipe"].count("type head") == 1
+    assert again.training["type_head"]["config"] == shipped.training["type_head"]["config"]
+    assert "type_weights_fit" not in again.training and again.type_weights is None
+    assert "crchisto_typing" not in again.metrics and again.metrics["monuseg_test"] == shipped.metrics["monuseg_test"]
+    assert (again.license, again.context_radius_px, again.source_stats) == (
+        shipped.license, shipped.context_radius_px, shipped.source_stats
+    )
 
 
 def test_views_are_the_eight_dihedral_transforms() -> None:

@@ -26,8 +26,7 @@ unseen); then the per-class decision weights are fitted on all training images
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,52 +144,6 @@ def weighted_f1(truth: np.ndarray, pred: np.ndarray, n: int) -> float:
     tally = ClassificationTally(classes=tuple(range(1, n + 1)))
     tally.add_match(PointMatch(np.stack([idx, idx], axis=1), k, 0, 0), np.asarray(truth) + 1, np.asarray(pred) + 1)
     return float(tally.result().weighted_f1)
-
-
-def config_json(cfg: TypeHeadConfig) -> dict[str, Any]:
-    """The config as recorded in the card."""
-    out: dict[str, Any] = json.loads(json.dumps(asdict(cfg)))
-    return out
-
-
-def with_types(cfg: TypeHeadConfig, card: Any) -> Any:
-    """The trunk's card for the typed network: the same trunk and NP/HV figures, the context type head, the
-    types and their colours, CRCHisto's licence terms added."""
-    from histoseg.models.network import receptive_radius
-    from histoseg.training.labels import type_colors
-    from histoseg.training.train import CRCHISTO_LICENSE
-
-    net_cfg = replace(card.net, n_types=len(cfg.types), type_head="context")
-    # the head reads stride-16 features: at some output phases it reaches farther than the trunk (the shipped
-    # default: 111 px against 108), and the halo, derived from the card, must cover the larger field
-    radius = max(card.context_radius_px, receptive_radius(net_cfg))
-    from histoseg.training.ship import recipe_text
-
-    steps = recipe_text(card).removeprefix("Recipe: ")
-    training = {
-        **card.training,
-        "type_head": {"config": config_json(cfg), "trunk": card.name, "data": DATA_TEXT},
-        "recipe": f"Recipe: the trunk, {steps}; then its type head on the frozen trunk, `histoseg train "
-        f"--config configs/{cfg.name}-types.yaml` ({cfg.iterations} steps of {cfg.batch_size} image views, "
-        f"the held-out images' best kept; training.typehead)",
-    }
-    license = card.license if CRCHISTO_LICENSE in card.license else card.license + CRCHISTO_LICENSE
-    return replace(
-        card,
-        name=cfg.name,
-        net=net_cfg,
-        context_radius_px=radius,
-        class_names=tuple(cfg.types),
-        class_colors=type_colors(cfg.types),
-        license=license,
-        description=f"{card.description} Types ({', '.join(cfg.types)}): a context type head trained on CRCHisto "
-        "training points with this trunk frozen, so the segmentation is the untyped model's.".strip(),
-        type_weights=None,
-        training=training,
-    )
-
-
-DATA_TEXT = "CRCHisto training set (70 images, nucleus centre points with 4 classes): type head only"
 
 
 @dataclass
@@ -317,6 +270,7 @@ def train_type_head(cfg: TypeHeadConfig, *, progress: bool = True) -> Path:
     from histoseg.training.evaluate import RADIUS_UM, crchisto_lut, typed_images
     from histoseg.training.train import warmup_cosine
     from histoseg.training.typecal import fit_type_weights
+    from histoseg.training.typecard import with_types
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
