@@ -11,6 +11,7 @@ from torch import nn
 
 from histoseg.models import NetConfig, NucleiNet, load_model, resolve_model, save_model
 from histoseg.models.card import ModelCard
+from histoseg.training.typecard import untyped_record
 
 SMALL = NetConfig(width=8)  # blocks (1, 1, 1, 1), no type head
 
@@ -41,12 +42,13 @@ def random_net(cfg: NetConfig, seed: int = 0, dtype: torch.dtype = torch.float64
 
 def untyped_copy(name: str, out_dir: Path) -> Path:
     """``OUT_DIR/NAME-untyped.safetensors``: the shipped model ``name`` without its type head (its trunk and NP/HV
-    heads to the bit, one class "Nucleus", no type weights; the typed card's radius, which covers the trunk's field),
-    for tests of the untyped paths."""
+    heads to the bit, one class "Nucleus", no type weights, the head's records and typing figures dropped; the typed
+    card's radius, which covers the trunk's field), for tests of the untyped paths."""
     net, card = load_model(resolve_model(name))
     plain = NucleiNet(replace(card.net, n_types=0))
     plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("tp_head.")})
     defaults = ModelCard(name="", net=plain.cfg, mpp=card.mpp)  # the untyped class: the card's default
+    description, _, training, metrics = untyped_record(card)  # the head's records and typing figures dropped
     card = replace(
         card,
         name=f"{name}-untyped",
@@ -54,5 +56,8 @@ def untyped_copy(name: str, out_dir: Path) -> Path:
         class_names=defaults.class_names,
         class_colors=defaults.class_colors,
         type_weights=None,
+        description=description,
+        training=training,
+        metrics=metrics,
     )
     return save_model(plain.eval(), card, out_dir / f"{name}-untyped.safetensors").weights

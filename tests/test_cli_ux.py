@@ -57,3 +57,38 @@ def test_progress_names_the_stages(tmp_path: Path) -> None:
     assert reports[0].status == "ok", reports[0].message
     assert stages[0] == "planning regions" and stages[1] == "regions" and stages[-1].startswith("writing")
     assert regions and regions[-1][0] == regions[-1][1]
+
+
+def test_models_lists_each_shipped_model_from_its_card(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``histoseg models``: one row per shipped model with its types, resolution, halo, the card's accuracy and
+    its human-readable card (a file that exists); ``--json`` the same records with the licence text."""
+    import json
+
+    from histoseg.cli.main import main
+    from histoseg.cli.models import model_row, table_lines
+    from histoseg.models import registered_models, resolve_model
+
+    from .nets import untyped_copy
+
+    assert main(["models"]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split()[:2] == ["model", "types"] and "MoNuSeg-test PQ" in header
+    names = registered_models()
+    assert [line.split()[0] for line in lines] == names and "lite" in names
+    for name, line in zip(names, lines, strict=True):
+        card = resolve_model(name).card()
+        assert ", ".join(card.class_names) in line and f" {card.halo_px()} " in line
+        assert f" {card.metrics['monuseg_test']['mean']['pq']:.3f} " in line
+        assert f" {card.metrics['crchisto_typing']['weighted_f1']:.3f} " in line
+        assert Path(line.split()[-1]).is_file() and line.endswith("MODEL_CARD.md")
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == names
+    lite = rows[names.index("lite")]
+    assert lite["types"] == ["Epithelial", "Fibroblast", "Inflammatory", "Other"] and lite["mpp"] == 0.5
+    assert "research use" in lite["license"] and lite["crchisto_detection_f1"] > 0.5
+    # a model file of the user's own, untyped and without figures: "untyped", "-" for what its card lacks
+    own = model_row(str(untyped_copy("lite", tmp_path)))
+    assert own["types"] == [] and own["crchisto_weighted_class_f1"] is None and own["card"].endswith(".json")
+    row = table_lines([own])[1]
+    assert "untyped (Nucleus)" in row and f" {own['monuseg_test_pq']:.3f} " in row and "  -  " in row

@@ -13,11 +13,12 @@ import torch
 from histoseg.datasets import Sample
 from histoseg.errors import ConfigError
 from histoseg.models import ModelCard, NucleiNet, load_model, resolve_model
+from histoseg.models.registry import card_markdown_name
 from histoseg.training.augment import STRONG_PHOTOMETRIC, Augmenter
 from histoseg.training.config import TrainConfig
 from histoseg.training.data import TrainingData
 from histoseg.training.distill import Teacher, distill_loss
-from histoseg.training.ship import card_markdown_name, render_card
+from histoseg.training.ship import render_card
 from histoseg.training.train import train
 
 

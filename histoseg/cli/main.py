@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from histoseg import __version__
+from histoseg.cli.models import add_models_parser, run_models
 from histoseg.cli.report import add_report_parser, run_report
 from histoseg.config import (
     ALL_FORMATS,
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--views", type=int, default=SegmentConfig.views, choices=list(VIEW_CHOICES),
                     help="average the maps over 1, 4 or 8 views, as segment --views")
 
-    sub.add_parser("models", help="list registered models")
+    add_models_parser(sub)
     add_report_parser(sub)
     return p
 
@@ -313,11 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return run_report(args)
         if args.command == "models":
-            from histoseg.models import registered_models
-
-            for name in registered_models():
-                print(name)
-            return 0
+            return run_models(args)
     except HistosegError as exc:
         print(f"histoseg: error: {exc}", file=sys.stderr)
         return 1

@@ -59,6 +59,12 @@ def registered_models() -> list[str]:
     return sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors") if p.with_suffix(".json").exists())
 
 
+def card_markdown_name(name: str) -> str:
+    """The human-readable card of a shipped model: ``MODEL_CARD.md`` for the default, ``<NAME>_MODEL_CARD.md``
+    for the others (beside the weights)."""
+    return "MODEL_CARD.md" if name == "default" else f"{name.upper()}_MODEL_CARD.md"
+
+
 def resolve_model(name_or_path: str) -> ModelArtifact:
     """A registered name (``default``, ...) or a path to a ``.safetensors`` file (card beside it)."""
     p = Path(name_or_path)

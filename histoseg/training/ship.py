@@ -17,7 +17,7 @@ from typing import Any
 
 from histoseg.models import load_model, resolve_model, save_model
 from histoseg.models.card import ModelCard
-from histoseg.models.registry import WEIGHTS_DIR
+from histoseg.models.registry import WEIGHTS_DIR, card_markdown_name
 
 
 def render_card(card: ModelCard, extra: dict[str, Any] | None = None) -> str:
@@ -155,11 +155,6 @@ def recipe_text(card: ModelCard) -> str:
             if cfg.get("distill_strong"):
                 how += " (teacher on the clean crop, student under strong colour augmentation)"
     return f"Recipe: `histoseg train --config configs/{name}.yaml` ({how})"
-
-
-def card_markdown_name(name: str) -> str:
-    """``MODEL_CARD.md`` for the default model, ``<NAME>_MODEL_CARD.md`` for the others."""
-    return "MODEL_CARD.md" if name == "default" else f"{name.upper()}_MODEL_CARD.md"
 
 
 def _label_space_lines(card: ModelCard) -> list[str]:
