@@ -66,6 +66,10 @@ def test_a_typed_trunk_is_typed_as_its_untyped_record() -> None:
     assert (again.license, again.context_radius_px, again.source_stats) == (
         shipped.license, shipped.context_radius_px, shipped.source_stats
     )
+    typed = resolve_model("typed").card()  # typed end to end: its typing figures and type-weight fit go too
+    assert "crchisto_typing" in typed.metrics and "type_weights_fit" in typed.training
+    headed = with_types(cfg, typed)
+    assert "crchisto_typing" not in headed.metrics and "type_weights_fit" not in headed.training
 
 
 def test_views_are_the_eight_dihedral_transforms() -> None:

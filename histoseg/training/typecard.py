@@ -33,15 +33,17 @@ def config_json(cfg: TypeHeadConfig) -> dict[str, Any]:
 
 def untyped_record(card: ModelCard) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
     """The trunk's own description, recipe (without "Recipe: "), training record and metrics: those of ``card``,
-    less what a frozen-trunk type head added to them, when it has one."""
+    less what a frozen-trunk type head added to them, when it has one. Typing figures and a type-weight fit are
+    always left out: they describe a head that is being replaced (a model typed end to end, too)."""
     from histoseg.training.ship import recipe_text
 
+    metrics = {k: v for k, v in card.metrics.items() if k not in HEAD_METRICS}
     if "type_head" not in card.training:
-        return card.description, recipe_text(card).removeprefix("Recipe: "), dict(card.training), dict(card.metrics)
+        training = {k: v for k, v in card.training.items() if k != "type_weights_fit"}
+        return card.description, recipe_text(card).removeprefix("Recipe: "), training, metrics
     recipe = str(card.training.get("recipe", "")).removeprefix("Recipe: ").removeprefix("Recipe, two steps: ")
     steps = recipe.removeprefix("the trunk, ").split(HEAD_STEP)[0]
     training = {k: v for k, v in card.training.items() if k not in HEAD_RECORDS}
-    metrics = {k: v for k, v in card.metrics.items() if k not in HEAD_METRICS}
     return card.description.split(TYPES_TEXT)[0], steps, training, metrics
 
 
