@@ -181,7 +181,8 @@ def test_trained_head_keeps_the_trunk_maps_to_the_bit(shared_data: Path, tmp_pat
     assert "CRCHisto" in card.license and len(card.training["type_head"]["held_out"]) == 1
     text = render_card(card)  # the human-readable card names the head's data and class mapping
     assert "- crchisto: classified points, the type head only (trunk frozen); classes: epithelial -> Epithelial" in text
-    assert "Type head: CRCHisto training set" in text and "1 of its images held out" in text
+    assert "Type head (trunk frozen): CRCHisto training set (70 images" in text and "1 of its images held out" in text
+    assert "type head only;" not in text  # the head's data is named once, not "Type head: ...: type head only"
     assert "share None" not in text and "configs/t-types.yaml" in text
     img = model_grid(load_crchisto("validation", None)[0], card)
     np0, hv0, tp0 = run_network(trunk_net, trunk_card, img)

@@ -128,7 +128,7 @@ def _type_head_data(card: ModelCard) -> str:
     if not head:
         return ""
     held = len(head.get("held_out", []))
-    return f" Type head: {head.get('data')}; {held} of its images held out to choose the step."
+    return f" Type head (trunk frozen): {head.get('data')}; {held} of its images held out to choose the step."
 
 
 def recipe_text(card: ModelCard) -> str:

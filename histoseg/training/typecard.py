@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from histoseg.models.card import ModelCard
     from histoseg.training.typehead import TypeHeadConfig
 
-DATA_TEXT = "CRCHisto training set (70 images, nucleus centre points with 4 classes): type head only"
+DATA_TEXT = "CRCHisto training set (70 images, nucleus centre points with 4 classes)"
 HEAD_STEP = "; then its type head on the frozen trunk, "  # where the head's step starts in a typed recipe
 TYPES_TEXT = " Types ("  # where the head's sentence starts in a typed description
 HEAD_RECORDS = ("type_head", "type_weights_fit", "recipe")  # training keys that belong to a head
