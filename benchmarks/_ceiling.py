@@ -26,6 +26,7 @@ from histoseg.distributed.runner import SINGLE_THREAD_ENV
 
 CROP = 1024  # px: one region core of the default region size, read from real tissue (CMU-1)
 WARM_S = 25.0  # seconds the children get to start, build the engine and run it twice before the timed window
+PLAUSIBLE = 1.1  # N processes at most this much above N times one alone (cache effects); above: disturbed
 
 
 def _child(start_at: float, seconds: float) -> dict[str, float]:
@@ -76,15 +77,27 @@ def scaling_ceiling(alone: float, together: list[float]) -> float:
     return sum(1.0 / s for s in together) * alone
 
 
+def lone_window_disturbed(ceiling: float, processes: int) -> bool:
+    """Whether a ceiling is beyond what ``processes`` processes can give: the lone process's window was slowed
+    by something else (another job, the virtual machine's host), as when one pass of 3.4 s took 27.5 s on the
+    shared development machine and the ceiling read 15x. Its lone figure is then measured again."""
+    return ceiling > processes * PLAUSIBLE
+
+
 def ceiling(processes: int = 2, seconds: float = 10.0) -> dict[str, Any]:
-    """The network's seconds a pass in 1 process and in ``processes`` at once, and the ceiling they give."""
+    """The network's seconds a pass in 1 process and in ``processes`` at once, and the ceiling they give; a lone
+    figure that gives an impossible ceiling is measured once more and the faster of the two kept."""
     alone = _at_once(1, seconds)[0]["s_per_pass"]
     together = [r["s_per_pass"] for r in _at_once(processes, seconds)]
+    remeasured = lone_window_disturbed(scaling_ceiling(alone, together), processes)
+    if remeasured:
+        alone = min(alone, _at_once(1, seconds)[0]["s_per_pass"])
     return {
         "processes": processes,
         "s_per_pass_alone": alone,
         "s_per_pass_together": together,
         "ceiling": scaling_ceiling(alone, together),
+        "alone_remeasured": remeasured,
     }
 
 
@@ -95,6 +108,7 @@ def ceiling_line(r: dict[str, Any]) -> str:
         f"this machine's ceiling from 1 to {r['processes']} workers: {r['ceiling']:.2f}x (the network alone on a "
         f"{CROP}² tissue crop, one thread a process: {r['s_per_pass_alone']:.2f} s a pass alone, {together} s "
         f"with {r['processes']} at once)"
+        + ("; the first lone window was disturbed and measured again" if r.get("alone_remeasured") else "")
     )
 
 
