@@ -42,11 +42,12 @@ def test_finetune_from_qupath_points_then_segment_with_it(
     clicks: tuple[list[str], list[str]], tmp_path: Path, model: str
 ) -> None:
     """From the untyped default (the clicked classes become the types) and from the typed model (matching
-    names train existing types, new ones join, initialised from the measured relations)."""
+    names train existing types, new ones join, initialised from the measured relations). The typed case gives
+    the points before the slides (``finetune --points FILE... SLIDE...``, the issue's order)."""
     slides, points = clicks
     out = tmp_path / "mine.safetensors"
-    args = ["finetune", *slides, "--points", *points, "--output", str(out), "--slide-mpp", "0.55", "--iterations", "3",
-            "--model", model]  # fmt: skip
+    given = [*slides, "--points", *points] if model == "default" else ["--points", *points, *slides]
+    args = ["finetune", *given, "--output", str(out), "--slide-mpp", "0.55", "--iterations", "3", "--model", model]
     assert main(args) == 0
     card = ModelCard.load(out.with_suffix(".json"))
     base = resolve_model(model).card()
@@ -68,6 +69,25 @@ def test_finetune_from_qupath_points_then_segment_with_it(
     feats = json.loads((seg / stem / f"{stem}.geojson").read_text())["features"]
     assert len(feats) > 20
     assert {f["properties"]["classification"]["name"] for f in feats} <= set(card.class_names)
+
+
+def test_points_and_slides_come_in_either_order(capsys: pytest.CaptureFixture[str]) -> None:
+    from histoseg.cli.learn import points_and_slides
+    from histoseg.cli.main import build_parser
+
+    def parsed(*argv: str) -> tuple[list[str], list[str]]:
+        args = build_parser().parse_args(["finetune", *argv, "--output", "m.safetensors"])
+        return points_and_slides(args.points, args.slides)
+
+    want = (["a.geojson", "b.JSON"], ["s1.svs", "s2.ome.zarr"])
+    assert parsed("s1.svs", "s2.ome.zarr", "--points", "a.geojson", "b.JSON") == want  # the README's order
+    assert parsed("--points", "a.geojson", "b.JSON", "s1.svs", "s2.ome.zarr") == want  # the issue's order
+    assert parsed("--points", "a.geojson", "--points", "b.JSON", "s1.svs", "s2.ome.zarr") == want
+    assert parsed("s1.svs", "--points", "clicks.txt") == (["clicks.txt"], ["s1.svs"])  # slides given apart: as is
+    # no slide at all: one line, exit code 1, nothing written
+    assert main(["finetune", "--points", "a.geojson", "--output", "m.safetensors"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("histoseg: error: finetune needs the slides") and err.count("\n") == 1
 
 
 def test_finetune_rejects_bad_input(clicks: tuple[list[str], list[str]], tmp_path: Path,

@@ -1,4 +1,4 @@
-"""``histoseg train`` and ``histoseg evaluate``."""
+"""``histoseg train``, ``histoseg finetune`` and ``histoseg evaluate``."""
 
 from __future__ import annotations
 
@@ -45,18 +45,42 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+POINTS_SUFFIXES = (".geojson", ".json", ".geojson.gz", ".json.gz")
+"""How a points file is told from a slide when the slides follow ``--points`` (QuPath exports GeoJSON)."""
+
+
+def points_and_slides(points: list[str], slides: list[str]) -> tuple[list[str], list[str]]:
+    """``finetune``'s points files and slides, in either order on the command line.
+
+    ``histoseg finetune SLIDE... --points FILE...`` gives them apart; ``histoseg finetune --points FILE...
+    SLIDE...`` (the order a QuPath user reads as "these clicks, on these slides") hands every name to
+    ``--points``, so there the GeoJSON files (by suffix) are the points and the other names the slides, each
+    in the order given."""
+    if slides:
+        return points, slides
+    files = [p for p in points if p.lower().endswith(POINTS_SUFFIXES)]
+    slides = [p for p in points if not p.lower().endswith(POINTS_SUFFIXES)]
+    if not slides:
+        raise ConfigError(
+            "finetune needs the slides the points were clicked on: histoseg finetune SLIDE... --points FILE... "
+            "--output MODEL.safetensors"
+        )
+    return files, slides
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     from histoseg.models.registry import resolve_model
     from histoseg.training.finetune import FinetuneSettings, finetune
 
+    points, slides = points_and_slides(args.points, args.slides)
     out = model_output(args.output)
     if args.iterations < 1:
         raise ConfigError("--iterations must be >= 1")
     check_not_a_model_source(out, resolve_model(args.model))
     check_writable_target(out)
     path = finetune(
-        args.points,
-        args.slides,
+        points,
+        slides,
         out,
         model=args.model,
         slide_mpp=args.slide_mpp,

@@ -156,9 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default=None, help="override the config's device: cpu, cuda or cuda:N")
 
     ft = sub.add_parser("finetune", help="fine-tune a model from point clicks exported by QuPath (GeoJSON)")
-    ft.add_argument("slides", nargs="+", help="the slides the points were clicked on (one points file each)")
-    ft.add_argument("--points", nargs="+", required=True,
-                    help="QuPath GeoJSON exports of Point/MultiPoint annotations with classes, one per slide, in order")
+    ft.add_argument("slides", nargs="*", help="the slides the points were clicked on (one points file each)")
+    ft.add_argument("--points", nargs="+", action="extend", required=True,
+                    help="QuPath GeoJSON exports of Point/MultiPoint annotations with classes, one per slide, in order "
+                    "(before the slides too: --points A.geojson SLIDE...; the .geojson/.json files are the points)")
     ft.add_argument("--output", required=True, help="fine-tuned weights (.safetensors; the card is written beside)")
     ft.add_argument("--model", default=SegmentConfig.model, help="model to start from (name or .safetensors path)")
     ft.add_argument("--slide-mpp", type=_positive_float, default=None)
