@@ -92,3 +92,22 @@ def test_models_lists_each_shipped_model_from_its_card(capsys: pytest.CaptureFix
     assert own["types"] == [] and own["crchisto_weighted_class_f1"] is None and own["card"].endswith(".json")
     row = table_lines([own])[1]
     assert "untyped (Nucleus)" in row and f" {own['monuseg_test_pq']:.3f} " in row and "  -  " in row
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [(["--region-size", "0"], "--region-size must be"), (["--workers", "0"], "--workers must be >= 1"),
+     (["--formats", "tiff"], "unknown output format"), (["--slide-mpp", "1000"], "--slide-mpp must be between")],
+)
+def test_a_bad_segment_option_is_answered_before_torch_loads(tmp_path: Path, option: list[str], message: str) -> None:
+    """The orchestration imports torch (seconds); a mistyped option is a one-line error without it."""
+    import subprocess
+    import sys
+
+    argv = ["segment", str(tmp_path / "slide.tif"), "-o", str(tmp_path / "out"), *option]
+    code = f"import sys; from histoseg.cli.main import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["1", "False"], (run.stdout, run.stderr)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("histoseg: error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert not (tmp_path / "out").exists()

@@ -6,13 +6,15 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from histoseg.config import AUTO_WORKERS, LOCAL_CLUSTER, SegmentConfig
 from histoseg.distributed import ClusterSpec
 from histoseg.distributed.capacity import auto_workers
 from histoseg.errors import ConfigError
-from histoseg.pipeline import SlideReport, segment_batch
+
+if TYPE_CHECKING:
+    from histoseg.pipeline import SlideReport
 
 log = logging.getLogger("histoseg")
 
@@ -80,6 +82,10 @@ def config_from_args(args: argparse.Namespace, cluster: ClusterSpec | None = Non
 def run_segment(args: argparse.Namespace) -> int:
     cluster = cluster_from_args(args)
     config = config_from_args(args, cluster)
+    # the orchestration imports torch (~3 s): only once the options are known to be good, so a mistyped one is
+    # answered at once
+    from histoseg.pipeline import segment_batch
+
     out = Path(args.output)
     tty = sys.stderr.isatty()
     bars: dict[str, Any] = {}
