@@ -111,3 +111,14 @@ def test_a_bad_segment_option_is_answered_before_torch_loads(tmp_path: Path, opt
     errors = [line for line in run.stderr.splitlines() if line.startswith("histoseg: error:")]
     assert len(errors) == 1 and message in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_no_slides_is_one_error_line_without_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from histoseg.cli.main import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a slide")
+    assert main(["segment", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines()[-1] == "histoseg: error: no slides found in the given inputs"
+    assert not (tmp_path / "out").exists()

@@ -132,12 +132,11 @@ def run_segment(args: argparse.Namespace) -> int:
         on_slide_done=on_slide_done,
         on_stage=on_stage,
     )
-    print_summary(reports)
-    failed = [r for r in reports if r.status == "failed"]
-    if not reports:
+    if not reports:  # one line, not an empty table and "0 slide(s)" above it
         print("histoseg: error: no slides found in the given inputs", file=sys.stderr)
         return 1
-    return 1 if failed else 0
+    print_summary(reports)
+    return 1 if any(r.status == "failed" for r in reports) else 0
 
 
 def print_summary(reports: list[SlideReport]) -> None:
