@@ -389,6 +389,19 @@ def test_option_bounds() -> None:
             SegmentConfig(**bad)  # type: ignore[arg-type]
 
 
+def test_evaluate_limit_is_a_count_of_images(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--limit 0`` and ``--limit -2`` had scored every image and all but the last two (Python slicing)."""
+    from histoseg.training.evaluate import first
+
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as exc:
+            main(["evaluate", "--dataset", "dsb", "--limit", bad])
+        assert exc.value.code == 2 and "--limit" in capsys.readouterr().err
+    assert first([1, 2, 3], 2) == [1, 2] and first([1, 2, 3], None) == first([1, 2, 3], 0) == [1, 2, 3]
+    with pytest.raises(ConfigError, match="limit must be >= 0"):
+        first([1, 2, 3], -2)
+
+
 def test_absurd_upsampling_is_refused(tmp_path: Path, slide: tuple[Path, OraclePredictor]) -> None:
     _, oracle = slide
     img = tmp_path / "img.png"

@@ -56,6 +56,16 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a whole number: {s!r}") from exc
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {s!r}")
+    return v
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every default shown (unless the help already names it, or the option is a plain switch), examples kept
     as written."""
@@ -173,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate a model on a public dataset")
     ev.add_argument("--dataset", required=True, choices=["monuseg-test", "dsb", "crchisto-val"])
     ev.add_argument("--model", default=SegmentConfig.model)
-    ev.add_argument("--limit", type=int, default=None, help="first N images only")
+    ev.add_argument("--limit", type=_positive_int, default=None, help="first N images only")
     ev.add_argument("--json", default=None, help="also write the results as JSON to this file")
     ev.add_argument("--precision", default=SegmentConfig.precision, choices=list(PRECISION_CHOICES),
                     help="network arithmetic (auto: bf16 only where native)")

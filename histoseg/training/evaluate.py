@@ -69,13 +69,21 @@ def predict_native(net: Any, card: Any, s: Sample, bf16: bool = False, views: in
     return pred
 
 
+def first(samples: Sequence[Any], limit: int | None) -> list[Any]:
+    """The first ``limit`` samples (``None`` or 0: all, the benchmarks' ``--limit 0``); a negative limit is an
+    error, not Python's "all but the last N"."""
+    if limit is not None and limit < 0:
+        raise ConfigError(f"limit must be >= 0 (0 or none: every image), got {limit}")
+    return list(samples[: limit or None])
+
+
 def score_dataset(dataset: str, predict: Callable[[Sample], np.ndarray], limit: int | None = None) -> dict[str, Any]:
     """Score any predictor (sample -> instance map on the sample's native grid) on a named dataset.
 
     Instance sets: per-image Dice/AJI/AJI+/DQ/SQ/PQ and detection counts, averaged (detection pooled);
     point sets (CRCHisto): pooled detection counts. Shared by ``evaluate`` and the benchmarks' baselines.
     """
-    samples = load_dataset(dataset)[: limit or None]
+    samples = first(load_dataset(dataset), limit)
     radius = RADIUS_UM[dataset]
     rows: list[dict[str, Any]] = []
     tally = DetectionTally()
@@ -252,6 +260,6 @@ def score_typing(
     types are compared with CRCHisto's classes by name (``labels.CRCHISTO_TO_TYPES``); a type with no
     CRCHisto counterpart counts as "no class". ``radius_um`` overrides the matching radius."""
     radius = RADIUS_UM["crchisto-val"] if radius_um is None else float(radius_um)
-    samples = load_crchisto("validation", None)[: limit or None]
+    samples = first(load_crchisto("validation", None), limit)
     images = typed_images(net, card, samples, radius, bf16, views)
     return typing_scores(images, card.type_weights, crchisto_lut(card.class_names))

@@ -32,7 +32,7 @@ import numpy as np
 
 from histoseg.datasets import load_crchisto
 from histoseg.errors import ConfigError, HistosegError
-from histoseg.training.evaluate import RADIUS_UM, TypedImage, classify, crchisto_lut, typed_images
+from histoseg.training.evaluate import RADIUS_UM, TypedImage, classify, crchisto_lut, first, typed_images
 
 LOG_GRID = tuple(round(-2.0 + 0.1 * i, 1) for i in range(41))  # log-factors -2.0 .. 2.0: x0.14 .. x7.4
 ROUNDS = 3
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if not lut[1:].any():
             raise ConfigError(f"none of model {card.name!r}'s classes is a CRCHisto class: {card.class_names}")
         radius = RADIUS_UM["crchisto-val"]
-        samples = load_crchisto("train", None)[: args.limit or None]
+        samples = first(load_crchisto("train", None), args.limit)
         images = typed_images(net, card, samples, radius, args.bf16)
         weights, before, after = fit_type_weights(images, lut)
     except HistosegError as exc:
