@@ -12,9 +12,6 @@ import argparse
 import json
 from typing import Any
 
-from histoseg.models import registered_models, resolve_model
-from histoseg.models.registry import card_markdown_name
-
 COLUMNS = ("model", "types", "µm/px", "halo px", "MoNuSeg-test PQ", "CRCHisto class F1", "card")
 
 
@@ -26,6 +23,8 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
 
 def model_row(name: str) -> dict[str, Any]:
     """The record of one model (a registered name or a ``.safetensors`` path), from its card."""
+    from histoseg.models.registry import card_markdown_name, resolve_model  # on use: not on every command's start
+
     art = resolve_model(name)
     card = art.card()
     typing = card.metrics.get("crchisto_typing", {})
@@ -68,6 +67,8 @@ def _cell(v: Any) -> str:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    from histoseg.models.registry import registered_models
+
     rows = [model_row(name) for name in registered_models()]
     print(json.dumps(rows, indent=1, ensure_ascii=False) if args.json else "\n".join(table_lines(rows)))
     return 0
