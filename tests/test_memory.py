@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from histoseg.distributed.runner import WORKER_TUNABLES
+from histoseg.distributed.runner import WORKER_ENV, WORKER_TUNABLES
 from histoseg.inference.runtime import available
 
 from .conftest import make_demo_slide
@@ -104,12 +104,13 @@ def test_dask_workers_run_the_default_engine_without_torch(tmp_path: Path) -> No
 
     slide = make_demo_slide(tmp_path / "demo.tif", 4096, seed=3)  # 0.25 µm/px: 2x2 regions of 1024 at 0.5
     config = SegmentConfig(precision="fp32")
-    keys = ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+    keys = ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
     before = {k: os.environ.get(k) for k in keys}
     with local_dask_runner(2) as runner:
         two = segment_slide(slide, tmp_path / "two", config, runner)
         loaded = runner.client.run(lambda: "torch" in __import__("sys").modules)
         tunables = runner.client.run(lambda: __import__("os").environ.get("GLIBC_TUNABLES", ""))
+        kernels = runner.client.run(lambda: __import__("os").environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"))
         leaked = os.environ.get("GLIBC_TUNABLES", "")  # Dask's nannies copy their spawn environment here
     # ... and the caller's environment is back once the runner closes
     assert "glibc.malloc.hugetlb" in leaked and {k: os.environ.get(k) for k in keys} == before
@@ -120,6 +121,9 @@ def test_dask_workers_run_the_default_engine_without_torch(tmp_path: Path) -> No
     # and glibc's thresholds that keep a region's arrays for the next region (the same tunables' string)
     want = {f"{k}={v}" for k, v in WORKER_TUNABLES.items()}
     assert all(want <= set(v.split(":")) for v in tunables.values()), tunables
+    # and oneDNN's kernel cache bounded (distributed.runner.WORKER_ENV), where the test's caller did not set it
+    mine = before["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
+    assert set(kernels.values()) == {mine or WORKER_ENV["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]}, kernels
     import pyarrow.parquet as pq
 
     a, b = (pq.read_table(tmp_path / run / "demo" / "demo.nuclei.parquet") for run in ("one", "two"))

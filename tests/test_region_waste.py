@@ -139,6 +139,16 @@ def test_worker_tunables_respect_the_users_own_and_the_off_switch() -> None:
     assert worker_tunables({KEEP_MEMORY_ENV: "0"}) is None  # the allocator at its defaults
 
 
+def test_worker_env_adds_one_thread_and_the_kernel_cache_unless_the_user_set_it() -> None:
+    from histoseg.distributed.runner import SINGLE_THREAD_ENV, WORKER_ENV, worker_env
+
+    assert WORKER_ENV == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}
+    assert worker_env({}) == {**SINGLE_THREAD_ENV, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}
+    # the user's own value stands (the worker inherits it), and the off switch leaves oneDNN at its default
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in worker_env({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"})
+    assert worker_env({KEEP_MEMORY_ENV: "0"}) == SINGLE_THREAD_ENV
+
+
 def _thp_mode() -> str:
     try:
         text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from histoseg.distributed.cluster import ClusterSpec, wait_for_first_worker
-from histoseg.distributed.runner import SINGLE_THREAD_ENV, DaskRunner, log_dashboard, worker_tunables
+from histoseg.distributed.runner import DaskRunner, log_dashboard, worker_env, worker_tunables
 from histoseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def cluster_kwargs(spec: ClusterSpec, default_log_directory: str | Path | None =
     extra = list(_as_list(kw.get("job_extra_directives"), "job-extra-directives")) + list(spec.job_extra)
     if extra:
         kw["job_extra_directives"] = extra
-    exports = [f"export {k}={v}" for k, v in SINGLE_THREAD_ENV.items()]
+    exports = [f"export {k}={v}" for k, v in worker_env().items()]  # one thread; oneDNN's kernel cache
     # job workers log to their own files (OUT/_cluster_logs): keep Dask's INFO there even when the submitting
     # CLI quietened its own terminal through the environment (which batch systems pass on to the jobs)
     exports.append("export DASK_LOGGING__DISTRIBUTED=info")

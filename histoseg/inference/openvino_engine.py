@@ -12,7 +12,9 @@ pages (:func:`histoseg.distributed.runner.worker_tunables`), which took the extr
 from ~17 s to ~2 s on a 10000² slide. Net cost there: ~2% of the wall time (2-core Intel
 Xeon, AVX-512 and AMX, fp32, 2 workers). In bf16 the buffers are half as large, two workers stay within the
 budget with one dynamic compilation (2.71 GB), and the compilations cost more than they save (network time
-+23% there), so :func:`histoseg.inference.runtime.compile_engine` compiles per shape in fp32 and int8 only.
++23% there; +20% wall on a 20000² slide, 2-core Xeon with AMX, for 2.90 against 3.36 GB),
+so :func:`histoseg.inference.runtime.compile_engine` compiles per shape in fp32 and int8 only; the dynamic
+compilation keeps no per-shape kernel cache (:data:`DYNAMIC_CONFIG`).
 
 int8 (what ``auto`` runs on x86 CPUs without native bf16) gains the same way. Alone, a process held ~0.72 GB
 after 1408² and 1152x1408 regions against ~0.99 GB with one dynamic compilation, at the same seconds per region;
@@ -45,6 +47,18 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
+
+DYNAMIC_CONFIG: dict[str, Any] = {"CPU_RUNTIME_CACHE_CAPACITY": 0}
+"""CPU plugin settings of the one dynamic compilation (bf16), beside the engine's own.
+
+The CPU plugin keeps, for a dynamic compilation, a cache of the kernels it prepared for each input shape (5000
+entries by default), and a slide's regions come in many shapes (71 distinct ones on the 20000² benchmark slide, a
+new one at 345 of its 379 regions): each new shape added memory that stayed. Measured on a 2-core Intel Xeon
+(AVX-512, AMX), default network, bf16, one process: 1.67 GB resident after 120 regions of random shapes up to
+1408² with the cache against 0.98 GB without it, at the same seconds per region (22.1 against 22.9 s; the same
+shape again: 0.31 s either way, within the noise); a process running 81 fp32 shapes up to 512² grew 230 MB with
+it and 83-104 MB without. Outputs are bit-identical (tested). Per-shape compilations (fp32, int8) keep one shape
+each, so they are left as they are."""
 
 IDLE_RELEASE_S = 3.0  # seconds without an inference before an engine's buffers go back
 SHAPES_KEPT = 2  # compiled input shapes kept for reuse (each ~36 MB without its buffers)
@@ -102,7 +116,8 @@ class OpenVinoEngine:
         if shape is not None:
             model = model.clone()
             model.reshape({self._input: list(shape)})
-        compiled = self._compiled[shape] = self._core.compile_model(model, "CPU", self._config)
+        config = self._config if shape is not None else {**self._config, **DYNAMIC_CONFIG}
+        compiled = self._compiled[shape] = self._core.compile_model(model, "CPU", config)
         self.compilations += 1
         while len(self._compiled) > self._kept:
             _, old = self._compiled.popitem(last=False)
