@@ -20,8 +20,11 @@ and DSB (30) 0.3224 against 0.3242 with each image calibrated on itself, and 1.5
 a 10000² real-tissue slide (0.305 against 0.194 MP/s); on a first-generation EPYC (Zen 1, family 23 model 1) only
 1.0-1.1x fp32 on the network alone, at the same PQ. So ``auto`` runs **OpenVINO int8** on an x86-64 CPU
 without native bf16 (where fp32 would run otherwise) when the quantiser (``onnxruntime``) is installed and
-``--precision`` is ``auto``; where the CPU has native bf16, OpenVINO bf16 as before (int8 there was not measured
-end to end); on Arm, OpenVINO fp32/bf16 (int8 accuracy was not measured on Arm).
+``--precision`` is ``auto``; where the CPU has native bf16, OpenVINO bf16 as before: on an Intel Xeon with AMX
+(family 6 model 207, 2 cores) int8 calibrated on each image was 1.15x bf16 on the network alone (7.55 against 6.54
+MP/s, PQ 0.5762 against 0.5765) but 0.98x and 1.01x end to end with 1 and 2 workers on the 10000² slide (the slide's
+calibration and a network that is only 53-57% of the time there), so no gain for its accuracy risk; on Arm,
+OpenVINO fp32/bf16 (int8 accuracy was not measured on Arm).
 
 The ONNX graph is exported from the artifact's safetensors (never shipped as a second source of truth) and
 cached on disk under its content hash (``HISTOSEG_CACHE``, default ``~/.cache/histoseg``); a slide's adapted
