@@ -20,11 +20,14 @@ and DSB (30) 0.3224 against 0.3242 with each image calibrated on itself, and 1.5
 a 10000² real-tissue slide (0.305 against 0.194 MP/s); on a first-generation EPYC (Zen 1, family 23 model 1) only
 1.0-1.1x fp32 on the network alone, at the same PQ. So ``auto`` runs **OpenVINO int8** on an x86-64 CPU
 without native bf16 (where fp32 would run otherwise) when the quantiser (``onnxruntime``) is installed and
-``--precision`` is ``auto``; where the CPU has native bf16, OpenVINO bf16 as before: on an Intel Xeon with AMX
-(family 6 model 207, 2 cores) int8 calibrated on each image was 1.15x bf16 on the network alone (7.55 against 6.54
-MP/s, PQ 0.5762 against 0.5765) but 0.98x and 1.01x end to end with 1 and 2 workers on the 10000² slide (the slide's
-calibration and a network that is only 53-57% of the time there), so no gain for its accuracy risk; on Arm,
-OpenVINO fp32/bf16 (int8 accuracy was not measured on Arm).
+``--precision`` is ``auto``, and since 2026-12-05 also where the CPU has native bf16 (see :func:`auto_int8`): on
+an Intel Xeon with AMX (family 6 model 207, 2 cores) bf16 made the nuclei depend on the region size, and int8
+calibrated on each image was 1.15x bf16 on the network alone (7.55 against 6.54 MP/s, PQ 0.5762 against 0.5765)
+and as fast end to end (the slide's calibration, and a network that is only 53-57% of the time there). There the
+int8 graph's float operations run in bf16, compiled once for every shape: on 80 regions of the 20000² slide's
+shapes, one thread, 16.0 s against 18.3 s with them in fp32 and 27.8 s compiled per shape.
+On Arm, OpenVINO fp32/bf16 (int8 accuracy was
+not measured on Arm; whether bf16 depends on the region's shape there is not known).
 
 The ONNX graph is exported from the artifact's safetensors (never shipped as a second source of truth) and
 cached on disk under its content hash (``HISTOSEG_CACHE``, default ``~/.cache/histoseg``); a slide's adapted
@@ -93,14 +96,22 @@ def _packages(runtime: str) -> str:
 AUTO_ENGINE = "openvino"
 """What ``--runtime auto`` runs on a CPU when it is installed (the fastest fp32/bf16 engine measured, see above)."""
 AUTO_INT8_ENGINE = AUTO_ENGINE + INT8_SUFFIX
-"""What ``--runtime auto`` runs instead on an x86-64 CPU without native bf16 (:func:`auto_int8`)."""
+"""What ``--runtime auto`` runs instead on an x86-64 CPU (:func:`auto_int8`)."""
 
 
 def auto_int8(precision: str = "auto") -> tuple[bool, str]:
     """Whether ``--runtime auto`` runs OpenVINO int8 here, and why (a short phrase).
 
-    Only where it was measured to pay at no accuracy cost: an x86-64 CPU without native bf16 (so fp32 would run
-    otherwise), ``--precision auto`` (an explicit precision asks for a float engine), the quantiser installed."""
+    On an x86-64 CPU, with ``--precision auto`` (an explicit precision asks for a float engine) and the quantiser
+    installed. Without native bf16 it was measured to pay at no accuracy cost. With native bf16 (its float
+    operations then in bf16) it replaces bf16 OpenVINO, whose outputs depend on the region's shape there, at the
+    same speed end to end.
+
+    Why: bf16 on an Intel Xeon with AMX (family 6 model 207; OpenVINO 2025.4-2026.4 and PyTorch alike) gives a
+    pixel different values depending on where it falls in the network's input (its kernels treat the ends of a
+    row apart): CMU-1-Small-Region with regions of 768 and of 2048 px, the NP probability differed at 27,772 of
+    3.7 million pixels (by up to 0.0047) and one nucleus more was found with one size. With the int8 graph
+    (integer convolutions) no pixel differed, with its float operations in bf16 or in fp32; fp32 neither."""
     from histoseg.inference.precision import X86_MACHINES, cpu_native_bf16
 
     machine = platform.machine().lower()
@@ -108,11 +119,14 @@ def auto_int8(precision: str = "auto") -> tuple[bool, str]:
         return False, f"int8 accuracy was not measured on {machine or 'this'} CPUs"
     if precision != "auto":
         return False, f"--precision {precision} asks for a float engine"
-    native, why = cpu_native_bf16()
-    if native:
-        return False, f"native bf16 ({why}): bf16 OpenVINO"
     if not available(AUTO_INT8_ENGINE):
         return False, "int8 needs onnxruntime (its quantiser), not installed here"
+    native, why = cpu_native_bf16()
+    if native:
+        return True, (
+            f"x86 CPU with native bf16 ({why}): int8 calibrated on the slide, as fast as bf16 end to end and, unlike "
+            "bf16, the same outputs whatever the region size"
+        )
     return True, "x86 CPU without native bf16: int8 calibrated on the slide, 1.0-1.4x fp32 by CPU at the same PQ"
 
 
