@@ -25,9 +25,8 @@ an Intel Xeon with AMX (family 6 model 207, 2 cores) bf16 made the nuclei depend
 calibrated on each image was 1.15x bf16 on the network alone (7.55 against 6.54 MP/s, PQ 0.5762 against 0.5765)
 and as fast end to end (the slide's calibration, and a network that is only 53-57% of the time there). There the
 int8 graph's float operations run in bf16, compiled once for every shape: on 80 regions of the 20000² slide's
-shapes, one thread, 16.0 s against 18.3 s with them in fp32 and 27.8 s compiled per shape.
-On Arm, OpenVINO fp32/bf16 (int8 accuracy was
-not measured on Arm; whether bf16 depends on the region's shape there is not known).
+shapes, one thread, 16.0 s against 18.3 s with them in fp32 and 27.8 s compiled per shape. On Arm, OpenVINO
+fp32/bf16 (int8 accuracy was not measured on Arm; whether bf16 depends on the region's shape there is not known).
 
 The ONNX graph is exported from the artifact's safetensors (never shipped as a second source of truth) and
 cached on disk under its content hash (``HISTOSEG_CACHE``, default ``~/.cache/histoseg``); a slide's adapted
