@@ -13,8 +13,9 @@ from ~17 s to ~2 s on a 10000² slide. Net cost there: ~2% of the wall time (2-c
 Xeon, AVX-512 and AMX, fp32, 2 workers). In bf16 the buffers are half as large, two workers stay within the
 budget with one dynamic compilation (2.71 GB), and the compilations cost more than they save (network time
 +23% there; +20% wall on a 20000² slide, 2-core Xeon with AMX, for 2.90 against 3.36 GB),
-so :func:`histoseg.inference.runtime.compile_engine` compiles per shape in fp32 and int8 only; the dynamic
-compilation keeps no per-shape kernel cache (:data:`DYNAMIC_CONFIG`).
+so :func:`histoseg.inference.runtime.compile_engine` compiles per shape only where the float operations are fp32
+(fp32, and int8 on CPUs without native bf16); the dynamic compilation keeps no per-shape kernel cache
+(:data:`DYNAMIC_CONFIG`).
 
 int8 (what ``auto`` runs on x86 CPUs without native bf16) gains the same way. Alone, a process held ~0.72 GB
 after 1408² and 1152x1408 regions against ~0.99 GB with one dynamic compilation, at the same seconds per region;

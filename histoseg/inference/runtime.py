@@ -258,8 +258,9 @@ def compile_engine(
             "ENABLE_CPU_PINNING": False,
         }
         core = ov.Core()
-        # fp32 and int8: compiled per input shape, for the memory budget; hands its buffers back when idle (see
-        # there); bf16 keeps one dynamic compilation
+        # fp32 float operations (fp32, and int8 without native bf16): compiled per input shape, for the memory
+        # budget; hands its buffers back when idle (see there); bf16 (also int8's with native bf16) keeps one
+        # dynamic compilation
         per_shape = not bf16
         return OpenVinoEngine(core, core.read_model(str(path)), config, per_shape=per_shape)
     if engine == "onnxruntime":
