@@ -140,9 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="engine of the network: auto = OpenVINO on the CPU where installed (1.5-1.6x PyTorch, same "
                      "accuracy), in int8 calibrated on the slide on x86 CPUs (without native bf16 1.0-1.4x fp32 "
                      "by CPU, with it as fast as bf16 and, unlike bf16, the same nuclei at any region size; "
-                     "MoNuSeg-test PQ within 0.002, other nuclei at the margin), "
-                     "PyTorch elsewhere; torch is "
-                     "the reference; provenance.json records the engine and why")
+                     "MoNuSeg-test PQ within 0.002, other nuclei at the margin), PyTorch elsewhere; torch is the "
+                     "reference; provenance.json records the engine and why")
     seg.add_argument("--views", type=int, default=SegmentConfig.views, choices=list(VIEW_CHOICES),
                      help="average the network's maps over 1, 4 (mirrored) or 8 (mirrored and transposed) views of "
                      "each region: better nuclei and types (typed model, MoNuSeg test: PQ 0.588 -> 0.603 with 4) at "

@@ -133,12 +133,12 @@ def worker_tunables(environ: dict[str, str] | None = None) -> str | None:
 WORKER_ENV: dict[str, str] = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}
 """Environment of a CPU worker process for its memory (see :func:`worker_env`).
 
-``ONEDNN_PRIMITIVE_CACHE_CAPACITY``: oneDNN, the convolution library inside OpenVINO's CPU plugin, keeps the
-kernels it generated for each input shape in a cache of 1024 by default; with the one dynamic compilation (bf16)
-and a new region shape at most regions, a worker's memory grew with every distinct shape it met. Measured on a
-2-core Intel Xeon (AVX-512, AMX), bf16, the default network on 150 regions of one worker's share of the 20000²
-benchmark slide (real shapes, in order), one process: 1024 (oneDNN's default) 36.7-37.0 s and 0.99 GB peak;
-512 37.0-37.2 s, 0.86 GB; 256 38.2-38.5 s, 0.80 GB; 128 38.3-39.2 s, 0.76 GB. End to end, 20000² slide, 2
+``ONEDNN_PRIMITIVE_CACHE_CAPACITY``: oneDNN, the convolution library inside OpenVINO's CPU plugin, keeps the kernels
+it generated for each input shape in a cache of 1024 by default; with the one dynamic compilation (bf16, and int8
+where bf16 is native) and a new region shape at most regions, a worker's memory grew with every distinct shape it
+met. Measured on a 2-core Intel Xeon (AVX-512, AMX), bf16, the default network on 150 regions of one worker's share
+of the 20000² benchmark slide (real shapes, in order), one process: 1024 (oneDNN's default) 36.7-37.0 s and 0.99 GB
+peak; 512 37.0-37.2 s, 0.86 GB; 256 38.2-38.5 s, 0.80 GB; 128 38.3-39.2 s, 0.76 GB. End to end, 20000² slide, 2
 workers: peak of all processes 3.16-3.22 -> 2.91 GB (512; 2.80 GB with 256 at 5% more wall time). The outputs
 do not depend on it (the same kernels, generated again when evicted)."""
 

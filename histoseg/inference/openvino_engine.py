@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 DYNAMIC_CONFIG: dict[str, Any] = {"CPU_RUNTIME_CACHE_CAPACITY": 0}
-"""CPU plugin settings of the one dynamic compilation (bf16), beside the engine's own.
+"""CPU plugin settings of the one dynamic compilation (bf16, and int8 where bf16 is native), beside the engine's own.
 
 The CPU plugin keeps, for a dynamic compilation, a cache of the kernels it prepared for each input shape (5000
 entries by default), and a slide's regions come in many shapes (71 distinct ones on the 20000² benchmark slide, a
